@@ -1,0 +1,69 @@
+# dfn4lab: `make lab` (set up, open JupyterLab) and `make test` (set up, run every test).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+CONSTRAINTS := .ci/constraints.txt
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: lab run test setup system install kernel data lint unit notebooks lock clean info
+
+lab: setup
+	$(VENV)/bin/jupyter lab --notebook-dir=notebooks
+
+run: setup
+	DFN4LAB_QUICK=1 $(PY) -m pytest --nbmake -q notebooks
+
+test: setup lint unit notebooks
+
+setup: system install kernel data
+
+# Debian as root: the system libraries the project uses (an optimized BLAS for MLX).
+# Elsewhere this is skipped; MLX then binds MKL from PyPI (Linux x86_64) or Accelerate (macOS).
+system:
+	@if [ "$$(uname)" = Linux ] && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  pkgs=""; for p in libopenblas0-pthread; do \
+	    dpkg -s $$p >/dev/null 2>&1 || pkgs="$$pkgs $$p"; done; \
+	  if [ -n "$$pkgs" ]; then (apt-get update -qq || true) && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$pkgs; fi; \
+	else echo "make system: not Debian as root; skipping system packages"; fi
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml $(CONSTRAINTS) | $(PY)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c $(CONSTRAINTS) -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+kernel: install
+	@$(PY) -m ipykernel install --sys-prefix --name dfn4lab --display-name "dfn4lab (.venv)" >/dev/null
+
+data: install
+	@echo "make data: no demo corpus builder yet"
+
+lint: install
+	$(VENV)/bin/ruff check dfn4lab tests notebooks
+	$(VENV)/bin/ruff format --check dfn4lab tests
+
+# pytest exits 5 when it collects nothing: that is a failure here, never a silent pass.
+unit: install
+	$(PY) -m pytest -q tests; rc=$$?; \
+	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$rc
+
+notebooks: install
+	@if ls notebooks/*.ipynb >/dev/null 2>&1; then \
+	  DFN4LAB_QUICK=1 $(PY) -m pytest -q --nbmake notebooks; \
+	else echo "no notebooks yet"; fi
+
+info: install
+	$(PY) -m dfn4lab info
+
+# Record the exact versions installed, for reproducible set-ups (`make lock` after changing deps).
+lock: install
+	$(PY) -m pip freeze --exclude-editable | sed -E 's/\+cpu$$//' | grep -v '^-e' > $(CONSTRAINTS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,229 @@
+"""Configuration dataclasses (DSP, backbone, model) with JSON round trip, and presets as data.
+
+Presets are plain dictionaries of overrides on the defaults; ``preset("dfn3")`` is exactly
+DeepFilterNet3 as shipped in the official ``config.ini``.
+"""
+
+from __future__ import annotations
+
+import configparser
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def from_dict(cls: type[T], d: dict[str, Any]) -> T:
+    """Build dataclass ``cls`` from a (nested) dict, ignoring unknown keys."""
+    kwargs = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if f.name not in d:
+            continue
+        v = d[f.name]
+        sub = _dataclass_type(f)
+        if sub is not None and isinstance(v, dict):
+            v = from_dict(sub, v)
+        elif isinstance(v, list) and f.name in _TUPLE_FIELDS:
+            v = tuple(tuple(x) if isinstance(x, list) else x for x in v)
+        kwargs[f.name] = v
+    return cls(**kwargs)
+
+
+def _dataclass_type(f: dataclasses.Field) -> type | None:
+    t = f.type if isinstance(f.type, type) else globals().get(str(f.type))
+    return t if t is not None and dataclasses.is_dataclass(t) else None
+
+
+_TUPLE_FIELDS = {"conv_kernel_inp", "conv_kernel", "convt_kernel", "multires_df"}
+
+
+@dataclass(frozen=True)
+class DspConfig:
+    """STFT, ERB and feature-normalisation settings (libDF's ``DF`` state)."""
+
+    sr: int = 48000
+    fft_size: int = 960
+    hop_size: int = 480
+    nb_erb: int = 32
+    nb_df: int = 96
+    norm_tau: float = 1.0  # seconds of the exponential mean used by both feature norms
+    min_nb_erb_freqs: int = 2
+
+    @property
+    def freq_bins(self) -> int:
+        return self.fft_size // 2 + 1
+
+    @property
+    def alpha(self) -> float:
+        """exp(-hop/sr/tau), rounded as libDF does: fewest decimals (>= 3) that stay below 1."""
+        a = math.exp(-self.hop_size / self.sr / self.norm_tau)
+        for decimals in range(3, 16):
+            r = round(a, decimals)
+            if r < 1.0:
+                return r
+        return a
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    """The temporal model used at every recurrent site (encoder, ERB decoder, DF decoder)."""
+
+    kind: str = "gru"  # gru | mamba | attention
+    # mamba
+    d_state: int = 16
+    d_conv: int = 4
+    expand: int = 2
+    chunk: int = 32  # scan chunk length: bounds the exp() range of the closed form
+    # attention
+    heads: int = 4
+    window: int | None = None  # sliding window in frames; None = full causal
+    ffn_mult: int = 2
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """DfNet4. With ``preset("dfn3")`` it is exactly DeepFilterNet3."""
+
+    dsp: DspConfig = field(default_factory=DspConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    df_order: int = 5
+    df_lookahead: int = 2
+    conv_lookahead: int = 2
+    conv_ch: int = 64
+    conv_kernel_inp: tuple[int, int] = (3, 3)
+    conv_kernel: tuple[int, int] = (1, 3)
+    convt_kernel: tuple[int, int] = (1, 3)
+    emb_hidden_dim: int = 256
+    emb_num_layers: int = 3  # 1 in the encoder, the rest in the ERB decoder
+    enc_linear_groups: int = 32
+    linear_groups: int = 16
+    df_linear_groups: int = 8  # DFN3's DF-decoder backbone keeps upstream's default of 8
+    df_hidden_dim: int = 256
+    df_num_layers: int = 2
+    df_pathway_kernel_size_t: int = 5
+    df_gru_skip: str = "groupedlinear"  # none | identity | groupedlinear
+    enc_concat: bool = False
+    lsnr_min: float = -15.0
+    lsnr_max: float = 35.0
+    # DFN4 extras (all off in dfn3)
+    multires_df: tuple[tuple[int, int], ...] = ()  # extra (bins, order) DF heads sharing the backbone
+    adaptive_order: bool = False
+    hybrid_encoder: bool = False
+    lsnr_dropout: bool = False
+    complex_gain: bool = False
+    mask_pf: bool = False
+    pf_beta: float = 0.02
+    atten_lim_db: float | None = None
+    running_stats: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        s = json.dumps(self.to_dict(), indent=2)
+        if path is not None:
+            Path(path).write_text(s)
+        return s
+
+    @classmethod
+    def from_json(cls, s_or_path: str | Path) -> ModelConfig:
+        p = Path(s_or_path)
+        text = p.read_text() if p.suffix == ".json" and p.exists() else str(s_or_path)
+        return from_dict(cls, json.loads(text))
+
+    def replace(self, **overrides: Any) -> ModelConfig:
+        """Copy with overrides; ``backbone="mamba"`` or ``backbone={...}`` set the backbone."""
+        bb = overrides.pop("backbone", None)
+        if isinstance(bb, str):
+            overrides["backbone"] = dataclasses.replace(self.backbone, kind=bb)
+        elif isinstance(bb, dict):
+            overrides["backbone"] = dataclasses.replace(self.backbone, **bb)
+        elif bb is not None:
+            overrides["backbone"] = bb
+        dsp = overrides.pop("dsp", None)
+        if isinstance(dsp, dict):
+            overrides["dsp"] = dataclasses.replace(self.dsp, **dsp)
+        elif dsp is not None:
+            overrides["dsp"] = dsp
+        return dataclasses.replace(self, **overrides)
+
+
+# Presets are data: overrides on the defaults above (which are DeepFilterNet3's).
+PRESETS: dict[str, dict[str, Any]] = {
+    "dfn3": {},
+    "dfn4": {
+        "backbone": {"kind": "mamba"},
+        "multires_df": ((48, 3), (24, 2)),
+        "adaptive_order": True,
+        "hybrid_encoder": True,
+        "lsnr_dropout": True,
+        "running_stats": True,
+    },
+    "dfn4-lite": {
+        "backbone": {"kind": "mamba"},
+        "conv_ch": 32,
+        "emb_hidden_dim": 128,
+        "df_hidden_dim": 128,
+        "emb_num_layers": 2,
+        "df_num_layers": 1,
+        "enc_linear_groups": 16,
+        "linear_groups": 8,
+        "df_linear_groups": 8,
+    },
+}
+
+
+def preset(name: str, **overrides: Any) -> ModelConfig:
+    """``preset("dfn4", backbone="gru")``: a named preset with overrides."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+    base = ModelConfig().replace(**{k: v for k, v in PRESETS[name].items()})
+    return base.replace(**overrides) if overrides else base
+
+
+def from_ini(path: str | Path) -> ModelConfig:
+    """Read an upstream DeepFilterNet ``config.ini`` ([df] and [deepfilternet] sections)."""
+    ini = configparser.ConfigParser()
+    ini.read(path)
+    df, net = ini["df"], ini["deepfilternet"]
+
+    def pair(s: str) -> tuple[int, int]:
+        a, b = (int(x) for x in s.split(","))
+        return (a, b)
+
+    dsp = DspConfig(
+        sr=df.getint("sr"),
+        fft_size=df.getint("fft_size"),
+        hop_size=df.getint("hop_size"),
+        nb_erb=df.getint("nb_erb"),
+        nb_df=df.getint("nb_df"),
+        norm_tau=df.getfloat("norm_tau"),
+        min_nb_erb_freqs=df.getint("min_nb_erb_freqs", fallback=2),
+    )
+    return ModelConfig(
+        dsp=dsp,
+        df_order=df.getint("df_order"),
+        df_lookahead=df.getint("df_lookahead"),
+        lsnr_min=df.getfloat("lsnr_min"),
+        lsnr_max=df.getfloat("lsnr_max"),
+        conv_lookahead=net.getint("conv_lookahead"),
+        conv_ch=net.getint("conv_ch"),
+        conv_kernel_inp=pair(net.get("conv_kernel_inp", "3,3")),
+        conv_kernel=pair(net.get("conv_kernel", "1,3")),
+        convt_kernel=pair(net.get("convt_kernel", "1,3")),
+        emb_hidden_dim=net.getint("emb_hidden_dim"),
+        emb_num_layers=net.getint("emb_num_layers"),
+        enc_linear_groups=net.getint("enc_linear_groups"),
+        linear_groups=net.getint("linear_groups"),
+        df_hidden_dim=net.getint("df_hidden_dim"),
+        df_num_layers=net.getint("df_num_layers"),
+        df_pathway_kernel_size_t=net.getint("df_pathway_kernel_size_t"),
+        df_gru_skip=net.get("df_gru_skip", "none").lower(),
+        enc_concat=net.getboolean("enc_concat", fallback=False),
+        mask_pf=net.getboolean("mask_pf", fallback=False),
+        lsnr_dropout=net.getboolean("lsnr_dropout", fallback=False),
+    )

@@ -1,0 +1,132 @@
+"""Project set-up: dependencies declared consistently, notebooks clean, BLAS bound, JupyterLab serves."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import tomllib
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _name(req: str) -> str:
+    return re.split(r"[\s\[<>=!;~]", req.strip().strip("\"'"), maxsplit=1)[0].lower().replace("_", "-")
+
+
+def test_environment_yml_matches_pyproject():
+    py = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = {_name(r) for r in py["dependencies"] + py["optional-dependencies"]["test"]}
+    lines = (ROOT / "environment.yml").read_text().splitlines()
+    pip_start = next(i for i, line in enumerate(lines) if line.strip() == "- pip:")
+    env = {_name(line.strip()[2:]) for line in lines[pip_start + 1 :] if line.strip().startswith("- ")}
+    env.discard("-e")
+    assert declared == env, f"only in pyproject: {declared - env}; only in environment.yml: {env - declared}"
+    assert '-e ".[test]"' in (ROOT / "environment.yml").read_text()
+
+
+def test_torch_is_pinned_everywhere():
+    assert '"torch==2.13.0"' in (ROOT / "pyproject.toml").read_text()
+    assert "torch==2.13.0" in (ROOT / "environment.yml").read_text()
+
+
+def test_notebooks_have_no_outputs():
+    for path in sorted((ROOT / "notebooks").glob("*.ipynb")):
+        nb = json.loads(path.read_text())
+        dirty = [
+            c
+            for c in nb["cells"]
+            if c["cell_type"] == "code" and (c.get("outputs") or c.get("execution_count"))
+        ]
+        assert not dirty, f"{path.name} is committed with outputs: clear them"
+
+
+def _run(code: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **env}, timeout=120
+    )
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="BLAS binding is Linux only")
+def test_mlx_resolves_sgemm_from_the_bound_blas():
+    # The symbol MLX's libmlx.so binds to is the first global provider: it must be ours.
+    code = (
+        "import ctypes, dfn4lab, mlx.core as mx\n"
+        "class Info(ctypes.Structure):\n"
+        "    _fields_ = [('fname', ctypes.c_char_p), ('fbase', ctypes.c_void_p),\n"
+        "                ('sname', ctypes.c_char_p), ('saddr', ctypes.c_void_p)]\n"
+        "libc = ctypes.CDLL(None); addr = ctypes.cast(libc.cblas_sgemm, ctypes.c_void_p)\n"
+        "info = Info(); ctypes.CDLL('libdl.so.2').dladdr(addr, ctypes.byref(info))\n"
+        "print(dfn4lab._blas.BOUND); print(info.fname.decode())\n"
+    )
+    out = _run(code)
+    assert out.returncode == 0, out.stderr
+    bound, provider = out.stdout.split()
+    assert bound != "None", "no optimized BLAS was bound"
+    assert os.path.realpath(provider) == os.path.realpath(bound)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="BLAS binding is Linux only")
+def test_missing_blas_warns_once_and_still_works():
+    out = _run(
+        "import dfn4lab, dfn4lab.blas as b, mlx.core as mx; b.bind(); print((mx.ones((4,4)) @ mx.ones((4,4))).sum().item())",
+        DFN4LAB_BLAS="/nonexistent/libblas.so",
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "64.0"
+    assert out.stderr.count("no optimized BLAS") == 1
+
+
+def test_info_cli():
+    out = subprocess.run(
+        [sys.executable, "-m", "dfn4lab", "info", "--json"], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    d = json.loads(out.stdout)
+    assert {"platform", "mlx_device", "blas", "mlx", "torch"} <= d.keys()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_jupyterlab_serves_lab(tmp_path):
+    port = _free_port()
+    jupyter = Path(sys.executable).parent / "jupyter"
+    proc = subprocess.Popen(
+        [
+            str(jupyter),
+            "lab",
+            "--no-browser",
+            f"--port={port}",
+            "--ip=127.0.0.1",
+            "--IdentityProvider.token=",
+            "--ServerApp.password=",
+            f"--notebook-dir={ROOT / 'notebooks'}",
+            "--allow-root",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "JUPYTER_RUNTIME_DIR": str(tmp_path)},
+    )
+    try:
+        status, deadline = None, time.time() + 90
+        while time.time() < deadline and status != 200:
+            try:
+                status = urllib.request.urlopen(f"http://127.0.0.1:{port}/lab", timeout=5).status
+            except OSError:
+                time.sleep(0.5)
+        assert status == 200
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
