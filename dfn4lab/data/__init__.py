@@ -1,0 +1,56 @@
+"""Data: speech, noise and their mixtures.
+
+So far: mixing at a target SNR and a reproducible real noisy clip from system sounds
+(alsa-utils' spoken prompts), used by tests and benchmarks.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from dfn4lab import audio
+
+ALSA_SOUNDS = Path("/usr/share/sounds/alsa")
+
+
+def mix(speech: np.ndarray, noise: np.ndarray, snr_db: float) -> np.ndarray:
+    """``speech + g*noise`` with ``g`` chosen so the power ratio is ``snr_db``; shapes (samples,)."""
+    ps = float(np.mean(speech.astype(np.float64) ** 2))
+    pn = float(np.mean(noise.astype(np.float64) ** 2))
+    if ps == 0 or pn == 0:
+        raise ValueError("cannot set an SNR with silent speech or silent noise")
+    g = np.sqrt(ps / (pn * 10 ** (snr_db / 10)))
+    return (speech + g * noise).astype(np.float32)
+
+
+def alsa_speech(sr: int = 48000, seconds: float = 10.0) -> np.ndarray:
+    """Real speech (one male voice, alsa-utils' channel prompts) concatenated to ``seconds`` at ``sr``."""
+    files = sorted(p for p in ALSA_SOUNDS.glob("*.wav") if p.stem != "Noise")
+    if not files:
+        raise FileNotFoundError(f"no speech in {ALSA_SOUNDS} (Debian package alsa-utils)")
+    parts = []
+    for p in files:
+        x, fs = audio.load(p, sr=sr)
+        parts.append(x.mean(axis=0))
+    speech = np.concatenate(parts)
+    n = int(seconds * sr)
+    return np.resize(speech, n).astype(np.float32)
+
+
+def pink_noise(n: int, seed: int = 0) -> np.ndarray:
+    """Pink (1/f power) noise of ``n`` samples, unit RMS."""
+    rng = np.random.default_rng(seed)
+    spec = np.fft.rfft(rng.standard_normal(n))
+    f = np.arange(spec.size, dtype=np.float64)
+    spec[1:] /= np.sqrt(f[1:])
+    spec[0] = 0
+    x = np.fft.irfft(spec, n)
+    return (x / np.sqrt(np.mean(x**2))).astype(np.float32)
+
+
+def noisy_clip(sr: int = 48000, seconds: float = 10.0, snr_db: float = 5.0, seed: int = 0):
+    """(noisy, clean) real speech in pink noise at ``snr_db``; both (samples,) float32."""
+    clean = alsa_speech(sr, seconds)
+    return mix(clean, pink_noise(clean.size, seed), snr_db), clean
