@@ -90,41 +90,33 @@ class ConvBlock(nn.Module):
         return x, hist
 
     def _conv(self, x: mx.array, t: int, f_out: int) -> mx.array:
-        """Grouped conv over padded ``x``; every tap is a strided slice."""
+        """Grouped conv over padded ``x`` (batch, t + kt - 1, padded freq, in) -> (batch, t, f_out, out)."""
         s = self.fstride
-
-        def tap(i: int, j: int) -> mx.array:
-            return x[:, i : i + t, j : j + (f_out - 1) * s + 1 : s, :]
-
-        w = self.weight
-        if w.shape[1] == 1:
-            # Each output channel reads one input channel: taps are element-wise (depthwise) products.
-            per_group = self.out_ch // self.groups
-            if self.in_ch != self.out_ch:
-                idx = mx.arange(self.out_ch) // per_group
-                x = mx.take(x, idx, axis=-1)
+        if self.groups == self.in_ch == self.out_ch:
+            # Depthwise: a few element-wise taps (strided slices) beat a grouped conv2d here.
+            w = self.weight
             y = None
             for i in range(self.kt):
                 for j in range(self.kf):
-                    term = tap(i, j) * w[:, 0, i, j]
+                    term = x[:, i : i + t, j : j + (f_out - 1) * s + 1 : s, :] * w[:, 0, i, j]
                     y = term if y is None else y + term
             return y
-        # General grouped conv: im2col over taps, one matmul with a block-diagonal weight.
-        cols = mx.concatenate([tap(i, j) for i in range(self.kt) for j in range(self.kf)], axis=-1)
-        return cols @ self._dense_weight()
+        # Few groups: one dense conv2d with a block-diagonal weight (measured far faster than groups=g).
+        return mx.conv2d(x, self._dense_weight(), stride=(1, s))
 
     def _dense_weight(self) -> mx.array:
-        """(kt*kf*in, out) matrix with zeros outside each group's block."""
+        """MLX layout (out, kt, kf, in) with zeros outside each group's block."""
         g, cin_g, cout_g = self.groups, self.in_ch // self.groups, self.out_ch // self.groups
-        w = self.weight.transpose(2, 3, 1, 0)  # (kt, kf, in/g, out)
+        w = self.weight.transpose(0, 2, 3, 1)  # (out, kt, kf, in/g)
         if g == 1:
-            return w.reshape(-1, self.out_ch)
-        blocks = mx.zeros((self.kt, self.kf, self.in_ch, self.out_ch), dtype=w.dtype)
+            return w
+        rows = []
         for k in range(g):
-            blocks[:, :, k * cin_g : (k + 1) * cin_g, k * cout_g : (k + 1) * cout_g] = w[
-                ..., k * cout_g : (k + 1) * cout_g
-            ]
-        return blocks.reshape(-1, self.out_ch)
+            blk = w[k * cout_g : (k + 1) * cout_g]
+            left = mx.zeros((cout_g, self.kt, self.kf, k * cin_g), w.dtype)
+            right = mx.zeros((cout_g, self.kt, self.kf, (g - k - 1) * cin_g), w.dtype)
+            rows.append(mx.concatenate([left, blk, right], axis=-1))
+        return mx.concatenate(rows, axis=0)
 
     def _conv_transposed(self, x: mx.array) -> mx.array:
         """Depthwise transposed conv over frequency with stride s: zero-insert, then correlate."""
