@@ -12,8 +12,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 lab: setup
 	$(VENV)/bin/jupyter lab --notebook-dir=notebooks
 
-run: setup
-	DFN4LAB_QUICK=1 $(PY) -m pytest --nbmake -q notebooks
+run: setup notebooks
 
 test: setup lint unit notebooks
 

@@ -6,12 +6,12 @@ import subprocess
 import sys
 
 import dfn4lab  # noqa: F401
+from dfn4lab import data, dsp, inference
+
 import mlx.core as mx
 import numpy as np
 import pytest
 import soundfile as sf
-
-from dfn4lab import data, dsp, inference
 
 
 def si_sdr(ref: np.ndarray, est: np.ndarray) -> float:
@@ -69,7 +69,9 @@ def test_any_rate_and_channels(dfn3):
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dfn4lab", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "dfn4lab", *args], capture_output=True, text=True, timeout=300
+    )
 
 
 def test_cli_enhances_and_rejects_bad_input(tmp_path):
