@@ -137,6 +137,33 @@ def enhance(
     return y[0] if mono else y
 
 
+def analyze(audio: np.ndarray, model: DfNet) -> dict[str, np.ndarray]:
+    """Everything the model computes for a mono clip at the model rate, as numpy arrays.
+
+    audio (samples,) -> {"enhanced" (samples,), "spec", "enhanced_spec" (time, freq) complex,
+    "feat_erb" (time, nb_erb), "feat_spec" (time, nb_df) complex, "mask" (time, nb_erb),
+    "lsnr" (time,), "coefs" (time, nb_df, order) complex}.
+    """
+    cfg = model.cfg.dsp
+    x = np.pad(np.asarray(audio, np.float32), (0, cfg.fft_size))[None]
+    spec = dsp.stft(mx.array(x), cfg)
+    feat_erb, feat_spec = dsp.features(spec, cfg)
+    out, m, lsnr, coefs = model(_to_ri(spec), feat_erb, _to_ri(feat_spec))
+    d = cfg.fft_size - cfg.hop_size
+    y = np.array(dsp.istft(_to_complex(out), cfg))[0, d : d + len(audio)]
+    c = np.array(coefs[0]).reshape(*coefs.shape[1:3], -1, 2)
+    return {
+        "enhanced": y,
+        "spec": np.array(spec[0]),
+        "enhanced_spec": np.array(_to_complex(out)[0]),
+        "feat_erb": np.array(feat_erb[0]),
+        "feat_spec": np.array(feat_spec[0]),
+        "mask": np.array(m[0]),
+        "lsnr": np.array(lsnr[0]),
+        "coefs": c[..., 0] + 1j * c[..., 1],
+    }
+
+
 def enhance_file(
     src: str | Path, out_dir: str | Path, model: DfNet, atten_lim_db: float | None = None
 ) -> Path:

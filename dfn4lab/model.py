@@ -7,147 +7,27 @@ converting a checkpoint is a rename table (``dfn4lab.convert``).
 
 Every module that looks back in time takes and returns a ``state`` (conv history frames,
 backbone states), so a stream of one frame at a time computes exactly the offline result.
+The DFN4 extras are config switches (``ModelConfig``): multi-resolution DF heads, an adaptive
+DF order, the hybrid (waveform + phase) encoder, LSNR dropout, complex-gain output, the mask
+post-filter and running feature statistics. With all of them off (preset ``dfn3``) this is
+exactly DeepFilterNet3.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from dfn4lab.backbones import GroupedLinear, SqueezedBackbone
 from dfn4lab.config import ModelConfig
+from dfn4lab.layers import ConvBlock, HybridEncoder, deep_filter, post_filter
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx.utils import tree_flatten
 
 State = dict[str, Any]
-
-
-def _act(name: str | None, x: mx.array) -> mx.array:
-    if name == "relu":
-        return nn.relu(x)
-    if name == "sigmoid":
-        return mx.sigmoid(x)
-    return x
-
-
-class ConvBlock(nn.Module):
-    """Upstream ``Conv2dNormAct``/``ConvTranspose2dNormAct``: causal in time, centred in frequency.
-
-    conv (grouped, kernel ``(kt, kf)``, frequency stride) -> optional 1x1 pointwise (the
-    "separable" case) -> BatchNorm -> activation. Weights keep PyTorch's layout
-    ``(out, in/groups, kt, kf)`` (transposed: ``(in, out/groups, 1, kf)``).
-    Input and output ``(batch, time, freq, channels)``; the state is the last ``kt-1`` input frames.
-    """
-
-    def __init__(
-        self,
-        in_ch: int,
-        out_ch: int,
-        kernel: tuple[int, int] | int,
-        fstride: int = 1,
-        separable: bool = True,
-        transposed: bool = False,
-        act: str | None = "relu",
-    ):
-        super().__init__()
-        kt, kf = (kernel, kernel) if isinstance(kernel, int) else kernel
-        groups = math.gcd(in_ch, out_ch) if separable else 1
-        # Upstream keeps the groups of a 1x1 "separable" conv but drops its pointwise conv.
-        self.has_pointwise = groups > 1 and max(kt, kf) > 1
-        self.kt, self.kf, self.fstride, self.groups = kt, kf, fstride, groups
-        self.in_ch, self.out_ch, self.transposed, self.act = in_ch, out_ch, transposed, act
-        if transposed:
-            assert kt == 1, "transposed convs are frequency-only"
-            self.weight = mx.zeros((in_ch, out_ch // groups, kt, kf))
-        else:
-            self.weight = mx.zeros((out_ch, in_ch // groups, kt, kf))
-        if self.has_pointwise:
-            self.pointwise = mx.zeros((out_ch, out_ch, 1, 1))
-        self.bn = nn.BatchNorm(out_ch)
-        self._init()
-
-    def _init(self) -> None:
-        fan_in = self.weight.shape[1] * self.kt * self.kf
-        bound = 1 / math.sqrt(fan_in)
-        self.weight = mx.random.uniform(-bound, bound, self.weight.shape)
-        if self.has_pointwise:
-            b = 1 / math.sqrt(self.out_ch)
-            self.pointwise = mx.random.uniform(-b, b, self.pointwise.shape)
-
-    def _taps(self, x: mx.array, hist: mx.array | None) -> tuple[mx.array, mx.array]:
-        """Causal time padding from history, centred frequency padding. Returns (padded, new hist)."""
-        b, t, f, c = x.shape
-        if self.kt > 1:
-            if hist is None:
-                hist = mx.zeros((b, self.kt - 1, f, c), dtype=x.dtype)
-            x = mx.concatenate([hist, x], axis=1)
-            hist = x[:, -(self.kt - 1) :]
-        fp = self.kf // 2
-        if fp:
-            x = mx.pad(x, [(0, 0), (0, 0), (fp, fp), (0, 0)])
-        return x, hist
-
-    def _conv(self, x: mx.array, t: int, f_out: int) -> mx.array:
-        """Grouped conv over padded ``x`` (batch, t + kt - 1, padded freq, in) -> (batch, t, f_out, out)."""
-        s = self.fstride
-        if self.groups == self.in_ch == self.out_ch:
-            # Depthwise: a few element-wise taps (strided slices) beat a grouped conv2d here.
-            w = self.weight
-            y = None
-            for i in range(self.kt):
-                for j in range(self.kf):
-                    term = x[:, i : i + t, j : j + (f_out - 1) * s + 1 : s, :] * w[:, 0, i, j]
-                    y = term if y is None else y + term
-            return y
-        # Few groups: one dense conv2d with a block-diagonal weight (measured far faster than groups=g).
-        return mx.conv2d(x, self._dense_weight(), stride=(1, s))
-
-    def _dense_weight(self) -> mx.array:
-        """MLX layout (out, kt, kf, in) with zeros outside each group's block."""
-        g, cin_g, cout_g = self.groups, self.in_ch // self.groups, self.out_ch // self.groups
-        w = self.weight.transpose(0, 2, 3, 1)  # (out, kt, kf, in/g)
-        if g == 1:
-            return w
-        rows = []
-        for k in range(g):
-            blk = w[k * cout_g : (k + 1) * cout_g]
-            left = mx.zeros((cout_g, self.kt, self.kf, k * cin_g), w.dtype)
-            right = mx.zeros((cout_g, self.kt, self.kf, (g - k - 1) * cin_g), w.dtype)
-            rows.append(mx.concatenate([left, blk, right], axis=-1))
-        return mx.concatenate(rows, axis=0)
-
-    def _conv_transposed(self, x: mx.array) -> mx.array:
-        """Depthwise transposed conv over frequency with stride s: zero-insert, then correlate."""
-        b, t, f, c = x.shape
-        s, kf = self.fstride, self.kf
-        if s > 1:
-            x = mx.concatenate([x[..., None, :], mx.zeros((b, t, f, s - 1, c), x.dtype)], axis=3)
-            x = x.reshape(b, t, f * s, c)
-        p = kf // 2  # upstream: padding kf//2, output_padding kf//2 (for stride > 1)
-        f_out = (f - 1) * s - 2 * p + kf + (p if s > 1 else 0)
-        # out[o] = sum_k w[k] * u[o + p - k]; pad u so every index is in range.
-        u = mx.pad(x, [(0, 0), (0, 0), (kf - 1 - p, f_out + p - x.shape[2]), (0, 0)])
-        w = self.weight[:, 0, 0, :]  # (ch, kf)
-        y = None
-        for k in range(kf):
-            start = kf - 1 - k
-            term = u[:, :, start : start + f_out, :] * w[:, k]
-            y = term if y is None else y + term
-        return y
-
-    def __call__(self, x: mx.array, state: mx.array | None = None) -> tuple[mx.array, mx.array | None]:
-        t = x.shape[1]
-        if self.transposed:
-            y = self._conv_transposed(x)
-        else:
-            xp, state = self._taps(x, state)
-            f_out = (xp.shape[2] - self.kf) // self.fstride + 1
-            y = self._conv(xp, t, f_out)
-        if self.has_pointwise:
-            y = y @ self.pointwise[:, :, 0, 0].T
-        return _act(self.act, self.bn(y)), state
+LSNR_DROPOUT_DB = -10.0  # upstream: frames predicted below this skip both decoders in training
 
 
 class Encoder(nn.Module):
@@ -156,6 +36,9 @@ class Encoder(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         ch, nb_erb, nb_df = cfg.conv_ch, cfg.dsp.nb_erb, cfg.dsp.nb_df
+        if cfg.running_stats:  # running mean/variance of the input features, learned in training
+            self.erb_stats = nn.BatchNorm(nb_erb, affine=False)
+            self.spec_stats = nn.BatchNorm(2 * nb_df, affine=False)
         self.erb_conv0 = ConvBlock(1, ch, cfg.conv_kernel_inp)
         self.erb_conv1 = ConvBlock(ch, ch, cfg.conv_kernel, fstride=2)
         self.erb_conv2 = ConvBlock(ch, ch, cfg.conv_kernel, fstride=2)
@@ -165,6 +48,8 @@ class Encoder(nn.Module):
         emb_dim = ch * nb_erb // 4
         self.df_fc_emb = GroupedLinear(ch * nb_df // 2, emb_dim, cfg.enc_linear_groups)
         self.enc_concat = cfg.enc_concat
+        if cfg.hybrid_encoder:
+            self.hybrid = HybridEncoder(cfg.dsp.fft_size, nb_df, emb_dim, heads=cfg.backbone.heads)
         self.emb_gru = SqueezedBackbone(
             emb_dim * (2 if cfg.enc_concat else 1),
             cfg.emb_hidden_dim,
@@ -176,12 +61,17 @@ class Encoder(nn.Module):
         self.lsnr_fc = nn.Linear(emb_dim, 1)
         self.lsnr_scale, self.lsnr_offset = cfg.lsnr_max - cfg.lsnr_min, cfg.lsnr_min
 
-    def convs(self, feat_erb: mx.array, feat_spec: mx.array, state: State | None = None):
-        """Conv pathways. feat_erb (batch, time, nb_erb, 1), feat_spec (batch, time, nb_df, 2).
+    def convs(self, feat_erb: mx.array, feat_spec: mx.array, state: State | None = None, spec=None):
+        """Conv pathways. feat_erb (batch, time, nb_erb, 1), feat_spec (batch, time, nb_df, 2);
+        spec (batch, time, freq, 2) of the same frames, used by the hybrid encoder only.
 
         Returns e0..e3, c0, the combined embedding input (batch, time, emb_in) and the conv state.
         """
         st = state or {}
+        if "erb_stats" in self:
+            feat_erb = self.erb_stats(feat_erb[..., 0])[..., None]
+            b, t, f, _ = feat_spec.shape
+            feat_spec = self.spec_stats(feat_spec.reshape(b, t, -1)).reshape(b, t, f, 2)
         e0, s0 = self.erb_conv0(feat_erb, st.get("erb_conv0"))
         e1, _ = self.erb_conv1(e0)
         e2, _ = self.erb_conv2(e1)
@@ -191,6 +81,8 @@ class Encoder(nn.Module):
         b, t = c1.shape[:2]
         cemb = nn.relu(self.df_fc_emb(c1.reshape(b, t, -1)))
         emb = e3.reshape(b, t, -1)
+        if "hybrid" in self:
+            emb = self.hybrid(emb, spec)
         emb = mx.concatenate([emb, cemb], axis=-1) if self.enc_concat else emb + cemb
         return e0, e1, e2, e3, c0, emb, {"erb_conv0": s0, "df_conv0": s1}
 
@@ -200,10 +92,10 @@ class Encoder(nn.Module):
         lsnr = mx.sigmoid(self.lsnr_fc(emb)) * self.lsnr_scale + self.lsnr_offset
         return emb, lsnr, state
 
-    def __call__(self, feat_erb: mx.array, feat_spec: mx.array, state: State | None = None):
+    def __call__(self, feat_erb: mx.array, feat_spec: mx.array, state: State | None = None, spec=None):
         """Returns e0..e3, emb (batch, time, emb_dim), c0, lsnr (batch, time, 1), state (upstream order)."""
         st = state or {}
-        e0, e1, e2, e3, c0, emb, conv_state = self.convs(feat_erb, feat_spec, st.get("convs"))
+        e0, e1, e2, e3, c0, emb, conv_state = self.convs(feat_erb, feat_spec, st.get("convs"), spec)
         emb, lsnr, bb_state = self.embed(emb, st.get("emb_gru"))
         return e0, e1, e2, e3, emb, c0, lsnr, {"convs": conv_state, "emb_gru": bb_state}
 
@@ -244,17 +136,46 @@ class ErbDecoder(nn.Module):
         return m, state
 
 
-class DfDecoder(nn.Module):
-    """Temporal pathway conv, backbone, grouped-linear skip, tanh coefficients, alpha head."""
+class DfHead(nn.Module):
+    """One set of DF coefficients: temporal pathway conv on c0 plus tanh(grouped linear of the backbone)."""
 
-    def __init__(self, cfg: ModelConfig, nb_df: int | None = None, df_order: int | None = None):
+    def __init__(self, cfg: ModelConfig, bins: int, order: int):
         super().__init__()
-        ch = cfg.conv_ch
-        emb_dim = ch * cfg.dsp.nb_erb // 4
-        self.nb_df = nb_df or cfg.dsp.nb_df
-        self.df_order = df_order or cfg.df_order
-        out_ch = self.df_order * 2
-        self.df_convp = ConvBlock(ch, out_ch, (cfg.df_pathway_kernel_size_t, 1))
+        self.bins, self.order = bins, order
+        self.df_convp = ConvBlock(cfg.conv_ch, 2 * order, (cfg.df_pathway_kernel_size_t, 1))
+        self.df_out = GroupedLinear(cfg.df_hidden_dim, bins * 2 * order, cfg.linear_groups)
+
+    def __call__(self, c: mx.array, c0: mx.array, state: mx.array | None = None):
+        """c (batch, time, hidden), c0 (batch, time, nb_df, conv_ch) -> coefs (batch, time, bins, order*2)."""
+        b, t, _ = c.shape
+        p, state = self.df_convp(c0[:, :, : self.bins], state)
+        return mx.tanh(self.df_out(c)).reshape(b, t, self.bins, -1) + p, state
+
+
+def df_heads(cfg: ModelConfig) -> list[tuple[int, int, int]]:
+    """(bins, order, lookahead) of every DF head; the first is the main one.
+
+    ``complex_gain`` replaces the filter by a per-bin complex gain (order 1, no lookahead).
+    """
+    order, la = (1, 0) if cfg.complex_gain else (cfg.df_order, cfg.df_lookahead)
+    extra = [(bins, o, min(la, o - 1)) for bins, o in cfg.multires_df]
+    return [(cfg.dsp.nb_df, order, la), *extra]
+
+
+class DfDecoder(nn.Module):
+    """Backbone, grouped-linear skip, DF heads sharing the backbone, alpha head, adaptive-order head.
+
+    The main head keeps upstream's names (``df_convp``, ``df_out``); extra resolutions live in ``heads``.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        emb_dim = cfg.conv_ch * cfg.dsp.nb_erb // 4
+        (bins, order, _), *extra = df_heads(cfg)
+        main = DfHead(cfg, bins, order)
+        self.df_convp, self.df_out = main.df_convp, main.df_out
+        self.bins, self.order = bins, order
+        self.heads = [DfHead(cfg, b, o) for b, o, _ in extra]
         self.df_gru = SqueezedBackbone(
             emb_dim,
             cfg.df_hidden_dim,
@@ -266,13 +187,15 @@ class DfDecoder(nn.Module):
         self.skip_kind = cfg.df_gru_skip
         if cfg.df_gru_skip == "groupedlinear":
             self.df_skip = GroupedLinear(emb_dim, cfg.df_hidden_dim, cfg.linear_groups)
-        self.df_out = GroupedLinear(cfg.df_hidden_dim, self.nb_df * out_ch, cfg.linear_groups)
         self.df_fc_a = nn.Linear(cfg.df_hidden_dim, 1)
+        if cfg.adaptive_order:
+            self.order_fc = nn.Linear(cfg.df_hidden_dim, order)
 
     def __call__(self, emb: mx.array, c0: mx.array, state: State | None = None):
         """emb (batch, time, emb_dim), c0 (batch, time, nb_df, conv_ch).
 
-        Returns coefs (batch, time, nb_df, order*2) interleaved (re, im) per tap, alpha, state.
+        Returns a list of coefs per head (batch, time, bins, order*2), (re, im) interleaved per tap,
+        alpha (batch, time, 1), and the state.
         """
         st = state or {}
         b, t, _ = emb.shape
@@ -282,43 +205,25 @@ class DfDecoder(nn.Module):
         elif self.skip_kind == "identity":
             c = c + emb
         alpha = mx.sigmoid(self.df_fc_a(c))
-        c0, s_conv = self.df_convp(c0[:, :, : self.nb_df], st.get("df_convp"))
-        coefs = mx.tanh(self.df_out(c)).reshape(b, t, self.nb_df, -1) + c0
-        return coefs, alpha, {"df_gru": s_gru, "df_convp": s_conv}
+        p, s_conv = self.df_convp(c0[:, :, : self.bins], st.get("df_convp"))
+        coefs = mx.tanh(self.df_out(c)).reshape(b, t, self.bins, -1) + p
+        if "order_fc" in self:
+            coefs = coefs * mx.repeat(self._tap_weights(c), 2, axis=-1)[:, :, None]
+        heads = [coefs]
+        s_heads = []
+        for i, head in enumerate(self.heads):
+            h, s = head(c, c0, (st.get("heads") or [None] * len(self.heads))[i])
+            heads.append(h)
+            s_heads.append(s)
+        return heads, alpha, {"df_gru": s_gru, "df_convp": s_conv, "heads": s_heads}
 
-
-def deep_filter(frames: mx.array, coefs: mx.array, order: int) -> mx.array:
-    """Complex multi-frame filter: out[t] = sum_n frames[t + n] * coef[t, n].
-
-    frames (batch, time + order - 1, bins, 2): the spectrum padded (or preceded by history) with
-    ``order - 1 - lookahead`` frames before and ``lookahead`` after; coefs (batch, time, bins, order*2)
-    with (re, im) interleaved per tap. Returns (batch, time, bins, 2).
-    """
-    b, t, f, _ = coefs.shape
-    c = coefs.reshape(b, t, f, order, 2)
-    re = im = None
-    for n in range(order):
-        s = frames[:, n : n + t]
-        sr, si, cr, ci = s[..., 0], s[..., 1], c[..., n, 0], c[..., n, 1]
-        r, i = sr * cr - si * ci, sr * ci + si * cr
-        re = r if re is None else re + r
-        im = i if im is None else im + i
-    return mx.stack([re, im], axis=-1)
-
-
-def post_filter(noisy: mx.array, enhanced: mx.array, beta: float, eps: float = 1e-12) -> mx.array:
-    """Valin et al.'s perceptual post-filter on the effective mask |enhanced|/|noisy|, as upstream.
-
-    noisy, enhanced (batch, time, freq, 2) -> enhanced scaled per bin.
-    """
-
-    def mag(x: mx.array) -> mx.array:
-        return mx.sqrt(mx.sum(x * x, axis=-1))
-
-    mask = mx.clip(mag(enhanced) / (mag(noisy) + eps), eps, 1.0)
-    mask_sin = mask * mx.maximum(mx.sin(math.pi * mask / 2), eps)
-    pf = (1 + beta) / (1 + beta * (mask / mask_sin) ** 2)
-    return enhanced * pf[..., None]
+    def _tap_weights(self, c: mx.array) -> mx.array:
+        """Adaptive order: a per-frame distribution over orders 1..N; tap n is kept with the
+        probability that the order exceeds n (taps are ordered oldest first, so low orders keep the
+        newest frames). c (batch, time, hidden) -> (batch, time, order)."""
+        p = mx.softmax(self.order_fc(c), axis=-1)  # p[k]: order k+1
+        keep_newest = mx.cumsum(p[..., ::-1], axis=-1)[..., ::-1]  # P(order >= n+1)
+        return keep_newest[..., ::-1]  # oldest tap is kept only when the order is the full N
 
 
 class DfNet(nn.Module):
@@ -330,33 +235,54 @@ class DfNet(nn.Module):
         self.enc = Encoder(cfg)
         self.erb_dec = ErbDecoder(cfg)
         self.df_dec = DfDecoder(cfg)
+        self._heads = df_heads(cfg)
         self._erb_inv = mx.array(erb_inv_fb, dtype=mx.float32)  # (nb_erb, freq), not a parameter
+
+    @property
+    def lookahead(self) -> int:
+        """Frames of look-ahead: features (conv) and deep filter; the stream delay in frames."""
+        return self.cfg.conv_lookahead
+
+    @property
+    def df_history(self) -> int:
+        """Past spectrum frames the deep filters read: max(order - 1 - lookahead) over heads."""
+        return max(o - 1 - la for _, o, la in self._heads)
 
     def apply_mask(self, spec: mx.array, m: mx.array) -> mx.array:
         """spec (batch, time, freq, 2), m (batch, time, nb_erb) -> masked spec."""
         gain = m @ self._erb_inv
         return spec * gain[..., None]
 
-    @property
-    def df_history(self) -> int:
-        """Past spectrum frames the deep filter reads: order - 1 - lookahead."""
-        return self.cfg.df_order - 1 - self.cfg.df_lookahead
+    def _filter(self, spec_frames: mx.array, heads: list[mx.array], t: int) -> mx.array:
+        """Deep filter of every head over its bins; bins covered by several heads are averaged."""
+        p, nb_df = self.df_history, self._heads[0][0]
+        acc = count = None
+        for (bins, order, la), coefs in zip(self._heads, heads, strict=True):
+            start = p - (order - 1 - la)
+            y = deep_filter(spec_frames[:, start : start + t + order - 1, :bins], coefs, order)
+            y = mx.pad(y, [(0, 0), (0, 0), (0, nb_df - bins), (0, 0)])
+            c = (mx.arange(nb_df) < bins).astype(y.dtype)
+            acc, count = (y, c) if acc is None else (acc + y, count + c)
+        return acc / count[:, None] if len(heads) > 1 else acc
 
-    def _decode(self, spec_frames, emb, e3, e2, e1, e0, c0, state: State):
+    def _decode(self, spec_frames, emb, e3, e2, e1, e0, c0, lsnr, state: State):
         """Mask and deep filter for the output frames; spec_frames holds df_history frames before them
-        and at least df_lookahead after. Returns enhanced spec (batch, time, freq, 2), mask, coefs, state."""
+        and the look-ahead after. Returns enhanced spec (batch, time, freq, 2), mask, coefs, state."""
         cfg, t, p = self.cfg, emb.shape[1], self.df_history
         m, s_erb = self.erb_dec(emb, e3, e2, e1, e0, state.get("erb_dec"))
         m = m[..., 0]
+        heads, _, s_df = self.df_dec(emb, c0, state.get("df_dec"))
+        if cfg.lsnr_dropout and self.training:  # frames judged pure noise get no mask nor filter
+            keep = mx.stop_gradient(lsnr > LSNR_DROPOUT_DB).astype(m.dtype)
+            m = m * keep
+            heads = [h * keep[..., None] for h in heads]
         spec = spec_frames[:, p : p + t]
         spec_m = self.apply_mask(spec, m)
-        coefs, _, s_df = self.df_dec(emb, c0, state.get("df_dec"))
         nb_df = cfg.dsp.nb_df
-        low = deep_filter(spec_frames[:, : t + cfg.df_order - 1, :nb_df], coefs, cfg.df_order)
-        spec_e = mx.concatenate([low, spec_m[:, :, nb_df:]], axis=2)
+        spec_e = mx.concatenate([self._filter(spec_frames, heads, t), spec_m[:, :, nb_df:]], axis=2)
         if cfg.mask_pf:
             spec_e = post_filter(spec, spec_e, cfg.pf_beta)
-        return spec_e, m, coefs, {"erb_dec": s_erb, "df_dec": s_df}
+        return spec_e, m, heads[0], {"erb_dec": s_erb, "df_dec": s_df}
 
     def __call__(
         self, spec: mx.array, feat_erb: mx.array, feat_spec: mx.array
@@ -365,30 +291,32 @@ class DfNet(nn.Module):
 
         spec (batch, time, freq, 2), feat_erb (batch, time, nb_erb), feat_spec (batch, time, nb_df, 2).
         Returns enhanced spec (batch, time, freq, 2), ERB mask (batch, time, nb_erb),
-        lsnr (batch, time), DF coefficients (batch, time, nb_df, order*2).
+        lsnr (batch, time), DF coefficients of the main head (batch, time, nb_df, order*2).
         """
-        cfg = self.cfg
-        la = cfg.conv_lookahead
+        la = self.cfg.conv_lookahead
         feat_erb = feat_erb[..., None]
+        spec_ahead = spec
         if la > 0:  # features look ahead: frame t sees features of t + la
-            feat_erb = mx.pad(feat_erb[:, la:], [(0, 0), (0, la), (0, 0), (0, 0)])
-            feat_spec = mx.pad(feat_spec[:, la:], [(0, 0), (0, la), (0, 0), (0, 0)])
-        e0, e1, e2, e3, emb, c0, lsnr, _ = self.enc(feat_erb, feat_spec)
-        frames = mx.pad(spec, [(0, 0), (self.df_history, cfg.df_lookahead), (0, 0), (0, 0)])
-        spec_e, m, coefs, _ = self._decode(frames, emb, e3, e2, e1, e0, c0, {})
+
+            def shift(x: mx.array) -> mx.array:
+                return mx.pad(x[:, la:], [(0, 0), (0, la), (0, 0), (0, 0)])
+
+            feat_erb, feat_spec, spec_ahead = shift(feat_erb), shift(feat_spec), shift(spec)
+        e0, e1, e2, e3, emb, c0, lsnr, _ = self.enc(feat_erb, feat_spec, spec=spec_ahead)
+        frames = mx.pad(spec, [(0, 0), (self.df_history, la), (0, 0), (0, 0)])
+        spec_e, m, coefs, _ = self._decode(frames, emb, e3, e2, e1, e0, c0, lsnr, {})
         return spec_e, m, lsnr[..., 0], coefs
 
     def step(
         self, spec: mx.array, feat_erb: mx.array, feat_spec: mx.array, state: State | None = None
     ) -> tuple[mx.array, State]:
-        """Stateful forward over the next frames of a stream; outputs lag inputs by ``conv_lookahead``.
+        """Stateful forward over the next frames of a stream; outputs lag inputs by ``lookahead`` frames.
 
         Same shapes as ``__call__``. Over a whole stream followed by ``flush``, the concatenated
         outputs equal ``__call__(...)[0]`` on the whole input (the tests check it).
         """
-        cfg = self.cfg
-        la = cfg.conv_lookahead
-        assert la >= cfg.df_lookahead, "conv_lookahead must cover df_lookahead"
+        la = self.cfg.conv_lookahead
+        assert la >= self.cfg.df_lookahead, "conv_lookahead must cover df_lookahead"
         b, n = spec.shape[:2]
         if state is None:
             state = {"t": 0, "spec": mx.zeros((b, self.df_history, spec.shape[2], 2), spec.dtype)}
@@ -398,23 +326,59 @@ class DfNet(nn.Module):
         conv_state = state.get("convs")
         if skip < n:
             e0, e1, e2, e3, c0, emb, conv_state = self.enc.convs(
-                feat_erb[:, skip:, :, None], feat_spec[:, skip:], conv_state
+                feat_erb[:, skip:, :, None], feat_spec[:, skip:], conv_state, spec=spec[:, skip:]
             )
         frames = mx.concatenate([state["spec"], spec], axis=1)
         new = {"t": state["t"] + n, "convs": conv_state}
         m = n - skip
         if m == 0:
             return mx.zeros((b, 0, spec.shape[2], 2), spec.dtype), {**state, **new, "spec": frames}
-        emb, _, s_emb = self.enc.embed(emb, state.get("emb_gru"))
-        spec_e, _, _, s_dec = self._decode(frames, emb, e3, e2, e1, e0, c0, state)
+        emb, lsnr, s_emb = self.enc.embed(emb, state.get("emb_gru"))
+        spec_e, _, _, s_dec = self._decode(frames, emb, e3, e2, e1, e0, c0, lsnr, state)
         return spec_e, {**new, **s_dec, "emb_gru": s_emb, "spec": frames[:, m:]}
 
     def flush(self, state: State) -> mx.array:
-        """The last ``conv_lookahead`` output frames of a stream (zero look-ahead, as offline)."""
+        """The last ``lookahead`` output frames of a stream (zero look-ahead, as offline)."""
         la = self.cfg.conv_lookahead
         b, _, f, _ = state["spec"].shape
-        z = mx.zeros((b, la, f, 2))
-        y, _ = self.step(
-            z, mx.zeros((b, la, self.cfg.dsp.nb_erb)), mx.zeros((b, la, self.cfg.dsp.nb_df, 2)), state
-        )
-        return y
+        dsp = self.cfg.dsp
+        zeros = (mx.zeros((b, la, f, 2)), mx.zeros((b, la, dsp.nb_erb)), mx.zeros((b, la, dsp.nb_df, 2)))
+        return self.step(*zeros, state)[0]
+
+
+def summary(model: DfNet, frames: int = 10) -> str:
+    """Parameters per module and tensor shapes through the network, as a text table."""
+    rows = [("module", "parameters")]
+    for name, child in [("enc", model.enc), ("erb_dec", model.erb_dec), ("df_dec", model.df_dec)]:
+        for sub, mod in child.children().items():
+            mods = mod if isinstance(mod, list) else [mod]
+            n = sum(v.size for m in mods for _, v in tree_flatten(m.parameters()))
+            if n:
+                rows.append((f"{name}.{sub}", f"{n:,}"))
+    total = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+    rows.append(("total (trainable)", f"{total:,}"))
+    d = model.cfg.dsp
+    spec = mx.zeros((1, frames, d.freq_bins, 2))
+    feat_erb, feat_spec = mx.zeros((1, frames, d.nb_erb)), mx.zeros((1, frames, d.nb_df, 2))
+    e0, e1, e2, e3, emb, c0, lsnr, _ = model.enc(feat_erb[..., None], feat_spec, spec=spec)
+    out, m, _, coefs = model(spec, feat_erb, feat_spec)
+    shapes = {
+        "spec": spec,
+        "feat_erb": feat_erb,
+        "feat_spec": feat_spec,
+        "e0": e0,
+        "e1": e1,
+        "e2": e2,
+        "e3": e3,
+        "c0": c0,
+        "emb": emb,
+        "lsnr": lsnr,
+        "mask": m,
+        "coefs": coefs,
+        "enhanced": out,
+    }
+    rows.append(("", ""))
+    rows.append(("tensor", "shape (batch, time, ...)"))
+    rows += [(k, str(tuple(v.shape))) for k, v in shapes.items()]
+    width = max(len(r[0]) for r in rows)
+    return "\n".join(f"{a:<{width}}  {b}" for a, b in rows)

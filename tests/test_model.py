@@ -5,7 +5,7 @@ from __future__ import annotations
 import dfn4lab  # noqa: F401
 from dfn4lab import inference
 from dfn4lab.config import preset
-from dfn4lab.model import ConvBlock, deep_filter
+from dfn4lab.layers import ConvBlock, deep_filter
 
 import mlx.core as mx
 import numpy as np

@@ -70,6 +70,6 @@ def test_stages_match_onnxruntime(official, t):
     np.testing.assert_allclose(_nchw(m), m_ref, atol=TOL, err_msg="mask")
 
     coefs_ref, alpha_ref = sess["df_dec"].run(None, {"emb": ref["emb"], "c0": ref["c0"]})
-    coefs, alpha, _ = model.df_dec(mx.array(ref["emb"]), mx.array(ref["c0"].transpose(0, 2, 3, 1)))
+    (coefs,), alpha, _ = model.df_dec(mx.array(ref["emb"]), mx.array(ref["c0"].transpose(0, 2, 3, 1)))
     np.testing.assert_allclose(np.array(coefs), coefs_ref, atol=TOL, err_msg="coefs")
     np.testing.assert_allclose(np.array(alpha), alpha_ref, atol=TOL, err_msg="alpha")

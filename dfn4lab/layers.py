@@ -1,0 +1,204 @@
+"""Building blocks of DfNet: causal convs, the deep filter, the post-filter, DFN4's hybrid encoder.
+
+Feature maps are channels-last ``(batch, time, freq, channels)``; spectra ``(batch, time, freq, 2)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+
+
+def _act(name: str | None, x: mx.array) -> mx.array:
+    if name == "relu":
+        return nn.relu(x)
+    if name == "sigmoid":
+        return mx.sigmoid(x)
+    return x
+
+
+class ConvBlock(nn.Module):
+    """Upstream ``Conv2dNormAct``/``ConvTranspose2dNormAct``: causal in time, centred in frequency.
+
+    conv (grouped, kernel ``(kt, kf)``, frequency stride) -> optional 1x1 pointwise (the
+    "separable" case) -> BatchNorm -> activation. Weights keep PyTorch's layout
+    ``(out, in/groups, kt, kf)`` (transposed: ``(in, out/groups, 1, kf)``).
+    Input and output ``(batch, time, freq, channels)``; the state is the last ``kt-1`` input frames.
+    """
+
+    def __init__(
+        self,
+        in_ch: int,
+        out_ch: int,
+        kernel: tuple[int, int] | int,
+        fstride: int = 1,
+        separable: bool = True,
+        transposed: bool = False,
+        act: str | None = "relu",
+    ):
+        super().__init__()
+        kt, kf = (kernel, kernel) if isinstance(kernel, int) else kernel
+        groups = math.gcd(in_ch, out_ch) if separable else 1
+        # Upstream keeps the groups of a 1x1 "separable" conv but drops its pointwise conv.
+        self.has_pointwise = groups > 1 and max(kt, kf) > 1
+        self.kt, self.kf, self.fstride, self.groups = kt, kf, fstride, groups
+        self.in_ch, self.out_ch, self.transposed, self.act = in_ch, out_ch, transposed, act
+        if transposed:
+            assert kt == 1, "transposed convs are frequency-only"
+            self.weight = mx.zeros((in_ch, out_ch // groups, kt, kf))
+        else:
+            self.weight = mx.zeros((out_ch, in_ch // groups, kt, kf))
+        if self.has_pointwise:
+            self.pointwise = mx.zeros((out_ch, out_ch, 1, 1))
+        self.bn = nn.BatchNorm(out_ch)
+        self._init()
+
+    def _init(self) -> None:
+        fan_in = self.weight.shape[1] * self.kt * self.kf
+        bound = 1 / math.sqrt(fan_in)
+        self.weight = mx.random.uniform(-bound, bound, self.weight.shape)
+        if self.has_pointwise:
+            b = 1 / math.sqrt(self.out_ch)
+            self.pointwise = mx.random.uniform(-b, b, self.pointwise.shape)
+
+    def _taps(self, x: mx.array, hist: mx.array | None) -> tuple[mx.array, mx.array]:
+        """Causal time padding from history, centred frequency padding. Returns (padded, new hist)."""
+        b, t, f, c = x.shape
+        if self.kt > 1:
+            if hist is None:
+                hist = mx.zeros((b, self.kt - 1, f, c), dtype=x.dtype)
+            x = mx.concatenate([hist, x], axis=1)
+            hist = x[:, -(self.kt - 1) :]
+        fp = self.kf // 2
+        if fp:
+            x = mx.pad(x, [(0, 0), (0, 0), (fp, fp), (0, 0)])
+        return x, hist
+
+    def _conv(self, x: mx.array, t: int, f_out: int) -> mx.array:
+        """Grouped conv over padded ``x`` (batch, t + kt - 1, padded freq, in) -> (batch, t, f_out, out)."""
+        s = self.fstride
+        if self.groups == self.in_ch == self.out_ch:
+            # Depthwise: a few element-wise taps (strided slices) beat a grouped conv2d here.
+            w = self.weight
+            y = None
+            for i in range(self.kt):
+                for j in range(self.kf):
+                    term = x[:, i : i + t, j : j + (f_out - 1) * s + 1 : s, :] * w[:, 0, i, j]
+                    y = term if y is None else y + term
+            return y
+        # Few groups: one dense conv2d with a block-diagonal weight (measured far faster than groups=g).
+        return mx.conv2d(x, self._dense_weight(), stride=(1, s))
+
+    def _dense_weight(self) -> mx.array:
+        """MLX layout (out, kt, kf, in) with zeros outside each group's block."""
+        g, cin_g, cout_g = self.groups, self.in_ch // self.groups, self.out_ch // self.groups
+        w = self.weight.transpose(0, 2, 3, 1)  # (out, kt, kf, in/g)
+        if g == 1:
+            return w
+        rows = []
+        for k in range(g):
+            blk = w[k * cout_g : (k + 1) * cout_g]
+            left = mx.zeros((cout_g, self.kt, self.kf, k * cin_g), w.dtype)
+            right = mx.zeros((cout_g, self.kt, self.kf, (g - k - 1) * cin_g), w.dtype)
+            rows.append(mx.concatenate([left, blk, right], axis=-1))
+        return mx.concatenate(rows, axis=0)
+
+    def _conv_transposed(self, x: mx.array) -> mx.array:
+        """Depthwise transposed conv over frequency with stride s: zero-insert, then correlate."""
+        b, t, f, c = x.shape
+        s, kf = self.fstride, self.kf
+        if s > 1:
+            x = mx.concatenate([x[..., None, :], mx.zeros((b, t, f, s - 1, c), x.dtype)], axis=3)
+            x = x.reshape(b, t, f * s, c)
+        p = kf // 2  # upstream: padding kf//2, output_padding kf//2 (for stride > 1)
+        f_out = (f - 1) * s - 2 * p + kf + (p if s > 1 else 0)
+        # out[o] = sum_k w[k] * u[o + p - k]; pad u so every index is in range.
+        u = mx.pad(x, [(0, 0), (0, 0), (kf - 1 - p, f_out + p - x.shape[2]), (0, 0)])
+        w = self.weight[:, 0, 0, :]  # (ch, kf)
+        y = None
+        for k in range(kf):
+            start = kf - 1 - k
+            term = u[:, :, start : start + f_out, :] * w[:, k]
+            y = term if y is None else y + term
+        return y
+
+    def __call__(self, x: mx.array, state: mx.array | None = None) -> tuple[mx.array, mx.array | None]:
+        t = x.shape[1]
+        if self.transposed:
+            y = self._conv_transposed(x)
+        else:
+            xp, state = self._taps(x, state)
+            f_out = (xp.shape[2] - self.kf) // self.fstride + 1
+            y = self._conv(xp, t, f_out)
+        if self.has_pointwise:
+            y = y @ self.pointwise[:, :, 0, 0].T
+        return _act(self.act, self.bn(y)), state
+
+
+def deep_filter(frames: mx.array, coefs: mx.array, order: int) -> mx.array:
+    """Complex multi-frame filter: out[t] = sum_n frames[t + n] * coef[t, n].
+
+    frames (batch, time + order - 1, bins, 2): the spectrum padded (or preceded by history) with
+    ``order - 1 - lookahead`` frames before and ``lookahead`` after; coefs (batch, time, bins, order*2)
+    with (re, im) interleaved per tap. Returns (batch, time, bins, 2).
+    """
+    b, t, f, _ = coefs.shape
+    c = coefs.reshape(b, t, f, order, 2)
+    re = im = None
+    for n in range(order):
+        s = frames[:, n : n + t]
+        sr, si, cr, ci = s[..., 0], s[..., 1], c[..., n, 0], c[..., n, 1]
+        r, i = sr * cr - si * ci, sr * ci + si * cr
+        re = r if re is None else re + r
+        im = i if im is None else im + i
+    return mx.stack([re, im], axis=-1)
+
+
+def post_filter(noisy: mx.array, enhanced: mx.array, beta: float, eps: float = 1e-12) -> mx.array:
+    """Valin et al.'s perceptual post-filter on the effective mask |enhanced|/|noisy|, as upstream.
+
+    noisy, enhanced (batch, time, freq, 2) -> enhanced scaled per bin.
+    """
+
+    def mag(x: mx.array) -> mx.array:
+        return mx.sqrt(mx.sum(x * x, axis=-1))
+
+    mask = mx.clip(mag(enhanced) / (mag(noisy) + eps), eps, 1.0)
+    mask_sin = mask * mx.maximum(mx.sin(math.pi * mask / 2), eps)
+    pf = (1 + beta) / (1 + beta * (mask / mask_sin) ** 2)
+    return enhanced * pf[..., None]
+
+
+class HybridEncoder(nn.Module):
+    """DFN4's multi-domain input: waveform and phase embeddings fused into the magnitude path.
+
+    Per frame (so streaming stays exact): the frame's waveform (inverse FFT of its spectrum) goes
+    through strided conv1d layers, the phase of the lowest ``nb_df`` bins through a linear layer
+    (as cos/sin), and cross-domain attention lets the magnitude embedding attend to both.
+    """
+
+    def __init__(self, fft_size: int, nb_df: int, dim: int, heads: int = 4, ch: int = 16):
+        super().__init__()
+        self.fft_size, self.nb_df = fft_size, nb_df
+        self.wave_conv1 = nn.Conv1d(1, ch, kernel_size=16, stride=8)
+        self.wave_conv2 = nn.Conv1d(ch, 2 * ch, kernel_size=8, stride=4)
+        self.wave_fc = nn.Linear(2 * ch, dim)
+        self.phase_fc = nn.Linear(2 * nb_df, dim)
+        self.norm = nn.LayerNorm(dim)
+        self.attn = nn.MultiHeadAttention(dim, heads)
+
+    def __call__(self, emb: mx.array, spec: mx.array) -> mx.array:
+        """emb (batch, time, dim), spec (batch, time, freq, 2) -> fused emb (batch, time, dim)."""
+        b, t, f, _ = spec.shape
+        wave = mx.fft.irfft(spec[..., 0] + 1j * spec[..., 1], n=self.fft_size, axis=-1)
+        w = nn.relu(self.wave_conv1(wave.reshape(b * t, -1, 1)))
+        w = nn.relu(self.wave_conv2(w)).mean(axis=1)
+        wave_emb = self.wave_fc(w).reshape(b, t, -1)
+        low = spec[:, :, : self.nb_df]
+        mag = mx.sqrt(mx.sum(low * low, axis=-1, keepdims=True) + 1e-12)
+        phase_emb = nn.relu(self.phase_fc((low / mag).reshape(b, t, -1)))
+        tokens = self.norm(mx.stack([emb, wave_emb, phase_emb], axis=2)).reshape(b * t, 3, -1)
+        fused = self.attn(tokens[:, :1], tokens, tokens).reshape(b, t, -1)
+        return emb + fused

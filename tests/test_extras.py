@@ -1,0 +1,132 @@
+"""DFN4 extras: each is a config switch that works offline, streams exactly and trains (finite gradients)."""
+
+from __future__ import annotations
+
+import dfn4lab  # noqa: F401
+from dfn4lab import inference
+from dfn4lab.config import preset
+from dfn4lab.model import DfNet
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+TINY = {
+    "conv_ch": 8,
+    "emb_hidden_dim": 32,
+    "df_hidden_dim": 32,
+    "enc_linear_groups": 8,
+    "linear_groups": 4,
+    "df_linear_groups": 4,
+    "backbone": {"kind": "gru", "heads": 2},
+}
+EXTRAS = {
+    "multires_df": {"multires_df": ((48, 3), (24, 2))},
+    "adaptive_order": {"adaptive_order": True},
+    "hybrid_encoder": {"hybrid_encoder": True},
+    "complex_gain": {"complex_gain": True},
+    "mask_pf": {"mask_pf": True, "pf_beta": 0.05},
+    "running_stats": {"running_stats": True},
+    "lsnr_dropout": {"lsnr_dropout": True},
+}
+
+
+def _model(**extra) -> DfNet:
+    cfg = preset("dfn3", **TINY).replace(**extra)
+    model = inference.build(cfg)
+    model.eval()
+    return model
+
+
+def _inputs(model: DfNet, t: int = 12, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    d = model.cfg.dsp
+    spec = mx.array(rng.standard_normal((2, t, d.freq_bins, 2)).astype(np.float32) * 0.1)
+    erb = mx.array((rng.standard_normal((2, t, d.nb_erb)) * 0.3 - 0.4).astype(np.float32))
+    dfs = mx.array(rng.standard_normal((2, t, d.nb_df, 2)).astype(np.float32) * 0.5)
+    return spec, erb, dfs
+
+
+@pytest.mark.parametrize("name", sorted(EXTRAS))
+def test_extra_changes_output_and_streams_exactly(name):
+    mx.random.seed(0)
+    base = _model()
+    mx.random.seed(0)
+    model = _model(**EXTRAS[name])
+    x = _inputs(model)
+    if name == "running_stats":  # fresh statistics are the identity: learn some first
+        model.train()
+        model(*x)
+        model.eval()
+    offline = model(*x)[0]
+    if name != "lsnr_dropout":  # a training-time switch: inference is unchanged by design
+        assert not np.allclose(np.array(offline), np.array(base(*x)[0]), atol=1e-6)
+    state, outs = None, []
+    for t0 in range(0, 12, 5):
+        y, state = model.step(*(a[:, t0 : t0 + 5] for a in x), state)
+        outs.append(y)
+    outs.append(model.flush(state))
+    np.testing.assert_allclose(np.array(mx.concatenate(outs, axis=1)), np.array(offline), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(EXTRAS))
+def test_extra_trains(name):
+    model = _model(**EXTRAS[name])
+    model.train()
+    spec, erb, dfs = _inputs(model)
+
+    def loss(m):
+        return mx.mean(mx.abs(m(spec, erb, dfs)[0] - spec))
+
+    value, grads = nn.value_and_grad(model, loss)(model)
+    flat = [g for _, g in tree_flatten(grads)]
+    assert np.isfinite(value.item()) and all(np.isfinite(np.array(g)).all() for g in flat)
+
+
+def test_lsnr_dropout_silences_noise_frames_in_training():
+    model = _model(lsnr_dropout=True)
+    model.enc.lsnr_fc.bias = mx.array([-50.0])  # every frame predicted far below -10 dB
+    x = _inputs(model)
+    model.train()
+    assert float(mx.abs(model(*x)[0]).max()) == 0.0
+    model.eval()
+    assert float(mx.abs(model(*x)[0]).max()) > 0.0
+
+
+def test_adaptive_order_tap_weights():
+    model = _model(adaptive_order=True)
+    c = mx.array(np.random.default_rng(0).standard_normal((1, 5, 32)).astype(np.float32))
+    w = np.array(model.df_dec._tap_weights(c))
+    order, la = model.cfg.df_order, model.cfg.df_lookahead
+    assert w.shape == (1, 5, order)
+    np.testing.assert_allclose(w[..., -1], 1.0, atol=1e-6)  # the newest tap is always used
+    assert (np.diff(w, axis=-1) >= -1e-7).all()  # older taps are never kept more than newer ones
+    assert la < order
+
+
+def test_complex_gain_is_a_one_tap_filter():
+    model = _model(complex_gain=True)
+    assert model.df_history == 0
+    coefs = model(*_inputs(model))[3]
+    assert coefs.shape[-1] == 2
+
+
+def test_running_stats_update_in_training_only():
+    model = _model(running_stats=True)
+    x = _inputs(model)
+    before = np.array(model.enc.erb_stats.running_mean)
+    model(*x)
+    np.testing.assert_array_equal(np.array(model.enc.erb_stats.running_mean), before)
+    model.train()
+    model(*x)
+    assert not np.allclose(np.array(model.enc.erb_stats.running_mean), before)
+
+
+def test_dfn4_presets_build_and_run():
+    for name in ("dfn4", "dfn4-lite"):
+        model = inference.build(preset(name))
+        model.eval()
+        out = model(*_inputs(model, t=6))[0]
+        assert out.shape == (2, 6, 481, 2) and np.isfinite(np.array(out)).all()
