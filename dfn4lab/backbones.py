@@ -20,13 +20,14 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from dfn4lab.config import BackboneConfig
+
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from dfn4lab.config import BackboneConfig
-
 State = Any  # a pytree of mx.array; None = start of a sequence
+_NORM_EPS = 1e-5
 
 
 class GroupedLinear(nn.Module):
@@ -50,8 +51,7 @@ class GroupedLinear(nn.Module):
         """``(..., input_size)`` -> ``(..., hidden_size)``."""
         lead = x.shape[:-1]
         g, i, h = self.weight.shape
-        xg = x.reshape(-1, g, i).swapaxes(0, 1)  # (G, N, I/G): one batched matmul over groups
-        return (xg @ self.weight).swapaxes(0, 1).reshape(*lead, g * h)
+        return mx.einsum("...gi,gih->...gh", x.reshape(*lead, g, i), self.weight).reshape(*lead, g * h)
 
 
 # ----------------------------------------------------------------------------------------------- GRU
@@ -69,7 +69,7 @@ def _gru_recur(xi: mx.array, h: mx.array, w_hh: mx.array, b_hh: mx.array) -> mx.
     rz = mx.sigmoid(xi[:, : 2 * hid] + gh[:, : 2 * hid])
     r, z = rz[:, :hid], rz[:, hid:]
     n = mx.tanh(xi[:, 2 * hid :] + r * gh[:, 2 * hid :])
-    return z * n + (1 - z) * h  # == (1 - z) * n + z * h
+    return n + z * (h - n)  # == (1 - z) * n + z * h
 
 
 @mx.compile
@@ -78,6 +78,58 @@ def _gru_cell(
 ) -> mx.array:
     """A whole GRU step for one frame ``x``: (batch, in) -> new ``h``: (batch, H)."""
     return _gru_recur(mx.addmm(b_ih, x, w_ih.T), h, w_hh, b_hh)
+
+
+@mx.compile
+def _gru_recur_back(
+    dh: mx.array, h_prev: mx.array, xi: mx.array, gh: mx.array, w_hh: mx.array
+) -> tuple[mx.array, mx.array, mx.array]:
+    """Backward of one GRU step: ``dh`` (batch, H) -> (dh_prev, d xi (batch, 3H), d gh (batch, 3H))."""
+    hid = h_prev.shape[-1]
+    rz = mx.sigmoid(xi[:, : 2 * hid] + gh[:, : 2 * hid])
+    r, z = rz[:, :hid], rz[:, hid:]
+    n = mx.tanh(xi[:, 2 * hid :] + r * gh[:, 2 * hid :])
+    dn = dh * (1 - z) * (1 - n * n)
+    dz = dh * (h_prev - n) * z * (1 - z)
+    dr = dn * gh[:, 2 * hid :] * r * (1 - r)
+    dgh = mx.concatenate([dr, dz, dn * r], axis=-1)
+    return dh * z + dgh @ w_hh, mx.concatenate([dr, dz, dn], axis=-1), dgh
+
+
+@mx.custom_function
+def gru_recurrence(xi: mx.array, h: mx.array, w_hh: mx.array, b_hh: mx.array) -> mx.array:
+    """All hidden states ``(batch, time, H)`` of a GRU from input projections ``xi`` (batch, time, 3H).
+
+    Hand-written backward: autograd would build a (3H, H) weight gradient and a zero-padded copy
+    of ``xi`` per frame; here the per-frame work is one matmul and the weight gradient is a single
+    matmul over all frames (measured ~2x faster forward+backward at batch 8 on CPU).
+    """
+    ys = []
+    for t in range(xi.shape[1]):
+        h = _gru_recur(xi[:, t], h, w_hh, b_hh)
+        ys.append(h)
+    return mx.stack(ys, axis=1)
+
+
+def _gru_recurrence_vjp(
+    primals: tuple[mx.array, ...], dy: mx.array, ys: mx.array
+) -> tuple[mx.array, mx.array, mx.array, mx.array]:
+    xi, h0, w_hh, b_hh = primals
+    h_prev = mx.concatenate([h0[:, None], ys[:, :-1]], axis=1)
+    gh = mx.addmm(b_hh, h_prev, w_hh.T)  # the recurrent projections of all frames at once
+    dh = mx.zeros_like(h0)
+    dxis, dghs = [], []
+    for t in reversed(range(xi.shape[1])):
+        dh, dxi, dgh = _gru_recur_back(dh + dy[:, t], h_prev[:, t], xi[:, t], gh[:, t], w_hh)
+        dxis.append(dxi)
+        dghs.append(dgh)
+    dxi, dgh = mx.stack(dxis[::-1], axis=1), mx.stack(dghs[::-1], axis=1)
+    hid = h0.shape[-1]
+    dw = dgh.reshape(-1, 3 * hid).T @ h_prev.reshape(-1, hid)
+    return dxi, dh, dw, dgh.sum(axis=(0, 1))
+
+
+gru_recurrence.vjp(_gru_recurrence_vjp)
 
 
 class GRULayer(nn.Module):
@@ -98,11 +150,8 @@ class GRULayer(nn.Module):
             return h[:, None], h
         # the input projection is one matmul over all frames; only h @ W_hh^T is sequential
         xi = mx.addmm(self.bias_ih, x, self.weight_ih.T)
-        ys = []
-        for t in range(x.shape[1]):
-            h = _gru_recur(xi[:, t], h, self.weight_hh, self.bias_hh)
-            ys.append(h)
-        return mx.stack(ys, axis=1), h
+        ys = gru_recurrence(xi, h, self.weight_hh, self.bias_hh)
+        return ys, ys[:, -1]
 
 
 class GRUCore(nn.Module):
@@ -126,10 +175,35 @@ class GRUCore(nn.Module):
 # --------------------------------------------------------------------------------------------- Mamba
 
 
-@mx.compile
-def _ssm_update(da: mx.array, dbu: mx.array, h: mx.array) -> mx.array:
-    """h_t = exp(delta_t A) * h_{t-1} + delta_t B_t x_t, with both factors precomputed."""
-    return da * h + dbu
+@mx.custom_function
+def linear_recurrence(a: mx.array, b: mx.array, h: mx.array) -> mx.array:
+    """All states of ``h_t = a_t * h_{t-1} + b_t``: ``a``, ``b`` (batch, time, ...), ``h`` (batch, ...).
+
+    Hand-written backward (the same recurrence run in reverse): autograd of a per-frame
+    ``a[:, t]`` would build a zero-padded copy of all of ``a`` per frame (quadratic in time).
+    """
+    hs = []
+    for t in range(a.shape[1]):
+        h = a[:, t] * h + b[:, t]
+        hs.append(h)
+    return mx.stack(hs, axis=1)
+
+
+def _linear_recurrence_vjp(
+    primals: tuple[mx.array, mx.array, mx.array], dhs: mx.array, hs: mx.array
+) -> tuple[mx.array, mx.array, mx.array]:
+    a, _, h0 = primals
+    carry, gs = mx.zeros_like(h0), []  # carry = a_{t+1} * dL/dh_{t+1}
+    for t in reversed(range(a.shape[1])):
+        g = dhs[:, t] + carry  # dL/dh_t
+        gs.append(g)
+        carry = a[:, t] * g
+    g = mx.stack(gs[::-1], axis=1)
+    h_prev = mx.concatenate([h0[:, None], hs[:, :-1]], axis=1)
+    return g * h_prev, g, carry
+
+
+linear_recurrence.vjp(_linear_recurrence_vjp)
 
 
 def selective_scan_sequential(
@@ -141,18 +215,16 @@ def selective_scan_sequential(
     ``b``, ``c``: (batch, time, d_state); ``h``: (batch, d_inner, d_state).
     Returns ``y`` (batch, time, d_inner) with ``y_t = C_t . h_t`` (no D skip) and the last ``h``.
     The decays and inputs are computed for ``block`` frames at once, so the loop itself is one
-    fused multiply-add per frame and nothing of size (time, d_inner, d_state) is live at once.
+    multiply-add per frame; forward-only, nothing of size (time, d_inner, d_state) is live at once.
     """
     ys = []
     for s in range(0, u.shape[1], block):
         sl = slice(s, s + block)
         da = mx.exp(delta[:, sl, :, None] * a)  # (batch, q, d_inner, d_state)
         dbu = (delta[:, sl] * u[:, sl])[..., None] * b[:, sl, None, :]
-        hs = []
-        for t in range(da.shape[1]):
-            h = _ssm_update(da[:, t], dbu[:, t], h)
-            hs.append(h)
-        ys.append((mx.stack(hs, axis=1) @ c[:, sl, :, None])[..., 0])
+        hs = linear_recurrence(da, dbu, h)
+        h = hs[:, -1]
+        ys.append((hs @ c[:, sl, :, None])[..., 0])
     return mx.concatenate(ys, axis=1), h
 
 
@@ -209,7 +281,7 @@ class MambaBlock(nn.Module):
         d_inner = expand * d_model
         self.dt_rank = math.ceil(d_model / 16)
         self.d_state, self.d_conv, self.chunk, self.scan = d_state, d_conv, chunk, scan
-        self.norm = nn.RMSNorm(d_model)
+        self.norm = nn.RMSNorm(d_model, eps=_NORM_EPS)
         self.in_proj = nn.Linear(d_model, 2 * d_inner, bias=False)
         k = 1.0 / math.sqrt(d_conv)
         self.conv_weight = mx.random.uniform(-k, k, (d_inner, d_conv))  # depthwise, last tap = now
@@ -256,8 +328,12 @@ class MambaBlock(nn.Module):
 class MambaCore(nn.Module):
     """Stacked :class:`MambaBlock` s and a final RMSNorm; state: list of per-block states.
 
-    ``scan`` picks the multi-frame scan: ``"sequential"`` (default: measured fastest on CPU and the
-    least memory) or ``"chunked"`` (SSD-style closed form); both give the same result.
+    ``scan`` picks the multi-frame scan; both give the same result. ``"sequential"`` (default) does
+    the recurrence's work and memory; ``"chunked"`` (SSD-style closed form) does ~chunk/2 times more
+    arithmetic and memory in fewer, larger ops. Measured on CPU (hidden 256, batch 1, 256 frames,
+    forward / forward+backward): sequential 39 / 70 ms (49 MB peak); chunked 370 / 310 ms at
+    chunk 8 up to 910 / 2430 ms (750 MB) at chunk 32. Mamba-1's per-(channel, state) decay keeps
+    the closed form from reducing to matmuls as in Mamba-2.
     """
 
     def __init__(self, cfg: BackboneConfig, hidden_size: int, num_layers: int = 1, scan: str = "sequential"):
@@ -281,6 +357,37 @@ class MambaCore(nn.Module):
 # ----------------------------------------------------------------------------------------- Attention
 
 
+# the parts before and after the attention proper are compiled: ~10 small ops each per frame
+@mx.compile
+def _attention_qkv(
+    x: mx.array, norm: mx.array, w_qkv: mx.array, pos: mx.array, heads: int
+) -> tuple[mx.array, mx.array, mx.array]:
+    """Pre-norm, projection and RoPE: x (batch, time, d) -> q, k, v (batch, heads, time, d // heads)."""
+    b, t, d = x.shape
+    qkv = (mx.fast.rms_norm(x, norm, _NORM_EPS) @ w_qkv.T).reshape(b, t, 3, heads, d // heads)
+    q, k, v = qkv.transpose(2, 0, 3, 1, 4)
+    rope = dict(dims=d // heads, traditional=False, base=10000.0, scale=1.0, offset=pos)
+    return mx.fast.rope(q, **rope), mx.fast.rope(k, **rope), v
+
+
+@mx.compile
+def _attention_out(
+    x: mx.array,
+    a: mx.array,
+    w_out: mx.array,
+    norm: mx.array,
+    w_in: mx.array,
+    b_in: mx.array,
+    w_ffn: mx.array,
+    b_ffn: mx.array,
+) -> mx.array:
+    """Output projection and residual, then the pre-norm GELU FFN and residual; ``a``: (b, heads, t, hd)."""
+    b, t, d = x.shape
+    x = x + a.transpose(0, 2, 1, 3).reshape(b, t, d) @ w_out.T
+    f = nn.gelu(mx.addmm(b_in, mx.fast.rms_norm(x, norm, _NORM_EPS), w_in.T))
+    return x + mx.addmm(b_ffn, f, w_ffn.T)
+
+
 class AttentionBlock(nn.Module):
     """Pre-norm causal multi-head self-attention with RoPE, then a GELU FFN; both residual.
 
@@ -295,10 +402,10 @@ class AttentionBlock(nn.Module):
             raise ValueError(f"window must be >= 1 frame, got {window}")
         self.heads, self.window = heads, window
         self.head_dim = d_model // heads
-        self.norm1 = nn.RMSNorm(d_model)
+        self.norm1 = nn.RMSNorm(d_model, eps=_NORM_EPS)
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
         self.out = nn.Linear(d_model, d_model, bias=False)
-        self.norm2 = nn.RMSNorm(d_model)
+        self.norm2 = nn.RMSNorm(d_model, eps=_NORM_EPS)
         self.ffn_in = nn.Linear(d_model, ffn_mult * d_model)
         self.ffn_out = nn.Linear(ffn_mult * d_model, d_model)
 
@@ -320,17 +427,16 @@ class AttentionBlock(nn.Module):
         self, x: mx.array, state: tuple[mx.array, mx.array], pos: mx.array
     ) -> tuple[mx.array, tuple[mx.array, mx.array]]:
         """``x``: (batch, time, d_model); ``pos``: absolute index of ``x[:, 0]`` (int32 scalar)."""
-        b, t, d = x.shape
         k_cache, v_cache = state
-        qkv = self.qkv(self.norm1(x)).reshape(b, t, 3, self.heads, self.head_dim).transpose(2, 0, 3, 1, 4)
-        q = mx.fast.rope(qkv[0], self.head_dim, traditional=False, base=10000.0, scale=1.0, offset=pos)
-        k = mx.fast.rope(qkv[1], self.head_dim, traditional=False, base=10000.0, scale=1.0, offset=pos)
+        q, k, v = _attention_qkv(x, self.norm1.weight, self.qkv.weight, pos, self.heads)
         k = mx.concatenate([k_cache, k], axis=2)
-        v = mx.concatenate([v_cache, qkv[2]], axis=2)
-        mask = self._mask(t, k_cache.shape[2])
+        v = mx.concatenate([v_cache, v], axis=2)
+        mask = self._mask(x.shape[1], k_cache.shape[2])
         a = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.head_dim**-0.5, mask=mask)
-        x = x + self.out(a.transpose(0, 2, 1, 3).reshape(b, t, d))
-        x = x + self.ffn_out(nn.gelu(self.ffn_in(self.norm2(x))))
+        ffn_in, ffn_out = self.ffn_in, self.ffn_out
+        x = _attention_out(
+            x, a, self.out.weight, self.norm2.weight, ffn_in.weight, ffn_in.bias, ffn_out.weight, ffn_out.bias
+        )
         if self.window is not None:  # the next frame sees at most window - 1 past frames
             start = max(k.shape[2] - (self.window - 1), 0)
             k, v = k[:, :, start:], v[:, :, start:]
@@ -370,7 +476,7 @@ def make_core(cfg: BackboneConfig, hidden_size: int, num_layers: int = 1) -> nn.
     if cfg.kind == "gru":
         return GRUCore(hidden_size, num_layers)
     if cfg.kind == "mamba":
-        return MambaCore(cfg, hidden_size, num_layers)
+        return MambaCore(cfg, hidden_size, num_layers, scan=cfg.scan)
     if cfg.kind == "attention":
         return AttentionCore(cfg, hidden_size, num_layers)
     raise ValueError(f"unknown backbone kind {cfg.kind!r}; choose gru, mamba or attention")

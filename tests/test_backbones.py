@@ -74,6 +74,26 @@ def test_gru_core_matches_torch():
     y, h = core(t2m(x), [t2m(h0[0]), t2m(h0[1])])
     np.testing.assert_allclose(m2n(y), ref.detach().numpy(), atol=1e-5)
     np.testing.assert_allclose(np.stack([m2n(a) for a in h]), ref_h.detach().numpy(), atol=1e-5)
+    # gradients (hand-written backward) against torch autograd
+    xm, hm = t2m(x), [t2m(h0[0]), t2m(h0[1])]
+    wy = torch.randn(ref.shape)
+
+    def loss(model, x, hs):
+        y, h = model(x, hs)
+        return (y * t2m(wy)).sum() + (h[1] ** 2).sum()
+
+    (gp, gx, gh) = nn.value_and_grad(core, lambda m, x, hs: loss(m, x, hs))(core, xm, hm)[1], None, None
+    gx, gh = mx.grad(lambda x, hs: loss(core, x, hs), argnums=(0, 1))(xm, hm)
+    x.requires_grad_(True)
+    h0.requires_grad_(True)
+    ref2, ref2_h = gru(x, h0)
+    ((ref2 * wy).sum() + (ref2_h[1] ** 2).sum()).backward()
+    np.testing.assert_allclose(m2n(gx), x.grad.numpy(), atol=1e-5)
+    np.testing.assert_allclose(np.stack([m2n(a) for a in gh]), h0.grad.numpy(), atol=1e-5)
+    for k in range(2):
+        for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+            want = getattr(gru, f"{name}_l{k}").grad.numpy()
+            np.testing.assert_allclose(m2n(gp["layers"][k][name]), want, atol=1e-4, err_msg=f"{name} {k}")
     # the T=1 path (fused cell) against torch too
     y1, _ = core(t2m(x[:, :1]), [t2m(h0[0]), t2m(h0[1])])
     np.testing.assert_allclose(m2n(y1), ref[:, :1].detach().numpy(), atol=1e-5)
@@ -175,22 +195,33 @@ def scan_inputs(seed: int, b: int, t: int, d: int, n: int, extreme: bool):
     return u, delta, a, mx.random.normal((b, t, n)), mx.random.normal((b, t, n)), mx.random.normal((b, d, n))
 
 
-def numpy_scan(u, delta, a, b, c, h):
-    u, delta, a, b, c, h = (np.array(v, dtype=np.float64) for v in (u, delta, a, b, c, h))
+def torch_scan(u, delta, a, b, c, h):
+    """The recurrence in float64 torch (forward and autograd oracle)."""
     ys = []
     for t in range(u.shape[1]):
-        h = np.exp(delta[:, t, :, None] * a) * h + (delta[:, t] * u[:, t])[..., None] * b[:, t, None, :]
-        ys.append(np.einsum("bdn,bn->bd", h, c[:, t]))
-    return np.stack(ys, 1), h
+        h = torch.exp(delta[:, t, :, None] * a) * h + (delta[:, t] * u[:, t])[..., None] * b[:, t, None, :]
+        ys.append(torch.einsum("bdn,bn->bd", h, c[:, t]))
+    return torch.stack(ys, 1), h
 
 
 @pytest.mark.parametrize("extreme", [False, True])
-def test_sequential_scan_matches_numpy(extreme):
+def test_sequential_scan_matches_torch(extreme):
     args = scan_inputs(0, 2, 10, 6, 3, extreme)
+    wy, wh = mx.random.normal((2, 10, 6)), mx.random.normal((2, 6, 3))
+
+    def loss(*a):
+        y, h = selective_scan_sequential(*a, block=4)
+        return (y * wy).sum() + (h * wh).sum()
+
     y, h = selective_scan_sequential(*args, block=4)
-    ref_y, ref_h = numpy_scan(*args)
-    np.testing.assert_allclose(m2n(y), ref_y, atol=1e-4, rtol=1e-4)
-    np.testing.assert_allclose(m2n(h), ref_h, atol=1e-4, rtol=1e-4)
+    grads = mx.grad(loss, argnums=tuple(range(6)))(*args)
+    targs = [torch.tensor(m2n(v), dtype=torch.float64, requires_grad=True) for v in args]
+    ref_y, ref_h = torch_scan(*targs)
+    ((ref_y * torch.tensor(m2n(wy))).sum() + (ref_h * torch.tensor(m2n(wh))).sum()).backward()
+    np.testing.assert_allclose(m2n(y), ref_y.detach().numpy(), atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(m2n(h), ref_h.detach().numpy(), atol=1e-4, rtol=1e-4)
+    for name, g, t in zip("u delta A B C h0".split(), grads, targs, strict=True):
+        np.testing.assert_allclose(m2n(g), t.grad.numpy(), atol=1e-4, rtol=1e-4, err_msg=name)
 
 
 @pytest.mark.parametrize("t,chunk,extreme", [(13, 4, False), (8, 8, False), (11, 5, True), (3, 8, False)])
