@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from dfn4lab.backbones import GroupedLinear, SqueezedBackbone
+from dfn4lab.backbones import GroupedLinear, SqueezedBackbone, run_together
 from dfn4lab.config import ModelConfig
 from dfn4lab.layers import ConvBlock, HybridEncoder, deep_filter, post_filter
 
@@ -127,13 +127,16 @@ class ErbDecoder(nn.Module):
     def __call__(self, emb, e3, e2, e1, e0, state: Any = None):
         """Returns the ERB mask (batch, time, nb_erb, 1) and the backbone state."""
         emb, state = self.emb_gru(emb, state)
+        return self.unet(emb, e3, e2, e1, e0), state
+
+    def unet(self, emb, e3, e2, e1, e0) -> mx.array:
+        """Conv decoder on the backbone output emb (batch, time, emb_dim) -> mask (batch, time, nb_erb, 1)."""
         b, t, f8, _ = e3.shape
         emb = emb.reshape(b, t, f8, -1)
         e3 = self.convt3(self.conv3p(e3)[0] + emb)[0]
         e2 = self.convt2(self.conv2p(e2)[0] + e3)[0]
         e1 = self.convt1(self.conv1p(e1)[0] + e2)[0]
-        m = self.conv0_out(self.conv0p(e0)[0] + e1)[0]
-        return m, state
+        return self.conv0_out(self.conv0p(e0)[0] + e1)[0]
 
 
 class DfHead(nn.Module):
@@ -198,8 +201,12 @@ class DfDecoder(nn.Module):
         alpha (batch, time, 1), and the state.
         """
         st = state or {}
-        b, t, _ = emb.shape
         c, s_gru = self.df_gru(emb, st.get("df_gru"))
+        return self.heads_from(c, s_gru, emb, c0, st)
+
+    def heads_from(self, c: mx.array, s_gru: Any, emb: mx.array, c0: mx.array, st: State):
+        """Everything after the backbone; c (batch, time, hidden) is its output."""
+        b, t, _ = emb.shape
         if self.skip_kind == "groupedlinear":
             c = c + self.df_skip(emb)
         elif self.skip_kind == "identity":
@@ -269,9 +276,12 @@ class DfNet(nn.Module):
         """Mask and deep filter for the output frames; spec_frames holds df_history frames before them
         and the look-ahead after. Returns enhanced spec (batch, time, freq, 2), mask, coefs, state."""
         cfg, t, p = self.cfg, emb.shape[1], self.df_history
-        m, s_erb = self.erb_dec(emb, e3, e2, e1, e0, state.get("erb_dec"))
-        m = m[..., 0]
-        heads, _, s_df = self.df_dec(emb, c0, state.get("df_dec"))
+        st_df = state.get("df_dec") or {}
+        (c_erb, s_erb), (c_df, s_gru) = run_together(
+            [self.erb_dec.emb_gru, self.df_dec.df_gru], emb, [state.get("erb_dec"), st_df.get("df_gru")]
+        )
+        m = self.erb_dec.unet(c_erb, e3, e2, e1, e0)[..., 0]
+        heads, _, s_df = self.df_dec.heads_from(c_df, s_gru, emb, c0, st_df)
         if cfg.lsnr_dropout and self.training:  # frames judged pure noise get no mask nor filter
             keep = mx.stop_gradient(lsnr > LSNR_DROPOUT_DB).astype(m.dtype)
             m = m * keep
