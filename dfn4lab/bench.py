@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import statistics
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import dfn4lab  # noqa: F401  (binds the BLAS before mlx.core)
+from dfn4lab.config import ModelConfig, preset
 
 import mlx.core as mx
 import numpy as np
@@ -88,8 +92,271 @@ def enhance(seconds: float = 10.0, repeats: int = 3) -> dict[str, float]:
     }
 
 
+def _env() -> dict[str, str]:
+    """Where a result was measured: versions, CPU, date, git commit."""
+    import datetime
+    import platform
+    import subprocess
+
+    from dfn4lab.__main__ import info
+
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+            timeout=10,
+        ).stdout.strip()
+    except OSError:
+        commit = ""
+    return {
+        **info(),
+        "cpu": platform.processor() or platform.machine(),
+        "cores": str(os.cpu_count()),
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "commit": commit or "unknown",
+    }
+
+
+def matched_config(kind: str, target: int, base: ModelConfig) -> ModelConfig:
+    """``base`` with backbone ``kind``, its width (hidden size, and Mamba's expand or attention's FFN
+    multiple) chosen so the whole model's parameter count is closest to ``target``."""
+    from dfn4lab.backbones import param_count
+    from dfn4lab.inference import build
+
+    step = math.lcm(base.linear_groups, base.df_linear_groups, base.backbone.heads * 2)
+    knob = {"mamba": "expand", "attention": "ffn_mult"}.get(kind)
+    best = None
+    for mult in (1, 2, 3, 4) if knob else (None,):
+        bb = {"kind": kind, **({knob: mult} if knob else {})}
+        for hidden in range(step, 4 * base.emb_hidden_dim + 1, step):
+            cfg = base.replace(backbone=bb, emb_hidden_dim=hidden, df_hidden_dim=hidden)
+            n = param_count(build(cfg))
+            if best is None or abs(n - target) < abs(best[0] - target):
+                best = (n, cfg)
+            if n > target:
+                break
+    return best[1]
+
+
+def _batch(cfg: ModelConfig, batch: int, frames: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    d = cfg.dsp
+    spec = mx.array(rng.standard_normal((batch, frames, d.freq_bins, 2)).astype(np.float32) * 0.1)
+    erb = mx.array((rng.standard_normal((batch, frames, d.nb_erb)) * 0.3 - 0.4).astype(np.float32))
+    dfs = mx.array(rng.standard_normal((batch, frames, d.nb_df, 2)).astype(np.float32) * 0.5)
+    return spec, erb, dfs
+
+
+def _mlx_case(cfg: ModelConfig, batch: int, frames: int):
+    """Callables for forward, forward+backward and a full AdamW training step of one model."""
+    from dfn4lab.inference import build
+
+    import mlx.nn as nn
+    import mlx.optimizers as optim
+
+    model = build(cfg)
+    x = _batch(cfg, batch, frames)
+    target = x[0] * 0.5
+
+    def loss_fn(m):
+        return mx.mean(mx.abs(m(*x)[0] - target))
+
+    grad_fn = nn.value_and_grad(model, loss_fn)
+    opt = optim.AdamW(1e-4)
+
+    def fwd():
+        mx.eval(model(*x)[0])
+
+    def fwdbwd():
+        mx.eval(grad_fn(model))
+
+    def step():
+        loss, grads = grad_fn(model)
+        opt.update(model, grads)
+        mx.eval(loss, model.parameters(), opt.state)
+
+    return model, {"fwd": fwd, "fwdbwd": fwdbwd, "step": step}
+
+
+def _peak_mb(fn: Callable[[], object]) -> float:
+    mx.reset_peak_memory()
+    fn()
+    return mx.get_peak_memory() / 2**20
+
+
+def backbones(
+    batch: int = 8, frames: int = 500, repeats: int = 5, quick: bool = False, out_dir: str | Path = "figures"
+) -> dict:
+    """Each backbone in the whole DfNet (dfn3 topology) at matched parameter count (and the plain
+    same-width variant): forward, forward+backward, training step, peak memory; interleaved repeats;
+    a sequence-length sweep; MLX vs PyTorch on the same network and weights. Writes JSON and CSV."""
+    from dfn4lab.backbones import param_count
+
+    base = preset("dfn3")
+    if quick:
+        base = base.replace(conv_ch=16, emb_hidden_dim=64, df_hidden_dim=64)
+        batch, frames, repeats = min(batch, 2), min(frames, 40), min(repeats, 3)
+    from dfn4lab.inference import build
+
+    target = param_count(build(base))
+    variants = [("gru", "matched", base)]
+    for kind in ("mamba", "attention"):
+        variants.append((kind, "matched", matched_config(kind, target, base)))
+        variants.append((kind, "same-width", base.replace(backbone=kind)))
+    cases = {}
+    for kind, variant, cfg in variants:
+        model, fns = _mlx_case(cfg, batch, frames)
+        cases[(kind, variant)] = {"cfg": cfg, "model": model, "fns": fns, "times": {k: [] for k in fns}}
+    for _ in range(repeats):  # interleaved: every case sees the same machine load
+        for case in cases.values():
+            for name, fn in case["fns"].items():
+                case["times"][name] += timeit(fn, repeats=1, warmup=0 if case["times"][name] else 1)
+    rows = []
+    for (kind, variant), case in cases.items():
+        s = {k: stats(v) for k, v in case["times"].items()}
+        rows.append(
+            {
+                "backbone": kind,
+                "variant": variant,
+                "params": param_count(case["model"]),
+                "hidden": case["cfg"].emb_hidden_dim,
+                "cfg": case["cfg"],
+                **{f"{k}_ms": round(v["median"] * 1e3, 2) for k, v in s.items()},
+                **{f"{k}_iqr_ms": round(v["iqr"] * 1e3, 2) for k, v in s.items()},
+                "peak_mb": round(_peak_mb(case["fns"]["step"]), 1),
+            }
+        )
+    matched = {r["backbone"]: r for r in rows if r["variant"] == "matched"}
+    sweep = _length_sweep(base, matched, quick)
+    for r in rows:
+        r.pop("cfg")
+    torch_cmp = _mlx_vs_torch(base, quick)
+    result = {
+        "cases": [
+            {k: r[k] for k in ("backbone", "params", "fwd_ms", "fwdbwd_ms", "step_ms", "peak_mb")}
+            for r in matched.values()
+        ],
+        "mamba_vs_gru_step": round(matched["mamba"]["step_ms"] / matched["gru"]["step_ms"], 3),
+        "attention_vs_gru_step": round(matched["attention"]["step_ms"] / matched["gru"]["step_ms"], 3),
+        **torch_cmp["ratios"],
+    }
+    _write(
+        Path(out_dir),
+        "bench_backbones",
+        {
+            "batch": batch,
+            "frames": frames,
+            "repeats": repeats,
+            "rows": rows,
+            "sweep": sweep,
+            "torch": torch_cmp,
+            "summary": result,
+            "env": _env(),
+        },
+        rows,
+    )
+    for r in rows:
+        print(
+            f"{r['backbone']:>9} {r['variant']:<10} {r['params']:>9,} params  fwd {r['fwd_ms']:8.1f}  "
+            f"fwd+bwd {r['fwdbwd_ms']:8.1f}  step {r['step_ms']:8.1f} ms  peak {r['peak_mb']:.0f} MB"
+        )
+    return result
+
+
+def _length_sweep(base: ModelConfig, matched: dict, quick: bool) -> list[dict]:
+    """Forward time (batch 1) against sequence length for each backbone; attention also windowed."""
+    from dfn4lab.inference import build
+
+    lengths = [25, 50, 100] if quick else [100, 500, 1000, 2000, 4000]
+    out = []
+    windowed = {"kind": "attention", "window": 64}
+    for kind, cfg in [(k, r["cfg"]) for k, r in matched.items()] + [
+        ("attention-w64", matched["attention"]["cfg"].replace(backbone=windowed))
+    ]:
+        model = build(cfg)
+        model.eval()
+        for n in lengths:
+            x = _batch(cfg, 1, n)
+            t = timeit(lambda m=model, x=x: mx.eval(m(*x)[0]), repeats=1 if n > 1000 else 3)
+            out.append({"backbone": kind, "frames": n, "fwd_ms": round(stats(t)["median"] * 1e3, 2)})
+    return out
+
+
+def _mlx_vs_torch(base: ModelConfig, quick: bool) -> dict:
+    """The same network (``torch_ref``) with the same weights: inference at batch 1/4/8, a training step.
+
+    Ratios are MLX time over PyTorch time (below 1: MLX faster)."""
+    from dfn4lab import convert, torch_ref
+
+    import torch
+    from mlx.utils import tree_flatten
+
+    frames = 40 if quick else 500
+    model, fns = _mlx_case(base, 2 if quick else 8, frames)
+    tmodel = torch_ref.DfNet(base)
+    tmodel.load_state_dict(convert.mlx_to_torch(dict(tree_flatten(model.parameters()))), strict=False)
+    rows = []
+    for b in (1, 2) if quick else (1, 4, 8):
+        x = _batch(base, b, frames)
+        tx = [torch.from_numpy(np.array(a)) for a in x]
+        model.eval()
+        tmodel.eval()
+        m_t, t_t = [], []
+        for _ in range(3):
+            m_t += timeit(lambda: mx.eval(model(*x)[0]), repeats=1)  # noqa: B023
+            with torch.inference_mode():
+                t_t += timeit(lambda: tmodel(*tx)[0], repeats=1)  # noqa: B023
+        rows.append(
+            {"batch": b, "mlx_ms": stats(m_t)["median"] * 1e3, "torch_ms": stats(t_t)["median"] * 1e3}
+        )
+    model.train()
+    tmodel.train()
+    tx = [torch.from_numpy(np.array(a)) for a in _batch(base, 2 if quick else 8, frames)]
+    opt = torch.optim.AdamW(tmodel.parameters(), 1e-4)
+
+    def torch_step():
+        opt.zero_grad()
+        loss = (tmodel(*tx)[0] - tx[0] * 0.5).abs().mean()
+        loss.backward()
+        opt.step()
+
+    m_s, t_s = [], []
+    for _ in range(3):
+        m_s += timeit(fns["step"], repeats=1)
+        t_s += timeit(torch_step, repeats=1)
+    step = {"mlx_ms": stats(m_s)["median"] * 1e3, "torch_ms": stats(t_s)["median"] * 1e3}
+    infer = rows[-1]
+    return {
+        "infer": rows,
+        "step": step,
+        "ratios": {
+            "mlx_vs_torch_infer": round(infer["mlx_ms"] / infer["torch_ms"], 3),
+            "mlx_vs_torch_step": round(step["mlx_ms"] / step["torch_ms"], 3),
+        },
+    }
+
+
+def _write(out_dir: Path, name: str, result: dict, rows: list[dict]) -> None:
+    """``out_dir/name.json`` (everything) and ``out_dir/name.csv`` (the table), atomically."""
+    import csv
+    import io
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    for suffix, text in ((".json", json.dumps(result, indent=2, default=str)), (".csv", buf.getvalue())):
+        tmp = out_dir / f".{name}{suffix}.tmp"
+        tmp.write_text(text)
+        tmp.replace(out_dir / f"{name}{suffix}")
+
+
 BENCHES: dict[str, Callable[[argparse.Namespace], dict]] = {
     "matmul": lambda a: matmul(repeats=a.repeats),
+    "backbones": lambda a: backbones(a.batch, a.frames, a.repeats, a.quick),
     "enhance": lambda a: enhance(seconds=3.0 if a.quick else 10.0, repeats=min(a.repeats, 5)),
 }
 
@@ -98,6 +365,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dfn4lab.bench", description=__doc__)
     parser.add_argument("name", choices=sorted(BENCHES))
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--frames", type=int, default=500)
     parser.add_argument("--quick", action="store_true", help="small sizes, few repeats (CI)")
     args = parser.parse_args(argv)
     print(json.dumps(BENCHES[args.name](args)))
