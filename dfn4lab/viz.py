@@ -103,3 +103,46 @@ def save(fig, name: str) -> Path:
     fig.savefig(tmp, dpi=110, bbox_inches="tight")
     tmp.replace(path)
     return path
+
+
+# --- Backbone benchmark (notebook 03) ---------------------------------------------------------------
+
+
+def bench_bars(rows: list[dict], metrics=("fwd", "fwdbwd", "step"), ax=None):
+    """Median time per backbone and measurement, with IQR error bars; rows from ``bench.backbones``."""
+    fig, ax = _ax(ax, figsize=(9, 3.5))
+    labels = [f"{r['backbone']}\n{r['variant']}\n{r['params'] / 1e6:.2f} M" for r in rows]
+    width = 0.8 / len(metrics)
+    x = np.arange(len(rows))
+    for i, m in enumerate(metrics):
+        ax.bar(
+            x + i * width,
+            [r[f"{m}_ms"] for r in rows],
+            width,
+            yerr=[r[f"{m}_iqr_ms"] for r in rows],
+            capsize=3,
+            label={"fwd": "forward", "fwdbwd": "forward+backward", "step": "train step"}[m],
+        )
+    ax.set_xticks(x + width * (len(metrics) - 1) / 2, labels)
+    ax.set(ylabel="ms (median, IQR)", title="DfNet with each backbone")
+    ax.legend()
+    return fig
+
+
+def bench_memory(rows: list[dict], ax=None):
+    fig, ax = _ax(ax, figsize=(6, 3))
+    ax.bar([f"{r['backbone']}\n{r['variant']}" for r in rows], [r["peak_mb"] for r in rows], color="tab:gray")
+    ax.set(ylabel="MB", title="peak memory of a training step")
+    return fig
+
+
+def bench_sweep(sweep: list[dict], ax=None):
+    """Forward time against sequence length per backbone, log-log (slope 1 = linear, 2 = quadratic)."""
+    fig, ax = _ax(ax, figsize=(6, 3.5))
+    for kind in dict.fromkeys(r["backbone"] for r in sweep):
+        pts = [(r["frames"], r["fwd_ms"]) for r in sweep if r["backbone"] == kind]
+        ax.loglog(*zip(*pts, strict=True), marker="o", label=kind)
+    ax.set(xlabel="frames", ylabel="forward ms (batch 1)", title="scaling with sequence length")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    return fig

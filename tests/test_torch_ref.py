@@ -1,0 +1,233 @@
+"""The PyTorch twin (``dfn4lab.torch_ref``) against the MLX model, and torch <-> MLX weight conversion."""
+
+from __future__ import annotations
+
+import math
+
+import dfn4lab  # noqa: F401
+from dfn4lab import convert, inference, torch_ref
+from dfn4lab.config import preset
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+
+TOL = 1e-4
+TINY = {
+    "conv_ch": 8,
+    "emb_hidden_dim": 32,
+    "df_hidden_dim": 32,
+    "enc_linear_groups": 8,
+    "linear_groups": 4,
+    "df_linear_groups": 4,
+}
+BACKBONES = {
+    "gru": {"kind": "gru"},
+    "mamba": {"kind": "mamba", "chunk": 8},  # several scan chunks, the last one partial
+    "attention": {"kind": "attention", "heads": 2, "window": None},
+    "attention-window": {"kind": "attention", "heads": 2, "window": 3},
+}
+CASES = [(p, b) for p in ("dfn3", "dfn4", "dfn4-lite") for b in BACKBONES]
+
+
+def _cfg(name: str, backbone: str, **extra):
+    return preset(name, **TINY).replace(backbone=BACKBONES[backbone], **extra)
+
+
+def _torch_model(cfg, seed: int = 0) -> torch_ref.DfNet:
+    """Random weights, including BatchNorm statistics and every vector (norm gains, biases, D)."""
+    torch.manual_seed(seed)
+    net = torch_ref.DfNet(cfg)
+    with torch.no_grad():
+        for mod in net.modules():
+            if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
+                mod.running_mean.normal_(0, 0.2)
+                mod.running_var.uniform_(0.5, 1.5)
+        for p in net.parameters():
+            if p.ndim == 1:
+                p.add_(torch.randn_like(p) * 0.2)
+    return net.eval()
+
+
+def _inputs(cfg, t: int = 20, batch: int = 2, seed: int = 0) -> tuple[np.ndarray, ...]:
+    rng = np.random.default_rng(seed)
+    d = cfg.dsp
+    spec = rng.standard_normal((batch, t, d.freq_bins, 2)) * 0.1
+    erb = rng.standard_normal((batch, t, d.nb_erb)) * 0.3 - 0.4
+    dfs = rng.standard_normal((batch, t, d.nb_df, 2)) * 0.5
+    return tuple(x.astype(np.float32) for x in (spec, erb, dfs))
+
+
+def _both(net: torch_ref.DfNet, model, x: tuple[np.ndarray, ...]) -> list[tuple[np.ndarray, np.ndarray]]:
+    with torch.no_grad():
+        ts = net(*map(torch.from_numpy, x))
+    ms = model(*map(mx.array, x))
+    return [(np.array(m), t.numpy()) for m, t in zip(ms, ts, strict=True)]
+
+
+def _mlx_from(net: torch_ref.DfNet):
+    model = inference.build(net.cfg)
+    convert.load_weights(model, convert.torch_to_mlx(net.state_dict()))  # strict: every parameter
+    return model
+
+
+def _assert_parity(net: torch_ref.DfNet, model, x: tuple[np.ndarray, ...]) -> None:
+    for name, (m, t) in zip(("spec", "mask", "lsnr", "coefs"), _both(net, model, x), strict=True):
+        assert m.shape == t.shape, name
+        np.testing.assert_allclose(m, t, atol=TOL, rtol=0, err_msg=name)
+
+
+@pytest.mark.parametrize("name,backbone", CASES)
+def test_random_weights_parity(name, backbone):
+    net = _torch_model(_cfg(name, backbone))
+    model = _mlx_from(net)
+    model.eval()
+    _assert_parity(net, model, _inputs(net.cfg))
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"complex_gain": True, "mask_pf": True, "pf_beta": 0.05},
+        {"enc_concat": True, "df_gru_skip": "none"},
+        {"df_gru_skip": "identity", "df_hidden_dim": 64},
+        {"multires_df": ((48, 3), (24, 2)), "adaptive_order": True, "df_order": 4, "df_lookahead": 1},
+    ],
+    ids=["gain-pf", "concat", "identity-skip", "multires-adaptive"],
+)
+def test_parity_other_switches(extra):
+    net = _torch_model(_cfg("dfn3", "gru", **extra))
+    model = _mlx_from(net)
+    model.eval()
+    _assert_parity(net, model, _inputs(net.cfg))
+
+
+def test_training_mode_parity_with_lsnr_dropout():
+    """Training mode: BatchNorm on batch statistics and LSNR dropout of low-SNR frames, on both sides."""
+    net = _torch_model(_cfg("dfn4", "gru")).train()
+    x = _inputs(net.cfg)
+    fc = net.enc.lsnr_fc[0]
+    with torch.no_grad():  # spread the lsnr and centre its median on the -10 dB dropout threshold
+        fc.weight.mul_(30.0)
+        logit = torch.logit((net(*map(torch.from_numpy, x))[2] + 15) / 50)
+        fc.bias.add_(math.log(0.1 / 0.9) - logit.quantile(0.5))  # between two frames
+    model = _mlx_from(net)
+    model.train()
+    lsnr = _both(net, model, x)[2][1]
+    assert (lsnr < -10.01).any() and (lsnr > -9.99).any() and np.abs(lsnr + 10).min() > 1e-3
+    _assert_parity(net, model, x)
+
+
+@pytest.mark.parametrize("name,backbone", CASES)
+def test_torch_mlx_torch_round_trip_is_exact(name, backbone):
+    state = _torch_model(_cfg(name, backbone), seed=1).state_dict()
+    back = convert.mlx_to_torch(convert.torch_to_mlx(state))
+    expected = {
+        k for k in state if k not in torch_ref.CONSTANT_BUFFERS and not k.endswith("num_batches_tracked")
+    }
+    assert set(back) == expected
+    for k in expected:
+        assert back[k].dtype == state[k].dtype and torch.equal(back[k], state[k]), k
+
+
+def test_dfn3_state_dict_has_upstream_keys():
+    """Key names and shapes from upstream's module definitions (deepfilternet3.py, modules.py)."""
+    state = torch_ref.DfNet(preset("dfn3")).state_dict()
+    expected = {
+        "erb_fb": (481, 32),
+        "mask.erb_inv_fb": (32, 481),
+        "enc.erb_conv0.1.weight": (64, 1, 3, 3),  # [pad, conv, BatchNorm, ReLU]: groups = 1, no pointwise
+        "enc.erb_conv0.2.running_mean": (64,),
+        "enc.df_conv0.2.weight": (64, 64, 1, 1),  # [pad, conv (2 groups), pointwise, BatchNorm, ReLU]
+        "enc.erb_conv1.0.weight": (64, 1, 1, 3),  # [conv, pointwise, BatchNorm, ReLU]
+        "enc.erb_conv1.2.num_batches_tracked": (),
+        "enc.df_fc_emb.0.weight": (32, 96, 16),
+        "enc.emb_gru.linear_in.0.weight": (16, 32, 16),
+        "enc.emb_gru.gru.weight_ih_l0": (768, 256),
+        "enc.emb_gru.linear_out.0.weight": (16, 16, 32),
+        "enc.lsnr_fc.0.weight": (1, 512),
+        "erb_dec.emb_gru.gru.bias_hh_l1": (768,),
+        "erb_dec.conv3p.1.running_var": (64,),  # 1x1: [conv, BatchNorm, ReLU]
+        "erb_dec.convt2.0.weight": (64, 1, 1, 3),
+        "erb_dec.convt2.1.weight": (64, 64, 1, 1),
+        "erb_dec.conv0_out.1.bias": (1,),
+        "df_dec.df_convp.1.weight": (10, 32, 5, 1),
+        "df_dec.df_convp.3.running_mean": (10,),
+        "df_dec.df_gru.linear_in.0.weight": (8, 64, 32),
+        "df_dec.df_gru.gru.weight_hh_l1": (768, 256),
+        "df_dec.df_skip.weight": (16, 32, 16),
+        "df_dec.df_out.0.weight": (16, 16, 60),
+        "df_dec.df_fc_a.0.weight": (1, 256),
+    }
+    for key, shape in expected.items():
+        assert key in state and tuple(state[key].shape) == shape, key
+    assert not any(".core." in k or ".bn." in k for k in state)
+
+
+def test_official_dfn3_weights_in_torch():
+    """The official weights (ONNX -> MLX) converted MLX -> torch: same outputs, same tensors back."""
+    model = inference.load_pretrained("dfn3")
+    net = torch_ref.from_mlx(model)
+    _assert_parity(net, model, _inputs(model.cfg, t=24, batch=1))
+    from mlx.utils import tree_flatten
+
+    ours = dict(tree_flatten(model.parameters()))
+    back = convert.torch_to_mlx(net.state_dict())
+    assert set(back) == set(ours)
+    assert all(np.array_equal(back[k], np.array(ours[k])) for k in ours)
+
+
+@pytest.mark.parametrize("fmt", ["nested.ckpt", "plain.ckpt.best", "weights.safetensors"])
+def test_checkpoint_files_load_into_mlx(tmp_path, fmt):
+    net = _torch_model(_cfg("dfn4", "mamba"))
+    state = net.state_dict()
+    path = tmp_path / fmt
+    if fmt.startswith("nested"):
+        torch.save({"model": state, "epoch": 3}, path)  # upstream-style: the state dict under "model"
+    elif fmt.startswith("plain"):
+        torch.save(state, path)
+    else:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    flat = convert.load_torch_checkpoint(path)
+    model = inference.build(net.cfg)
+    convert.load_weights(model, flat)
+    model.eval()
+    _assert_parity(net, model, _inputs(net.cfg, t=8))
+
+
+def test_save_torch_checkpoint_loads_into_torch(tmp_path):
+    net = _torch_model(_cfg("dfn3", "attention"))
+    flat = convert.torch_to_mlx(net.state_dict())
+    path = convert.save_torch_checkpoint(tmp_path / "w.pt", flat)
+    twin = torch_ref.DfNet(net.cfg)
+    torch_ref.load_converted(twin, torch.load(path, weights_only=True))
+    x = tuple(map(torch.from_numpy, _inputs(net.cfg, t=8)))
+    with torch.no_grad():
+        assert torch.equal(twin.eval()(*x)[0], net(*x)[0])
+
+
+def test_load_converted_is_strict():
+    net = torch_ref.DfNet(_cfg("dfn3", "gru"))
+    state = convert.mlx_to_torch(convert.torch_to_mlx(net.state_dict()))
+    del state["enc.lsnr_fc.0.bias"]
+    with pytest.raises(ValueError, match="enc.lsnr_fc.0.bias"):
+        torch_ref.load_converted(net, state)
+
+
+@pytest.mark.parametrize("suffix", [".ckpt", ".pt", ".safetensors"])
+def test_corrupt_file_is_a_value_error(tmp_path, suffix):
+    path = tmp_path / f"bad{suffix}"
+    path.write_bytes(b"\x80\x02 definitely not a checkpoint" * 3)
+    with pytest.raises(ValueError, match="not a readable PyTorch checkpoint") as e:
+        convert.load_torch_checkpoint(path)
+    assert "\n" not in str(e.value)
+
+
+def test_file_without_state_dict_is_a_value_error(tmp_path):
+    path = tmp_path / "tensor.pt"
+    torch.save(torch.zeros(3), path)
+    with pytest.raises(ValueError, match="no state dict"):
+        convert.load_torch_checkpoint(path)
