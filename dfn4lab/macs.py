@@ -1,0 +1,142 @@
+"""Multiply-accumulates of MLX models, counted by tracing: ``count_macs(fn)``, ``model_macs(model)``.
+
+While ``fn`` builds its lazy graph, the matmul, einsum, convolution and attention functions of
+``mlx.core`` are wrapped to add up ``output size x contracted size`` from their operand shapes;
+nothing is evaluated. A ``ConvBlock`` counts as the grouped convolution it computes, not as its
+implementation (a dense block-diagonal conv or element-wise taps). Element-wise work (activations,
+normalisation, the deep filter, scans) is not counted, as in ptflops and thop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator, Sequence
+
+from dfn4lab.layers import ConvBlock
+from dfn4lab.model import DfNet
+
+import mlx.core as mx
+
+
+def count_macs(fn: Callable[[], object]) -> int:
+    """Multiply-accumulates of the matmuls, einsums, convolutions and attention that ``fn`` builds
+    (compilation is switched off meanwhile, so compiled functions run as Python and are seen)."""
+    total = [0]
+    with _counting(total):
+        fn()
+    return total[0]
+
+
+@contextlib.contextmanager
+def _counting(total: list[int]) -> Iterator[None]:
+    depth = [0]  # > 0 inside a ConvBlock: its own ops are not counted again
+
+    def add(n: int) -> None:
+        if depth[0] == 0:
+            total[0] += int(n)
+
+    def matmul(orig):
+        def f(a, b, *args, **kw):
+            out = orig(a, b, *args, **kw)
+            add(out.size * a.shape[-1])
+            return out
+
+        return f
+
+    def addmm(orig):
+        def f(c, a, b, *args, **kw):
+            out = orig(c, a, b, *args, **kw)
+            add(out.size * a.shape[-1])
+            return out
+
+        return f
+
+    def conv(orig):
+        def f(x, w, *args, **kw):  # MLX weights (out, *kernel, in / groups)
+            out = orig(x, w, *args, **kw)
+            add(out.size * math.prod(w.shape[1:]))
+            return out
+
+        return f
+
+    def conv_transpose(orig):
+        def f(x, w, *args, **kw):
+            out = orig(x, w, *args, **kw)
+            add(x.size // x.shape[-1] * w.size)
+            return out
+
+        return f
+
+    def einsum(orig):
+        def f(subscripts, *ops, **kw):
+            out = orig(subscripts, *ops, **kw)
+            add(out.size * _contracted_size(subscripts, ops))
+            return out
+
+        return f
+
+    def sdpa(orig):
+        def f(q, k, v, *args, **kw):  # q (batch, heads, tq, d), k/v (batch, kv_heads, tk, d)
+            out = orig(q, k, v, *args, **kw)
+            add(q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] * (q.shape[3] + v.shape[3]))
+            return out
+
+        return f
+
+    orig_block = ConvBlock.__call__
+
+    def block(self, x, state=None):
+        depth[0] += 1
+        try:
+            y, state = orig_block(self, x, state)
+        finally:
+            depth[0] -= 1
+        k = self.kt * self.kf
+        if self.transposed:
+            add(x.size * (self.out_ch // self.groups) * k)
+        else:
+            add(y.size * (self.in_ch // self.groups) * k)
+        if self.has_pointwise:
+            add(y.size * self.out_ch)
+        return y, state
+
+    patches = [(mx, n, matmul) for n in ("matmul",)] + [
+        (mx.array, "__matmul__", matmul),
+        (mx, "addmm", addmm),
+    ]
+    patches += [(mx, n, conv) for n in ("conv1d", "conv2d", "conv3d", "conv_general")]
+    patches += [(mx, n, conv_transpose) for n in ("conv_transpose1d", "conv_transpose2d")]
+    patches += [(mx, "einsum", einsum), (mx.fast, "scaled_dot_product_attention", sdpa)]
+    saved = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]
+    mx.disable_compile()
+    try:
+        for obj, name, wrap in patches:
+            setattr(obj, name, wrap(getattr(obj, name)))
+        ConvBlock.__call__ = block
+        yield
+    finally:
+        for obj, name, orig in saved:
+            setattr(obj, name, orig)
+        ConvBlock.__call__ = orig_block
+        mx.enable_compile()
+
+
+def _contracted_size(subscripts: str, operands: Sequence[mx.array]) -> int:
+    """Product of the sizes of the indices an einsum sums over (those absent from its output)."""
+    inputs, _, output = subscripts.replace(" ", "").partition("->")
+    sizes: dict[str, int] = {}
+    for spec, op in zip(inputs.split(","), operands, strict=True):
+        named = spec.replace("...", "")
+        dims = op.shape[len(op.shape) - len(named) :] if spec.startswith("...") else op.shape[: len(named)]
+        sizes.update(zip(named, dims, strict=True))
+    return math.prod(sizes[c] for c in sizes if c not in output)
+
+
+def model_macs(model: DfNet, seconds: float = 1.0) -> int:
+    """Multiply-accumulates of ``model`` over ``seconds`` of audio (offline forward, ``count_macs``)."""
+    d = model.cfg.dsp
+    t = round(seconds * d.sr / d.hop_size)
+    spec = mx.zeros((1, t, d.freq_bins, 2))
+    feat_erb, feat_spec = mx.zeros((1, t, d.nb_erb)), mx.zeros((1, t, d.nb_df, 2))
+    return count_macs(lambda: model(spec, feat_erb, feat_spec))

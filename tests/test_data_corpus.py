@@ -1,0 +1,141 @@
+"""dfn4lab.data demo corpus: manifest, disjoint splits, determinism, missing sources, licenses."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+from dfn4lab.data import demo, lists, sources
+from dfn4lab.data.config import SPLITS, DataConfig
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("corpus") / "demo"
+    demo.build(out, demo.DemoConfig.tiny(), log=lambda *_: None)
+    return out
+
+
+def _check_corpus(out: Path, check_audio: bool) -> dict:
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["files"], "empty corpus"
+    for f in m["files"]:
+        assert {"source", "license", "sr", "duration", "split", "group", "kind"} <= f.keys()
+        assert f["sr"] == 48000 and f["duration"] > 0 and f["license"] and f["split"] in SPLITS
+        if check_audio:
+            info = sf.info(out / f["path"])
+            assert (info.samplerate, info.channels) == (48000, 1)
+            assert abs(info.duration - f["duration"]) < 1e-3
+    for kind in ("speech", "noise", "rir"):
+        groups = {
+            s: {f["group"] for f in m["files"] if f["kind"] == kind and f["split"] == s} for s in SPLITS
+        }
+        assert all(groups.values()), f"{kind}: a split is empty: {groups}"
+        assert not groups["train"] & groups["valid"] and not groups["train"] & groups["test"]
+        assert not groups["valid"] & groups["test"]
+    return m
+
+
+def test_tiny_corpus_manifest_and_disjoint_splits(tiny):
+    m = _check_corpus(tiny, check_audio=True)
+    on_disk = {str(p.relative_to(tiny)) for p in tiny.rglob("*") if p.suffix == ".flac"}
+    assert on_disk == {f["path"] for f in m["files"]}
+    rirs = [f for f in m["files"] if f["kind"] == "rir"]
+    assert all(0.1 < f["rt60_measured"] < 0.7 for f in rirs)  # tiny rooms draw RT60 0.2-0.4 s
+
+
+def test_lists_and_config_match_the_manifest(tiny):
+    cfg = DataConfig.from_json(tiny / "data_config.json")
+    m = json.loads((tiny / "manifest.json").read_text())
+    for split in SPLITS:
+        files = lists.load_split(cfg, split)
+        for kind, entries in files.items():
+            want = {
+                str((tiny / f["path"]).resolve())
+                for f in m["files"]
+                if f["kind"] == kind and f["split"] == split
+            }
+            assert {e.path for e in entries} == want
+            assert all(e.split == split and e.sr == 48000 for e in entries)
+
+
+def test_build_is_deterministic(tiny, tmp_path):
+    again = tmp_path / "again"
+    demo.build(again, demo.DemoConfig.tiny(), log=lambda *_: None)
+
+    def digests(d: Path) -> dict[str, str]:
+        return {
+            str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in d.rglob("*.*")
+            if p.is_file()
+        }
+
+    a, b = digests(tiny), digests(again)
+    a.pop("lists/report.json"), b.pop("lists/report.json")
+    for d in (a, b):  # lists hold absolute paths
+        for k in [k for k in d if k.startswith("lists/")]:
+            d.pop(k)
+    assert a == b
+    other = tmp_path / "seed1"
+    demo.build(other, demo.DemoConfig.tiny(seed=1), log=lambda *_: None)
+    assert digests(other)["manifest.json"] != a["manifest.json"]
+
+
+def test_missing_source_is_skipped_and_named(tmp_path, monkeypatch):
+    monkeypatch.setattr(sources.shutil, "which", lambda _: None)  # as on a machine without any TTS
+    out = tmp_path / "c"
+    lines: list[str] = []
+    m = demo.build(out, demo.DemoConfig.tiny(sources=("espeak-ng", "say")), log=lines.append)
+    assert set(m["sources"]["skipped"]) == {"espeak-ng", "say"}
+    assert "espeak-ng" in m["sources"]["skipped"]["espeak-ng"]
+    assert any("no speech source" in ln for ln in lines)
+    assert m["sources"]["used"]["speechlike"]["files"] > 0  # still a usable corpus
+    _check_corpus(out, check_audio=False)
+
+
+def test_split_groups_keeps_groups_whole_and_fixes_single_speakers():
+    groups = [f"g{i}" for i in range(20)] + ["alsa-utils/male"]
+    s = demo.split_groups(groups, (0.8, 0.1, 0.1), np.random.default_rng(0))
+    assert set(s) == set(groups) and s["alsa-utils/male"] == "test"
+    counts = {k: list(s.values()).count(k) for k in SPLITS}
+    assert counts == {"train": 16, "valid": 2, "test": 3}
+    assert demo.split_groups(["a"], (0.8, 0.1, 0.1), np.random.default_rng(0)) == {"a": "train"}
+
+
+def test_dep5_license_lookup(tmp_path):
+    doc = tmp_path / "doc" / "pkg"
+    doc.mkdir(parents=True)
+    (doc / "copyright").write_text(
+        "Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/\n\n"
+        "Files: *\nCopyright: x\nLicense: MIT\n\n"
+        "Files: etc/samples/a.flac\n etc/samples/b*.flac\nCopyright: y\nLicense: CC0\n\n"
+        "Files: debian/*\nCopyright: z\nLicense: GPL-2+\n"
+    )
+    lic = lambda p: sources.license_of(p, "pkg", "unknown", doc=tmp_path / "doc")  # noqa: E731
+    assert lic("/usr/share/pkg/samples/a.flac") == "CC0"
+    assert lic("/usr/share/pkg/samples/b2.flac") == "CC0"
+    assert lic("/usr/share/pkg/samples/c.flac") == "MIT"  # debian/* must not match everything
+    assert sources.license_of("/x/a.flac", "nopkg", "fallback", doc=tmp_path / "doc") == "fallback"
+
+
+@pytest.mark.skipif(not demo.is_built(ROOT / "data" / "demo"), reason="demo corpus not built (make data)")
+def test_real_demo_corpus():
+    m = _check_corpus(ROOT / "data" / "demo", check_audio=False)
+    speakers = {f["group"] for f in m["files"] if f["kind"] == "speech"}
+    assert len(speakers) >= 3
+    assert 0 < sum(f["duration"] for f in m["files"]) / 60 < 60  # modest: under an hour in all
+
+
+def test_cli_skips_a_built_corpus(tiny, capsys, tmp_path):
+    out = tmp_path / "cli"
+    shutil.copytree(tiny, out)
+    assert demo.main(["--out", str(out)]) == 0
+    assert "already" in capsys.readouterr().out

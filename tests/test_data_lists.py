@@ -1,0 +1,169 @@
+"""dfn4lab.data.lists and bad input: scanning, splits, the report, and runs that never crash on bad files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from dfn4lab.data import checks, lists
+from dfn4lab.data.checks import NoUsableFiles
+from dfn4lab.data.config import SPLITS, DataConfig, MixConfig
+from dfn4lab.data.lists import Entry
+from dfn4lab.data.loader import Loader
+from dfn4lab.data.mixing import Mixer
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+SR = 48000
+
+
+def tone(seconds: float, sr: int = SR, freq: float = 440.0, seed: int = 0) -> np.ndarray:
+    t = np.arange(int(seconds * sr)) / sr
+    noise = np.random.default_rng(seed).standard_normal(t.size)
+    return (0.3 * np.sin(2 * np.pi * freq * t) + 0.05 * noise).astype(np.float32)
+
+
+def write(path: Path, x: np.ndarray, sr: int = SR) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(path, x, sr)
+
+
+def write_bad_files(d: Path) -> dict[str, str]:
+    """One file per kind of bad input; returns name -> expected reason."""
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "garbage.wav").write_bytes(b"RIFF\x00\x00not really audio" * 10)
+    (d / "zero.wav").write_bytes(b"")
+    sf.write(d / "silent.wav", np.zeros(SR, np.float32), SR)
+    nan = tone(1.0)
+    nan[::1000] = np.nan
+    sf.write(d / "nan.wav", nan, SR, subtype="FLOAT")
+    sf.write(d / "rate.wav", tone(1.0, 4000), 4000)
+    sf.write(d / "short.wav", tone(0.1), SR)
+    sf.write(d / "noframes.wav", np.zeros((0,), np.float32), SR)
+    return {
+        "garbage.wav": "unreadable",
+        "zero.wav": "empty",
+        "silent.wav": "silent",
+        "nan.wav": "nan",
+        "rate.wav": "wrong_rate",
+        "short.wav": "too_short",
+        "noframes.wav": "empty",
+    }
+
+
+def test_scan_skips_each_kind_of_bad_file_and_reports_it(tmp_path, caplog):
+    d = tmp_path / "speech" / "spk1"
+    expected = write_bad_files(d)
+    sf.write(d / "good1.flac", tone(1.0), SR)
+    sf.write(d / "good2.flac", tone(2.0, 16000), 16000)
+    report = checks.Report()
+    with caplog.at_level("WARNING", logger="dfn4lab.data"):
+        entries = lists.scan([tmp_path / "speech"], "speech", report=report)
+    assert sorted(Path(e.path).name for e in entries) == ["good1.flac", "good2.flac"]
+    assert {Path(b.path).name: b.reason for b in report.bad} == expected
+    assert report.counts() == {
+        "unreadable": 1,
+        "empty": 2,
+        "silent": 1,
+        "nan": 1,
+        "wrong_rate": 1,
+        "too_short": 1,
+    }
+    assert len([r for r in caplog.records if "skipping" in r.message]) == len(expected)  # one warning each
+    assert "[7 skipped]" in caplog.records[-1].message  # counted
+    assert {e.sr for e in entries} == {SR, 16000} and entries[1].max_freq == 8000
+
+
+def test_a_list_whose_files_all_fail_stops_with_a_clear_error(tmp_path, capsys):
+    write_bad_files(tmp_path / "bad")
+    with pytest.raises(NoUsableFiles, match=r"all 7 speech files .* unusable: 7 files skipped"):
+        lists.scan([tmp_path / "bad"], "speech")
+    rc = lists.main(["--speech-dirs", str(tmp_path / "bad"), "--output-dir", str(tmp_path / "out")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "all 7 speech files" in err and "report.json" in err
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["skipped"] == 7
+    with pytest.raises(NoUsableFiles, match="no speech audio"):
+        lists.scan([tmp_path / "nothing-here"], "speech")
+
+
+def test_splits_come_from_folders_or_group_hashes(tmp_path):
+    root = tmp_path / "noise"
+    for split in ("train", "test"):
+        write(root / split / "rain" / "a.wav", tone(0.5))
+    for i in range(3):  # variants of one sound share a group, hence a split
+        sf.write(root / f"fire.{i}.wav", tone(0.5, seed=i), SR)
+    for i in range(30):
+        sf.write(root / f"sound{chr(97 + i % 26)}{i // 26}x.wav", tone(0.5, seed=i), SR)
+    entries = lists.scan([root], "noise")
+    by_name = {Path(e.path).relative_to(root).as_posix(): e for e in entries}
+    assert by_name["train/rain/a.wav"].split == "train" and by_name["test/rain/a.wav"].split == "test"
+    fires = [e for n, e in by_name.items() if n.startswith("fire")]
+    assert len({e.group for e in fires}) == 1 and len({e.split for e in fires}) == 1
+    counts = {s: sum(e.split == s for e in entries) for s in SPLITS}
+    assert counts["train"] > counts["valid"] and counts["train"] > counts["test"]
+    # stable: the same group always lands in the same split
+    assert lists.hash_split("noise/fire", (0.8, 0.1, 0.1)) == fires[0].split
+
+
+def test_cli_writes_lists_and_a_config_training_reads(tmp_path, capsys):
+    sp, nz = tmp_path / "sp", tmp_path / "nz"
+    for s in SPLITS:
+        for k in range(2):
+            write(sp / s / f"spk{k}" / "u.flac", tone(1.0))
+        write(nz / s / "n.flac", tone(1.0, seed=5))
+    write_bad_files(sp / "train" / "spk0" / "bad")
+    out = tmp_path / "lists"
+    args = ["--speech-dirs", str(sp), "--noise-dirs", str(nz), "--output-dir", str(out), "--generate-config"]
+    assert lists.main(args) == 0
+    assert "7 files skipped" in capsys.readouterr().out
+    cfg = DataConfig.from_json(out / "data_config.json")
+    assert set(cfg.lists) == set(SPLITS) and cfg.mix == MixConfig()
+    files = lists.load_split(cfg, "valid")
+    assert len(files["speech"]) == 2 and len(files["noise"]) == 1 and files["rir"] == []
+    assert DataConfig.from_json(cfg.to_json()) == cfg  # JSON round trip
+    assert json.loads((out / "report.json").read_text())["counts"]["nan"] == 1
+
+
+def _entries(tmp_path: Path, n: int) -> tuple[list[Entry], list[Entry]]:
+    speech, noise = [], []
+    for i in range(n):
+        p = tmp_path / f"s{i}.wav"
+        sf.write(p, tone(1.0, freq=200 + 50 * i, seed=i), SR)
+        speech.append(Entry(str(p), "speech", "train", f"spk{i}", 1.0, SR, 1, SR // 2))
+    p = tmp_path / "n.wav"
+    sf.write(p, tone(1.0, freq=3000, seed=99), SR)
+    noise.append(Entry(str(p), "noise", "train", "n", 1.0, SR, 1, SR // 2))
+    return speech, noise
+
+
+def test_files_that_go_bad_after_listing_never_crash_a_run(tmp_path):
+    speech, noise = _entries(tmp_path, 6)
+    cfg = MixConfig(max_len_s=0.5, p_interferer=0.0)
+    clean_run = [Mixer(speech, noise, cfg=cfg).sample(0, i) for i in range(6)]
+    expected = write_bad_files(tmp_path / "bad")
+    # Replace three listed files by bad ones (unreadable, NaN, wrong rate) after the lists were made.
+    for e, name in zip(speech[:3], ("garbage.wav", "nan.wav", "rate.wav"), strict=True):
+        Path(e.path).write_bytes((tmp_path / "bad" / name).read_bytes())
+    m = Mixer(speech, noise, cfg=cfg)
+    got = [m.sample(0, i) for i in range(6)]
+    assert {b.reason for b in m.report.bad} == {expected[n] for n in ("garbage.wav", "nan.wav", "rate.wav")}
+    broken = {e.path for e in speech[:3]}
+    assert all(np.isfinite(x.noisy).all() and x.meta["speech"] not in broken for x in got)
+    for i in (3, 4, 5):  # untouched slots are unchanged
+        np.testing.assert_array_equal(got[i].noisy, clean_run[i].noisy)
+    # A bad file already known gives the same sample as meeting it for the first time.
+    fresh = Mixer(speech, noise, cfg=cfg)
+    np.testing.assert_array_equal(fresh.sample(0, 1).noisy, m.sample(0, 1).noisy)
+
+    # The loader merges the workers' reports; the run goes on.
+    with Loader(Mixer(speech, noise, cfg=cfg), batch_size=2) as lo:
+        assert len(list(lo)) == 3
+        assert lo.report.counts() == {"unreadable": 1, "nan": 1, "wrong_rate": 1}
+
+    for e in speech:  # now every speech file is bad: a clear error, not a crash deep inside
+        Path(e.path).write_bytes(b"")
+    with pytest.raises(NoUsableFiles, match="all 6 speech files are unusable"):
+        Mixer(speech, noise, cfg=cfg).sample(0, 0)

@@ -1,0 +1,130 @@
+"""dfn4lab.data.mixing and augment: target SNR, determinism, reverb target, augmentations."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dfn4lab import audio
+from dfn4lab.data import augment, demo
+from dfn4lab.data.config import NOISE_ONLY_SNR, DataConfig, MixConfig
+from dfn4lab.data.lists import Entry
+from dfn4lab.data.mixing import Mixer
+
+import numpy as np
+import pytest
+from scipy import signal
+
+SR = 48000
+ALL_ON = dict(p_eq=1.0, p_bandlimit=0.5, p_interferer=0.5, p_noise_only=0.0, max_len_s=1.0)
+
+
+@pytest.fixture(scope="module")
+def cfg(tmp_path_factory) -> DataConfig:
+    out = tmp_path_factory.mktemp("corpus") / "demo"
+    demo.build(out, demo.DemoConfig.tiny(), log=lambda *_: None)
+    return DataConfig.from_json(out / "data_config.json")
+
+
+def snr_db(s: np.ndarray, n: np.ndarray) -> float:
+    return float(10 * np.log10(np.sum(s.astype(np.float64) ** 2) / np.sum(n.astype(np.float64) ** 2)))
+
+
+def test_mixtures_hit_the_target_snr(cfg):
+    # Without reverb and clipping the noisy signal is clean + noise: measure the SNR from noisy itself.
+    m = Mixer.from_config(cfg.replace(mix=dict(ALL_ON, p_reverb=0.0, p_clip=0.0)), "train")
+    seen = set()
+    for i in range(24):
+        x = m.sample(0, i)
+        assert x.noisy.shape == x.clean.shape == (SR,) and x.noisy.dtype == np.float32
+        assert abs(snr_db(x.clean, x.noisy - x.clean) - x.snr) < 0.5, x.meta
+        seen.add(x.snr)
+    assert len(seen) >= 4  # SNRs drawn from the list
+    assert seen <= set(MixConfig().snrs)
+
+
+def test_snr_holds_with_reverb_clipping_and_gain(cfg):
+    m = Mixer.from_config(cfg.replace(mix=dict(ALL_ON, p_reverb=1.0, p_clip=0.5)), "train")
+    for i in range(12):
+        x = m.sample(1, i)
+        assert abs(snr_db(x.clean, x.noise) - x.snr) < 0.5
+        assert np.max(np.abs(x.noisy)) <= 1.0 and np.max(np.abs(x.clean)) <= 1.0
+        if "clip" not in x.meta:  # the mixture is reverberant speech + noise
+            assert snr_db(x.clean, x.noisy - x.noise - x.clean) < 30  # late reverb is not in the target
+        else:  # clipped at the recorded level (after the gain), several samples flat at it
+            assert np.max(np.abs(x.noisy)) <= x.meta["clip"] + 1e-6
+            assert np.sum(np.abs(x.noisy) >= 0.999 * np.max(np.abs(x.noisy))) > 10
+
+
+def test_noise_only_samples_have_a_silent_target(cfg):
+    m = Mixer.from_config(cfg.replace(mix=dict(p_noise_only=1.0, p_clip=0.0, max_len_s=0.5)), "train")
+    x = m.sample(0, 0)
+    assert x.snr == NOISE_ONLY_SNR and not x.clean.any() and np.abs(x.noisy).max() > 0
+    np.testing.assert_array_equal(x.noisy, x.noise)
+
+
+def test_samples_are_a_function_of_seed_epoch_index(cfg):
+    c = cfg.replace(mix=dict(ALL_ON, p_reverb=0.5, p_clip=0.3))
+    a, b = Mixer.from_config(c, "train"), Mixer.from_config(c, "train")
+    x, y = a.sample(2, 5), b.sample(2, 5)
+    np.testing.assert_array_equal(x.noisy, y.noisy)
+    np.testing.assert_array_equal(x.clean, y.clean)
+    assert x.meta == y.meta
+    assert not np.array_equal(a.sample(3, 5).noisy, x.noisy)  # another epoch, another sample
+    assert not np.array_equal(Mixer.from_config(c.replace(seed=1), "train").sample(2, 5).noisy, x.noisy)
+
+
+def test_interferer_is_another_speaker(cfg):
+    m = Mixer.from_config(cfg.replace(mix=dict(p_interferer=1.0, max_len_s=0.5)), "train")
+    for i in range(4):
+        meta = m.sample(0, i).meta
+        assert meta["interferer"]["speaker"] != meta["speaker"]
+
+
+def _tone_entry(tmp: Path, name: str, x: np.ndarray, kind: str, group: str) -> Entry:
+    audio.save(tmp / name, x, SR, subtype="FLOAT")
+    return Entry(str(tmp / name), kind, "train", group, x.size / SR, SR, 1, SR // 2)
+
+
+def test_reverb_target_keeps_direct_path_and_early_part(tmp_path):
+    rng = np.random.default_rng(0)
+    dry = (rng.standard_normal(SR) * np.repeat(rng.random(20) > 0.5, SR // 20)).astype(np.float32) * 0.1
+    rir = np.zeros(SR // 2, np.float32)
+    rir[200] = 1.0  # direct path 200 samples in, then a dense tail decaying over ~0.6 s
+    t = np.arange(rir.size - 400)
+    rir[400:] = 0.02 * rng.standard_normal(t.size) * 10 ** (-3 * t / SR / 0.6)
+    wet, target = augment.reverb(dry, rir, SR, early_ms=5.0, target_rt60=0.1)
+    lag = np.argmax(signal.correlate(target, dry, mode="full")) - (dry.size - 1)
+    assert lag == 0  # aligned to the direct path
+    assert snr_db(dry, target - dry) > snr_db(dry, wet - dry) + 6  # much less reverberant than the mixture
+    assert abs(augment.rms(target) - augment.rms(dry)) < 1e-4
+
+    # Through the mixer (a RIR file, reverb always): the target is closer to the dry speech than the mixture.
+    sp = _tone_entry(tmp_path, "s.wav", dry, "speech", "a")
+    nz = _tone_entry(tmp_path, "n.wav", rng.standard_normal(SR).astype(np.float32) * 0.1, "noise", "n")
+    rr = _tone_entry(tmp_path, "r.wav", rir, "rir", "r")
+    off = dict(p_eq=0.0, p_clip=0.0, p_bandlimit=0.0, p_noise_only=0.0)
+    cfg = MixConfig(max_len_s=1.0, p_reverb=1.0, snrs=(40.0,), **off)
+    x = Mixer([sp], [nz], [rr], cfg).sample(0, 0)
+    assert x.meta["reverb_speech"]
+    wet_part = x.noisy - x.noise
+    assert abs(np.corrcoef(x.clean, wet_part)[0, 1]) < 0.99  # the mixture has the late reverb
+
+
+def test_bandlimit_removes_high_frequencies(cfg):
+    m = Mixer.from_config(cfg.replace(mix=dict(p_bandlimit=1.0, cutoffs_hz=(4000,), max_len_s=1.0)), "train")
+    x = m.sample(0, 1)
+    assert x.meta["bandlimit_hz"] == 4000
+    f, p = signal.welch(x.noisy, SR, nperseg=2048)
+    assert p[f > 4500].sum() < 1e-4 * p[f < 3500].sum()
+
+
+def test_biquads_match_scipy_and_eq_keeps_level():
+    b = augment.biquad("lowpass", 1000.0, SR, q=1 / np.sqrt(2))
+    bb, aa = signal.butter(2, 1000.0, fs=SR)
+    np.testing.assert_allclose(b, np.concatenate([bb, aa]), atol=1e-9)
+    peak = augment.biquad("peaking", 1000.0, SR, q=1.0, gain_db=12.0)
+    w, h = signal.sosfreqz(peak[None], worN=[1000.0], fs=SR)
+    assert abs(20 * np.log10(abs(h[0])) - 12.0) < 0.01  # +12 dB at the centre
+    x = np.random.default_rng(1).standard_normal(SR).astype(np.float32)
+    y, params = augment.random_eq(x, SR, np.random.default_rng(2), 3, 15.0, (0.5, 1.5))
+    assert 1 <= len(params) <= 3 and abs(augment.rms(y) - augment.rms(x)) < 1e-4

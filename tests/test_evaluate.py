@@ -1,0 +1,178 @@
+"""dfn4lab.evaluate (test sets, SNRs, statistics, the quick CLI end to end) and dfn4lab.macs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+
+import dfn4lab  # noqa: F401
+from dfn4lab import audio, convert, data, evaluate, inference, macs
+from dfn4lab.backbones import GroupedLinear
+from dfn4lab.config import preset
+from dfn4lab.layers import ConvBlock
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+SR = 16000
+
+
+def write_pair(folder, noisy_dir, clean_dir, name, snr, seed=0):
+    clean = data.pink_noise(SR, seed=seed) * 0.1
+    noisy = data.mix(clean, np.random.default_rng(seed).standard_normal(SR).astype(np.float32), snr)
+    for sub, x in ((noisy_dir, noisy), (clean_dir, clean)):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+        audio.save(folder / sub / name, x, SR, subtype="FLOAT")
+
+
+@pytest.mark.parametrize("layout", evaluate.LAYOUTS)
+def test_folder_layouts_with_estimated_snr(tmp_path, layout):
+    for i, snr in enumerate((-3.0, 7.5)):
+        write_pair(tmp_path, *layout, f"f{i}.wav", snr, seed=i)
+    items = evaluate.load_set(tmp_path)
+    assert [it.name for it in items] == ["f0", "f1"]
+    assert [it.snr for it in items] == pytest.approx([-3.0, 7.5], abs=0.01)  # mix() sets it exactly
+
+
+def test_manifest_and_list_file_snrs_win_over_estimates(tmp_path):
+    write_pair(tmp_path, "noisy", "clean", "a.wav", 5.0)
+    (tmp_path / "manifest.csv").write_text("name,snr\na.wav,12\n")
+    assert evaluate.load_set(tmp_path)[0].snr == 12.0
+    lst = tmp_path / "test.lst"
+    lst.write_text("# noisy clean snr\nnoisy/a.wav clean/a.wav -2.5\n")
+    (item,) = evaluate.load_set(lst)
+    assert (item.name, item.snr, item.clean) == ("a", -2.5, tmp_path / "clean" / "a.wav")
+    lst.write_text("noisy/a.wav clean/a.wav\n")
+    assert evaluate.load_set(lst)[0].snr == pytest.approx(5.0, abs=0.01)
+
+
+def test_corpus_test_split_becomes_cached_pairs(tmp_path):
+    from dfn4lab.data import demo, lists
+    from dfn4lab.data.config import MixConfig
+
+    corpus = tmp_path / "corpus"
+    demo.build(corpus, demo.DemoConfig.tiny(), log=lambda *_: None)
+    items = evaluate.load_set(corpus)
+    n_speech = len(lists.read_list(corpus / "lists" / "speech_test.csv"))
+    assert len(items) == evaluate.CORPUS_EPOCHS * n_speech
+    assert all(it.noisy.parent == tmp_path / "corpus-testset" / "noisy" for it in items)
+    snrs = {it.snr for it in items}
+    assert snrs <= {*MixConfig().snrs, -100.0}  # mixed at the recipe's SNRs (or noise only)
+    first = items[0].noisy.stat().st_mtime_ns
+    assert evaluate.load_set(corpus)[0].noisy.stat().st_mtime_ns == first  # cached, not rewritten
+    x, _ = audio.load(items[0].noisy)
+    assert x.shape[1] == MixConfig().samples
+
+
+def test_dropouts_count_silent_blocks_of_the_output_only():
+    x = np.ones(1000, np.float32)
+    y = x.copy()
+    y[200:400] = 0  # two blocks of 100 samples silenced
+    assert evaluate.dropouts(x, y, 100) == 2
+    x[200:300] = 0  # where the input is silent too, silence is no dropout
+    assert evaluate.dropouts(x, y, 100) == 1
+    assert evaluate.dropouts(x, x, 100) == 0
+
+
+def test_bad_sets_are_reported(tmp_path):
+    write_pair(tmp_path, "noisy", "clean", "a.wav", 5.0)
+    (tmp_path / "clean" / "a.wav").unlink()
+    with pytest.raises(FileNotFoundError, match="no clean counterpart"):
+        evaluate.load_set(tmp_path)
+    with pytest.raises(FileNotFoundError, match="expected subfolders"):
+        evaluate.load_set(tmp_path / "noisy")
+    (tmp_path / "x.lst").write_text("only_one_field\n")
+    with pytest.raises(ValueError, match="expected"):
+        evaluate.load_set(tmp_path / "x.lst")
+
+
+def test_count_macs_of_known_ops():
+    x = mx.zeros((1, 100, 32))
+    assert macs.count_macs(lambda: nn.Linear(32, 64)(x)) == 100 * 32 * 64
+    assert macs.count_macs(lambda: GroupedLinear(32, 64, groups=4)(x)) == 100 * 4 * 8 * 16
+    img, w = mx.zeros((1, 10, 20, 4)), mx.zeros((8, 3, 3, 4))
+    assert macs.count_macs(lambda: mx.conv2d(img, w)) == 8 * 18 * 8 * (3 * 3 * 4)
+    q, k = mx.zeros((1, 2, 10, 16)), mx.zeros((1, 2, 12, 16))
+    attn = macs.count_macs(lambda: mx.fast.scaled_dot_product_attention(q, k, k, scale=1.0))
+    assert attn == 2 * 10 * 12 * (16 + 16)  # q k^T, then weights @ v
+    # a grouped ConvBlock counts as the grouped conv it computes (plus its 1x1 pointwise conv)
+    feat = mx.zeros((1, 10, 96, 2))
+    block = macs.count_macs(lambda: ConvBlock(2, 64, (3, 3))(feat))
+    assert block == 10 * 96 * 64 * (1 * 3 * 3) + 10 * 96 * 64 * 64
+    assert macs.count_macs(lambda: mx.sin(x) * x) == 0
+
+
+def test_dfn3_macs_are_those_of_deepfilternet3():
+    model = inference.build(preset("dfn3"))
+    total = macs.model_macs(model)
+    grus = 5 * 100 * 3 * 2 * 256 * 256  # its 5 GRU layers alone, over 100 frames
+    assert grus < total < 2 * grus
+    assert 0.3e9 < total < 0.4e9  # published for DeepFilterNet3: ~0.35 GMAC per second
+
+
+def test_statistics():
+    s = evaluate.mean_ci([1.0, 2.0, 3.0])
+    assert s["mean"] == 2.0 and s["n"] == 3
+    assert s["ci"] == pytest.approx(4.302652729911275 / np.sqrt(3))  # t(0.975, 2) * sd / sqrt(n)
+    assert evaluate.mean_ci([1.0])["ci"] is None and evaluate.mean_ci([])["mean"] is None
+    assert [evaluate.snr_bin(v) for v in (-100, -5, -0.1, 0, 7, 19.9, 40)] == [
+        "< -5",
+        "-5..0",
+        "-5..0",
+        "0..5",
+        "5..10",
+        "15..20",
+        ">= 20",
+    ]
+
+
+def test_run_folder_resolves_to_its_best_checkpoint(tmp_path):
+    cfg = preset("dfn3")
+    model = inference.build(cfg)
+    run = tmp_path / "myrun"
+    convert.save(run / "ckpt" / "best", model, cfg)
+    time.sleep(0.01)
+    (run / "ckpt" / "last").mkdir()
+    for f in ("config.json", "model.safetensors"):
+        (run / "ckpt" / "last" / f).write_bytes(b"")  # newer, but not the best
+    assert evaluate._checkpoint(str(run)) == run / "ckpt" / "best"
+    models = evaluate.load_models([str(run)])
+    assert list(models) == ["noisy", "myrun"]
+    x = np.random.default_rng(0).standard_normal(4800).astype(np.float32) * 0.1
+    np.testing.assert_array_equal(models["noisy"][0](x, 48000), x)
+
+
+@pytest.mark.skipif(not data.ALSA_SOUNDS.exists(), reason="the quick set uses alsa-utils' speech")
+def test_quick_cli_end_to_end(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "dfn4lab.evaluate", "--quick", "--official", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    head = json.loads(out.stdout.strip().splitlines()[-1])
+    assert list(head) == ["noisy", "official", "dfn3", "table"]
+    table = (tmp_path / "results.md").read_text()
+    assert head["table"] == str(tmp_path / "results.md") and "## Environment" in table
+    with (tmp_path / "results.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 3 * len(evaluate.QUICK_SNRS)
+    assert {float(r["snr"]) for r in rows} == set(evaluate.QUICK_SNRS)
+    noisy, official, dfn3 = head["noisy"], head["official"], head["dfn3"]
+    for enhanced in (official, dfn3):  # both clearly beat the noisy input
+        assert enhanced["pesq"] > noisy["pesq"] + 0.5
+        assert enhanced["si_sdr"] > noisy["si_sdr"] + 5
+        assert enhanced["dnsmos_ovrl"] > noisy["dnsmos_ovrl"] + 0.5
+    # Same network and weights; they part only in strongly suppressed frames (the MLX graph matches the
+    # official ONNX graphs to 1e-6, the runtime's own DSP differs there), worth tenths of a dB on 3 s files.
+    assert abs(dfn3["pesq"] - official["pesq"]) < 0.05
+    assert abs(dfn3["si_sdr"] - official["si_sdr"]) < 1.0
+    assert dfn3["params"] == official["params"] > 2e6 and dfn3["rtf"] > 0

@@ -1,0 +1,173 @@
+"""dfn4lab.metrics against published values, analytic values and invariances; silence and short input."""
+
+from __future__ import annotations
+
+import math
+
+import dfn4lab  # noqa: F401
+from dfn4lab import data, metrics
+from dfn4lab.metrics import Undefined
+
+import numpy as np
+import pytest
+
+SR = metrics.METRIC_SR
+rng = np.random.default_rng(0)
+
+
+@pytest.fixture(scope="module")
+def speech():
+    if not data.ALSA_SOUNDS.exists():
+        pytest.skip("real speech comes from Debian's alsa-utils (/usr/share/sounds/alsa), not installed")
+    clean = data.alsa_speech(SR, 4.0).astype(np.float64)
+    noisy = {
+        snr: data.mix(clean, data.pink_noise(clean.size, seed=1), snr).astype(np.float64) for snr in (0, 20)
+    }
+    return clean, noisy
+
+
+def ar1(n: int, rho: float, seed: int) -> np.ndarray:
+    """An AR(1) process x[t] = rho x[t-1] + white noise (no silent frames anywhere)."""
+    from scipy.signal import lfilter
+
+    return lfilter([1.0], [1.0, -rho], np.random.default_rng(seed).standard_normal(n)) * 0.05
+
+
+def test_composite_regression_reproduces_loizous_published_example():
+    # composite.m's README: sp09.wav vs enhanced_logmmse.wav gives LLR 0.681368, SNRseg 3.991727,
+    # WSS 49.671978, PESQ 2.255732 -> Csig 3.3050, Cbak 2.6160, Covl 2.7133.
+    csig, cbak, covl = metrics.composite_from(pesq=2.255732, llr=0.681368, wss=49.671978, ssnr=3.991727)
+    np.testing.assert_allclose([csig, cbak, covl], [3.3050, 2.6160, 2.7133], atol=6e-4)
+    assert metrics.composite_from(4.64, 0.0, 0.0, 35.0) == (5.0, 5.0, 5.0)  # clipped to the scale
+    assert metrics.composite_from(1.0, 2.0, 150.0, -10.0) == (1.0, 1.0, 1.0)
+
+
+def test_pesq_identical_is_the_p862_2_maximum_and_noise_lowers_it(speech):
+    clean, noisy = speech
+    top = 0.999 + 4.0 / (1.0 + math.exp(-1.3669 * 4.5 + 3.8224))  # P.862.2 mapping of raw PESQ 4.5
+    assert metrics.pesq_wb(clean, clean) == pytest.approx(top, abs=2e-3)
+    p20, p0 = metrics.pesq_wb(clean, noisy[20]), metrics.pesq_wb(clean, noisy[0])
+    assert top > p20 > p0 >= 1.0
+    # PESQ aligns levels first: a quieter copy of the same degradation scores the same
+    assert metrics.pesq_wb(clean, 0.5 * noisy[20]) == pytest.approx(p20, abs=0.05)
+
+
+def test_stoi_estoi_identity_scale_invariance_and_order(speech):
+    clean, noisy = speech
+    for extended in (False, True):
+        assert metrics.stoi(clean, clean, SR, extended) == pytest.approx(1.0, abs=1e-6)
+        a = metrics.stoi(clean, noisy[0], SR, extended)
+        assert metrics.stoi(clean, 3.0 * noisy[0], SR, extended) == pytest.approx(a, abs=1e-6)
+        assert metrics.stoi(clean, noisy[20], SR, extended) > a
+
+
+def test_si_sdr_matches_its_closed_form_and_ignores_scale():
+    s = rng.standard_normal(SR)
+    e = rng.standard_normal(SR)
+    e -= s * (e @ s) / (s @ s)  # orthogonal to s: the projection of y = 0.7 s + e onto s is exactly 0.7 s
+    y = 0.7 * s + 0.3 * e
+    expected = 10 * np.log10(np.sum((0.7 * s) ** 2) / np.sum((0.3 * e) ** 2))
+    assert metrics.si_sdr(s, y) == pytest.approx(expected, abs=1e-6)
+    assert metrics.si_sdr(s, -5.0 * y) == pytest.approx(expected, abs=1e-6)
+    assert metrics.si_sdr(s, s) == pytest.approx(metrics.CLAMP_DB)
+
+
+def test_sdr_allows_a_short_filter_and_si_sdr_does_not():
+    s = rng.standard_normal(2 * SR)
+    h = np.array([1.0, 0.6, -0.3, 0.2])
+    target = np.convolve(s, h)[: s.size]
+    noise = 0.05 * rng.standard_normal(s.size)
+    expected = 10 * np.log10(np.sum(target**2) / np.sum(noise**2))
+    assert metrics.sdr(s, target + noise) == pytest.approx(expected, abs=0.1)
+    assert metrics.si_sdr(s, target + noise) < expected - 10
+
+
+def test_segmental_snr_known_values():
+    s = ar1(2 * SR, 0.5, seed=1)  # no silent frames, so no frame hits the -10 dB floor
+    # an error of 0.1 s in every frame: 20 dB everywhere
+    assert metrics.segmental_snr(s, 0.9 * s, SR) == pytest.approx(20.0, abs=1e-6)
+    assert metrics.segmental_snr(s, 0 * s, SR) == pytest.approx(0.0, abs=1e-6)
+    assert metrics.segmental_snr(s, s, SR) == 35.0  # the per-frame cap
+    assert metrics.segmental_snr(s, -s, SR) == pytest.approx(-10 * np.log10(4), abs=1e-6)
+
+
+def test_llr_of_ar1_against_white_noise_has_its_closed_form():
+    # With LPC models a_c = [1, -rho] (AR(1) clean) and a_e = [1] (white estimate):
+    # exp(LLR) = a_e R a_e' / a_c R a_c' = R0 / (R0 (1 - rho^2)), so LLR = -log(1 - rho^2).
+    rho = 0.9
+    clean, white = ar1(4 * SR, rho, seed=2), ar1(4 * SR, 0.0, seed=3)
+    assert metrics.llr(clean, white, SR) == pytest.approx(-np.log(1 - rho**2), abs=0.15)
+    assert metrics.llr(clean, 0.3 * clean, SR) == pytest.approx(0.0, abs=1e-6)
+    assert metrics.llr(clean, clean + 0.02 * white, SR) > 0
+
+
+def test_wss_is_zero_for_scaled_copies_and_grows_with_noise(speech):
+    clean, noisy = speech
+    assert metrics.wss(clean, 2.0 * clean, SR) == pytest.approx(0.0, abs=1e-6)
+    assert 0 < metrics.wss(clean, noisy[20], SR) < metrics.wss(clean, noisy[0], SR)
+
+
+def test_lsd_of_a_gain_is_the_gain_in_db():
+    s = rng.standard_normal(SR)
+    assert metrics.lsd(s, s) == 0.0
+    assert metrics.lsd(s, 2.0 * s) == pytest.approx(20 * np.log10(2.0), abs=1e-3)
+    assert metrics.lsd(s, 0.5 * s, n_fft=512, hop=128) == pytest.approx(20 * np.log10(2.0), abs=1e-3)
+
+
+def test_dnsmos_prefers_clean_speech_and_rejects_silence(speech):
+    clean, noisy = speech
+    a, b = metrics.dnsmos(clean), metrics.dnsmos(noisy[0])
+    assert all(1.0 <= v <= 5.0 for v in (*a.values(), *b.values()))
+    assert a["dnsmos_bak"] > b["dnsmos_bak"] + 1.0  # pink noise at 0 dB is the background
+    assert a["dnsmos_ovrl"] > b["dnsmos_ovrl"] + 0.5
+    with pytest.raises(Undefined) as e:
+        metrics.dnsmos(np.zeros(2 * SR))
+    assert e.value.scope == "estimate"
+
+
+def test_vad_finds_speech_not_noise_and_agreement_orders_degradations(speech):
+    clean, noisy = speech
+    assert (metrics.vad_probs(clean) > 0.5).mean() > 0.3
+    assert (metrics.vad_probs(data.pink_noise(clean.size, seed=4)) > 0.5).mean() < 0.05
+    assert metrics.vad_agreement(clean, clean) == 1.0
+    silence = np.zeros_like(clean)
+    assert metrics.vad_agreement(clean, noisy[20]) > metrics.vad_agreement(clean, silence)
+
+
+@pytest.mark.parametrize("case", ["silent reference", "silent estimate", "short", "very short"])
+def test_score_never_returns_nan_and_flags_what_is_undefined(speech, case):
+    clean, noisy = speech
+    ref, est = {
+        "silent reference": (np.zeros(SR), noisy[0][:SR]),
+        "silent estimate": (clean[:SR], np.zeros(SR)),
+        "short": (clean[SR : SR + 1200], noisy[0][SR : SR + 1200]),
+        "very short": (clean[SR : SR + 10], noisy[0][SR : SR + 10]),
+    }[case]
+    values, flags = metrics.score(ref, est, SR)
+    assert list(values) == list(metrics.METRICS)
+    assert all(math.isfinite(v) for v in values.values())
+    assert flags, "an undefined metric must be flagged"
+    for m, reason in flags.items():
+        assert values[m] == metrics.FLOOR[m]
+        assert reason.startswith("estimate:" if case == "silent estimate" else "item:")
+    if case == "silent reference":
+        assert {"pesq", "stoi", "si_sdr", "sdr", "ssnr", "csig", "lsd"} <= set(flags)
+        assert "dnsmos_ovrl" not in flags  # non-intrusive: the estimate is real audio
+
+
+def test_score_of_identical_signals_is_best_and_at_other_rates(speech):
+    clean, _ = speech
+    values, flags = metrics.score(clean, clean, SR, ["pesq", "stoi", "si_sdr", "ssnr", "csig", "lsd"])
+    assert not flags
+    assert values["stoi"] == pytest.approx(1.0, abs=1e-6) and values["lsd"] == 0.0
+    assert values["si_sdr"] == pytest.approx(metrics.CLAMP_DB) and values["csig"] == 5.0
+    x48 = data.alsa_speech(48000, 2.0)
+    v48, _ = metrics.score(x48, x48, 48000, ["pesq", "estoi"])  # resampled to 16 kHz internally
+    assert v48["pesq"] > 4.5 and v48["estoi"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_score_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="unknown metrics"):
+        metrics.score(np.ones(100), np.ones(100), SR, ["mos"])
+    with pytest.raises(ValueError, match="one length"):
+        metrics.score(np.ones(100), np.ones(99), SR)
