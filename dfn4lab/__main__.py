@@ -1,4 +1,4 @@
-"""``dfn4lab`` command line: ``info``, ``enhance``. Thin wrappers over package functions."""
+"""``dfn4lab`` command line: ``info``, ``enhance``, ``stream``. Thin wrappers over package functions."""
 
 from __future__ import annotations
 
@@ -57,6 +57,25 @@ def enhance(
     return 1 if failed else 0
 
 
+def stream(
+    src: str | None, out: str | None, model: str, chunk_ms: float, mic: bool, seconds: float | None
+) -> int:
+    """Enhance a file chunk by chunk as a live source, or the microphone live (``--mic``)."""
+    from dfn4lab import inference
+    from dfn4lab import stream as streaming
+
+    if mic == (src is not None):
+        raise ValueError("give either an input file or --mic")
+    if src is not None and out is None:
+        raise ValueError("an input file needs -o OUT")
+    net = inference.resolve(model)
+    if mic:
+        streaming.microphone(net, seconds, out)
+    else:
+        print(streaming.stream_file(src, out, net, chunk_ms))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dfn4lab", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -70,14 +89,23 @@ def main(argv: list[str] | None = None) -> int:
         "--atten-lim", type=float, default=None, help="limit noise attenuation to this many dB"
     )
     p_enh.add_argument("--pf-beta", type=float, default=None, help="mask post-filter strength (0 = off)")
+    p_str = sub.add_parser("stream", help="enhance a file as a live stream, or the microphone (--mic)")
+    p_str.add_argument("input", nargs="?", help="audio file (any rate, any channels)")
+    p_str.add_argument("-o", "--out", help="output file (with --mic: record the enhanced audio)")
+    p_str.add_argument("--chunk-ms", type=float, default=10.0, help="chunk length the source delivers")
+    p_str.add_argument("--model", default="dfn3", help="dfn3 (official weights), a preset, or a model folder")
+    p_str.add_argument("--mic", action="store_true", help="live: microphone in, speakers out (sounddevice)")
+    p_str.add_argument("--seconds", type=float, default=None, help="with --mic: stop after this long")
     args = parser.parse_args(argv)
     if args.cmd == "info":
         d = info()
         print(json.dumps(d) if args.json else "\n".join(f"{k:>18}: {v}" for k, v in d.items()))
         return 0
     try:
+        if args.cmd == "stream":
+            return stream(args.input, args.out, args.model, args.chunk_ms, args.mic, args.seconds)
         return enhance(args.inputs, args.out_dir, args.model, args.atten_lim, args.pf_beta)
-    except ValueError as e:  # a bad --model and the like: one line, not a traceback
+    except (ValueError, RuntimeError) as e:  # bad --model, bad audio...: one line, not a traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
 

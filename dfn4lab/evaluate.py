@@ -35,15 +35,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from dfn4lab import audio, data, inference, metrics
+from dfn4lab import audio, data, inference, metrics, paths
 from dfn4lab.backbones import param_count
 from dfn4lab.macs import model_macs
 from dfn4lab.model import DfNet
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-DEMO = ROOT / "data" / "demo"  # the demo corpus (``make data``); its test split gives the default set
+DEMO = paths.DEMO  # the demo corpus (``make data``); its test split gives the default set
 CORPUS_EPOCHS = 4  # mixtures drawn per test-split speech file when a corpus is turned into a test set
 LAYOUTS = (("noisy", "clean"), ("noisy_testset_wav", "clean_testset_wav"))
 AUDIO_EXTS = (".wav", ".flac", ".ogg")
@@ -450,7 +449,7 @@ def _cores() -> int:
 def _git_commit() -> str:
     def git(*args: str) -> str:
         return subprocess.run(
-            ["git", *args], cwd=ROOT, capture_output=True, text=True, check=True
+            ["git", *args], cwd=paths.PROJECT, capture_output=True, text=True, check=True
         ).stdout.strip()
 
     try:
@@ -569,7 +568,7 @@ def evaluate(
     if unknown:
         raise ValueError(f"unknown metrics {sorted(unknown)}; known: {', '.join(metrics.METRICS)}")
     items = load_set(set_spec)
-    out_dir = Path(out_dir) if out_dir is not None else ROOT / "data" / "eval" / Path(set_spec).stem
+    out_dir = Path(out_dir) if out_dir is not None else paths.DATA / "eval" / Path(set_spec).stem
     loaded = load_models(models, official)
     rows, rtf = run(items, loaded, out_dir, metric_names, progress)
     nets = {name: net for name, (_, net) in loaded.items()}
@@ -628,7 +627,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     set_spec, out = args.set or DEMO, args.out
     if args.set is None and args.quick:  # the generated set lives beside its results, replaced each run
-        out = Path(out or ROOT / "data" / "eval" / "quick")
+        out = Path(out or paths.DATA / "eval" / "quick")
         shutil.rmtree(out / "quick_set", ignore_errors=True)
         set_spec = quick_set(out / "quick_set")
     try:

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from dfn4lab.paths import FIGURES
+
 import matplotlib.pyplot as plt
 import numpy as np
-
-FIGURES = Path(__file__).resolve().parents[1] / "figures"
 
 
 def _ax(ax=None, figsize=(8, 3)):
@@ -330,3 +330,34 @@ class TrainBoard:
             else:
                 self._handle.update(self.figure)
         return self.figure
+
+
+# --- Data mixing (notebook 01) ----------------------------------------------------------------------
+
+
+def mixing_panel(speech: np.ndarray, noise: np.ndarray, sr: int):
+    """Sliders (SNR, RT60, EQ) that rebuild one mixture and redraw its spectrogram and player."""
+    from dfn4lab.data.mixing import mixture_steps
+
+    import ipywidgets as w
+    from IPython.display import Audio, display
+
+    snr = w.FloatSlider(value=5, min=-5, max=40, step=1, description="SNR dB")
+    rt60 = w.FloatSlider(value=0.0, min=0.0, max=1.0, step=0.1, description="RT60 s")
+    eq = w.FloatSlider(value=0, min=-12, max=12, step=1, description="EQ 1k dB")
+    out = w.Output()
+
+    def redraw(*_):
+        steps = mixture_steps(speech, noise, sr, snr.value, rt60.value or None, eq.value)
+        with out:
+            out.clear_output(wait=True)
+            fig = spectrogram(
+                steps["noisy"], sr, title=f"noisy: SNR {snr.value:.0f} dB, RT60 {rt60.value:.1f} s"
+            )
+            display(fig, Audio(steps["noisy"], rate=sr, normalize=True))
+            plt.close(fig)
+
+    for s in (snr, rt60, eq):
+        s.observe(redraw, names="value")
+    redraw()
+    return w.VBox([w.HBox([snr, rt60, eq]), out])

@@ -128,3 +128,18 @@ def test_biquads_match_scipy_and_eq_keeps_level():
     x = np.random.default_rng(1).standard_normal(SR).astype(np.float32)
     y, params = augment.random_eq(x, SR, np.random.default_rng(2), 3, 15.0, (0.5, 1.5))
     assert 1 <= len(params) <= 3 and abs(augment.rms(y) - augment.rms(x)) < 1e-4
+
+
+def test_mixture_steps_hit_the_snr_and_keep_the_dry_level():
+    from dfn4lab.data.mixing import mixture_steps
+
+    rng = np.random.default_rng(0)
+    speech = rng.standard_normal(24000).astype(np.float32) * 0.1
+    noise = rng.standard_normal(30000).astype(np.float32)
+    for rt60 in (None, 0.4):
+        s = mixture_steps(speech, noise, 16000, snr_db=3.0, rt60=rt60, eq_gain_db=6.0)
+        assert {k: v.shape for k, v in s.items()} == {k: (24000,) for k in s}
+        resid = s["noisy"] - s["reverberant"]
+        snr = 10 * np.log10(np.mean(s["reverberant"] ** 2) / np.mean(resid**2))
+        assert abs(snr - 3.0) < 0.01
+        assert abs(np.sqrt(np.mean(s["eq"] ** 2)) - np.sqrt(np.mean(speech**2))) < 1e-4  # EQ keeps the RMS

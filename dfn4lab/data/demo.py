@@ -34,7 +34,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from dfn4lab import audio
+from dfn4lab import audio, paths
 from dfn4lab.data import lists, rooms, sources, synth
 from dfn4lab.data.checks import Report
 from dfn4lab.data.config import SPLITS, DataConfig
@@ -42,7 +42,7 @@ from dfn4lab.data.sources import SR, Clip
 
 import numpy as np
 
-DEFAULT_OUT = Path("data/demo")
+DEFAULT_OUT = paths.DEMO
 VERSION = 1
 # Single-speaker sources cannot be split; the real male voice is kept for testing.
 FIXED_SPLITS = {"alsa-utils/male": "test", "festival/slt": "valid", "asterisk/allison": "train"}
@@ -293,11 +293,12 @@ def build(out: str | Path = DEFAULT_OUT, cfg: DemoConfig = DemoConfig(), log=pri
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     _write_lists(out, files)  # lists hold absolute paths: written once the corpus is in place
-    log(f"demo corpus: {_summary(manifest)} in {out} ({time.perf_counter() - t0:.1f} s)")
+    log(f"demo corpus: {summary(manifest)} in {out} ({time.perf_counter() - t0:.1f} s)")
     return manifest
 
 
-def _summary(manifest: dict) -> str:
+def summary(manifest: dict) -> str:
+    """One line: files and minutes per kind."""
     t = manifest["totals"]
     return ", ".join(f"{k} {v['files']} files / {v['seconds'] / 60:.1f} min" for k, v in t.items())
 

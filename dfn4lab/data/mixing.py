@@ -246,3 +246,36 @@ class Mixer:
         reps = np.tile(x, -(-n // x.size) + 1)
         start = int(rng.integers(0, x.size))
         return reps[start : start + n]
+
+
+def mixture_steps(
+    speech: np.ndarray,
+    noise: np.ndarray,
+    sr: int,
+    snr_db: float = 5.0,
+    rt60: float | None = 0.5,
+    eq_gain_db: float = 0.0,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
+    """One mixture built step by step, for inspection (notebook 01); signals (samples,) float32.
+
+    Steps: dry speech -> EQ (a 1 kHz peaking biquad of ``eq_gain_db``) -> room (a random shoebox
+    of reverberation time ``rt60`` s, or none) -> noise at ``snr_db`` against the reverberant speech.
+    The training target keeps the direct path and early reflections, as ``Mixer`` does.
+    """
+    from dfn4lab.data import mix, rooms
+
+    from scipy import signal as sps
+
+    n = min(speech.size, noise.size)
+    speech, noise = speech[:n].astype(np.float32), noise[:n].astype(np.float32)
+    eq = augment.match_rms(
+        sps.sosfilt(augment.biquad("peaking", 1000.0, sr, 1.0, eq_gain_db)[None], speech), speech
+    )
+    wet, target = eq, eq
+    if rt60:
+        room = rooms.random_room(np.random.default_rng(seed), rt60=(rt60, rt60), mics=1)
+        rir = rooms.simulate(room, sr)[0][0]
+        wet, target = augment.reverb(eq, rir, sr, MixConfig().early_ms, rt60)
+    noisy = mix(wet, noise, snr_db)
+    return {"speech": speech, "eq": eq, "reverberant": wet, "noisy": noisy, "target": target}

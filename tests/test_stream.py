@@ -1,0 +1,197 @@
+"""StreamingEnhancer == offline ``inference.enhance`` for every preset and backbone; the stream CLI."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+
+import dfn4lab  # noqa: F401
+from dfn4lab import audio, data, inference
+from dfn4lab.__main__ import main
+from dfn4lab.audio import AudioError
+from dfn4lab.config import preset
+from dfn4lab.stream import StreamingEnhancer, microphone
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import soundfile as sf
+
+TINY = {
+    "conv_ch": 8,
+    "emb_hidden_dim": 32,
+    "df_hidden_dim": 32,
+    "enc_linear_groups": 8,
+    "linear_groups": 4,
+    "df_linear_groups": 4,
+}
+TOL = 1e-4
+
+
+def _speechlike(n: int, seed: int = 0, channels: int | None = None) -> np.ndarray:
+    """Voiced-speech-like syllables (harmonics of a gliding pitch, 2.5 Hz bursts) in pink noise."""
+    rows = []
+    for c in range(channels or 1):
+        rng = np.random.default_rng(seed + 100 * c)
+        t = np.arange(n) / 48000
+        f0 = rng.uniform(100, 200) + 20 * np.sin(2 * np.pi * 1.5 * t)
+        phase = 2 * np.pi * np.cumsum(f0) / 48000
+        voiced = sum(np.sin(k * phase) / k for k in range(1, 30)) * np.clip(
+            np.sin(2 * np.pi * 2.5 * t), 0, None
+        )
+        rows.append(0.1 * voiced + 0.02 * data.pink_noise(n, seed=seed + c))
+    x = np.stack(rows).astype(np.float32)
+    return x[0] if channels is None else x
+
+
+def _stream(enh: StreamingEnhancer, x: np.ndarray, chunks: list[int]) -> np.ndarray:
+    """Feed ``x`` in chunks of the given sizes (cycled), then flush."""
+    outs, i, k = [], 0, 0
+    while i < x.shape[-1]:
+        c = chunks[k % len(chunks)]
+        outs.append(enh.process(x[..., i : i + c]))
+        i, k = i + c, k + 1
+    outs.append(enh.flush())
+    return np.concatenate(outs, axis=-1)
+
+
+@pytest.fixture(scope="module")
+def dfn3():
+    return inference.load_pretrained("dfn3")
+
+
+@pytest.mark.parametrize("chunks", [[480], [173], [1000, 7, 2400, 1]])
+def test_dfn3_official_weights_match_offline(dfn3, chunks):
+    x = _speechlike(48000 - 137)  # not whole hops: flush pads the last one
+    ref = inference.enhance(x, 48000, dfn3)
+    enh = StreamingEnhancer(dfn3)
+    y = _stream(enh, x, chunks)
+    assert y.shape == x.shape
+    assert np.abs(y - ref).max() < TOL
+    assert np.abs(ref).max() > 0.01  # speech kept: the comparison is not between near-silences
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        preset("dfn3", backbone="gru", **TINY),
+        preset("dfn3", backbone="mamba", **TINY),
+        preset("dfn3", backbone={"kind": "attention", "window": 8}, **TINY),
+        preset("dfn3", backbone="attention", **TINY),  # unwindowed: stays eager
+        preset("dfn4-lite"),
+    ],
+    ids=["gru", "mamba", "attention-window8", "attention-full", "dfn4-lite"],
+)
+def test_every_backbone_matches_offline(cfg):
+    mx.random.seed(0)
+    model = inference.build(cfg)
+    x = _speechlike(24000 + 1, seed=1)
+    ref = inference.enhance(x, 48000, model)
+    enh = StreamingEnhancer(model)
+    y = _stream(enh, x, [311, 1200, 5])
+    assert np.abs(y - ref).max() < TOL
+    # the same enhancer again: flush reset every state, and the compiled hop is reused
+    np.testing.assert_array_equal(_stream(enh, x, [480]), y)
+
+
+def test_compiled_equals_eager_and_engages():
+    mx.random.seed(0)
+    model = inference.build(preset("dfn3", **TINY))
+    x = _speechlike(9600, seed=2)
+    eager, fast = StreamingEnhancer(model, compile=False), StreamingEnhancer(model)
+    outs_e, outs_c = [], []
+    for i in range(0, x.size, 480):
+        outs_e.append(eager.process(x[i : i + 480]))
+        outs_c.append(fast.process(x[i : i + 480]))
+    assert fast.compiled and not eager.compiled
+    np.testing.assert_allclose(np.concatenate(outs_c), np.concatenate(outs_e), atol=1e-6)
+
+
+def test_uncompensated_stream_is_delayed_offline(dfn3):
+    x = _speechlike(19200, seed=3)
+    ref = inference.enhance(x, 48000, dfn3)
+    enh = StreamingEnhancer(dfn3, compensate_delay=False)
+    d = enh.delay_samples
+    # published DeepFilterNet3 figures: 30 ms output delay (the official runtime's), 40 ms latency
+    assert d == inference.OFFICIAL_DELAY and enh.latency_ms == pytest.approx(40.0)
+    first = enh.process(x[:4800])
+    assert first.size == 4800  # one hop out per hop in, from the start
+    y = np.concatenate([first, _stream(enh, x[4800:], [480])])
+    assert y.size == x.size + d
+    assert np.abs(y[d:] - ref).max() < TOL
+
+
+def test_channels_and_attenuation_limit(dfn3):
+    x = _speechlike(14400 + 333, seed=4, channels=2)
+    ref = inference.enhance(x, 48000, dfn3, atten_lim_db=12.0)
+    enh = StreamingEnhancer(dfn3, channels=2, atten_lim_db=12.0)
+    y = _stream(enh, x, [700])
+    assert y.shape == x.shape
+    assert np.abs(y - ref).max() < TOL
+    assert np.abs(y - inference.enhance(x, 48000, dfn3)).max() > 10 * TOL  # the limit did something
+
+
+def test_bad_chunks_are_rejected(dfn3):
+    enh = StreamingEnhancer(dfn3)
+    with pytest.raises(AudioError, match="chunk"):
+        enh.process(np.zeros((2, 480), np.float32))
+    with pytest.raises(AudioError, match="NaN"):
+        enh.process(np.full(480, np.nan, np.float32))
+
+
+def test_cli_streams_files(tmp_path, capsys, dfn3):
+    src48, out48 = tmp_path / "a.wav", tmp_path / "a_out.wav"
+    x = _speechlike(9600, seed=5)
+    sf.write(src48, x, 48000, subtype="FLOAT")
+    assert main(["stream", str(src48), "-o", str(out48), "--chunk-ms", "7"]) == 0
+    y, sr = audio.load(out48)
+    assert sr == 48000
+    ref = inference.enhance(audio.load(src48)[0][0], 48000, dfn3)
+    assert np.abs(y[0] - ref).max() < TOL + 2**-15  # PCM_16 output
+    # another rate and two channels: resampled to 48 kHz and back, streaming
+    src16, out16 = tmp_path / "b.flac", tmp_path / "b_out.flac"
+    sf.write(src16, _speechlike(4000, seed=6, channels=2).T, 16000)
+    assert main(["stream", str(src16), "-o", str(out16)]) == 0
+    y, sr = audio.load(out16)
+    assert sr == 16000 and y.shape == (2, 4000) and np.abs(y).max() > 0
+
+
+def test_cli_bad_input_leaves_no_file(tmp_path, capsys):
+    empty, out = tmp_path / "empty.wav", tmp_path / "out.wav"
+    empty.write_bytes(b"")
+    assert main(["stream", str(empty), "-o", str(out)]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:")
+    assert main(["stream", str(tmp_path / "missing.wav"), "-o", str(out)]) != 0
+    assert main(["stream", str(empty), "-o", str(out), "--chunk-ms", "0"]) != 0
+    assert capsys.readouterr().err.count("error:") == 2
+    assert list(tmp_path.iterdir()) == [empty]
+
+
+class _FakeSoundDevice:
+    """Stands in for ``sounddevice``: ``sleep`` drives the stream's callback with hops of ``source``."""
+
+    def __init__(self, source: np.ndarray):
+        self.source, self.played = source, []
+
+    def Stream(self, samplerate, blocksize, channels, dtype, callback):  # noqa: N802 (sounddevice's name)
+        self.blocksize, self.callback = blocksize, callback
+        return contextlib.nullcontext()
+
+    def sleep(self, ms: int) -> None:
+        n = self.blocksize
+        for i in range(0, self.source.size - n + 1, n):
+            out = np.zeros((n, 1), np.float32)
+            self.callback(self.source[i : i + n, None], out, n, None, None)
+            self.played.append(out[:, 0].copy())
+
+
+def test_microphone_plays_the_delayed_stream(dfn3, tmp_path, monkeypatch):
+    x = _speechlike(4800, seed=7)
+    fake = _FakeSoundDevice(x)
+    monkeypatch.setitem(sys.modules, "sounddevice", fake)
+    microphone(dfn3, seconds=0.1, dest=tmp_path / "rec.wav")
+    expected = StreamingEnhancer(dfn3, compensate_delay=False).process(x)
+    np.testing.assert_array_equal(np.concatenate(fake.played), expected)
+    rec, sr = audio.load(tmp_path / "rec.wav")
+    assert sr == 48000 and np.abs(rec[0] - expected).max() < 2**-15
