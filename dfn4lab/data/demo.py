@@ -303,6 +303,18 @@ def summary(manifest: dict) -> str:
     return ", ".join(f"{k} {v['files']} files / {v['seconds'] / 60:.1f} min" for k, v in t.items())
 
 
+def sources_table(manifest: dict) -> dict[str, tuple[str, int, str]]:
+    """Per source used: (kind, files, minutes)."""
+    used = manifest["sources"]["used"]
+    return {name: (u["kind"], u["files"], f"{u['seconds'] / 60:.1f} min") for name, u in used.items()}
+
+
+def first_file(corpus: str | Path, manifest: dict, kind: str, split: str = "test") -> Path:
+    """The first file of ``kind`` (speech, noise, rir) in ``split``, as a path."""
+    entry = next(f for f in manifest["files"] if f["kind"] == kind and f["split"] == split)
+    return Path(corpus) / entry["path"]
+
+
 def is_built(out: str | Path = DEFAULT_OUT) -> bool:
     out = Path(out)
     return (out / "manifest.json").is_file() and (out / "data_config.json").is_file()
