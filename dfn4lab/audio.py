@@ -7,8 +7,9 @@ reported as ``AudioError`` (a ``ValueError``) with a one-line message naming the
 from __future__ import annotations
 
 import os
-import secrets
 from pathlib import Path
+
+from dfn4lab.paths import atomic_write
 
 import numpy as np
 import soundfile as sf
@@ -85,17 +86,12 @@ def save(path: str | os.PathLike, x: np.ndarray, sr: int, subtype: str | None = 
     fmt = p.suffix.lstrip(".").upper()
     if fmt not in sf.available_formats():
         raise AudioError(f"{p}: unknown audio format {p.suffix!r}")
-    # A fresh hidden name next to the target (so the rename stays on one filesystem); created by
-    # soundfile with the usual umask permissions.
-    tmp = p.with_name(f".{p.name}.{secrets.token_hex(6)}.tmp")
     try:
-        sf.write(tmp, x.T, sr, format=fmt, subtype=subtype)
-        os.replace(tmp, p)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, (RuntimeError, ValueError, TypeError)) and not isinstance(e, AudioError):
-            raise AudioError(f"{p}: cannot write audio ({_first_line(e)})") from e
-        raise
+        atomic_write(p, lambda tmp: sf.write(tmp, x.T, sr, format=fmt, subtype=subtype))
+    except (RuntimeError, ValueError, TypeError) as e:
+        if isinstance(e, AudioError):
+            raise
+        raise AudioError(f"{p}: cannot write audio ({_first_line(e)})") from e
 
 
 def _first_line(e: BaseException) -> str:

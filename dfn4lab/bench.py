@@ -20,6 +20,7 @@ from pathlib import Path
 import dfn4lab  # noqa: F401  (binds the BLAS before mlx.core)
 from dfn4lab.config import ModelConfig, preset
 from dfn4lab.data.bench import run as data_bench
+from dfn4lab.paths import atomic_write
 
 import mlx.core as mx
 import numpy as np
@@ -348,9 +349,7 @@ def _write(out_dir: Path, name: str, result: dict, rows: list[dict]) -> None:
     writer.writeheader()
     writer.writerows(rows)
     for suffix, text in ((".json", json.dumps(result, indent=2, default=str)), (".csv", buf.getvalue())):
-        tmp = out_dir / f".{name}{suffix}.tmp"
-        tmp.write_text(text)
-        tmp.replace(out_dir / f"{name}{suffix}")
+        atomic_write(out_dir / f"{name}{suffix}", text)
 
 
 def _stream_bench(args: argparse.Namespace) -> dict:

@@ -10,35 +10,49 @@ import configparser
 import dataclasses
 import json
 import math
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
+
+from dfn4lab.paths import atomic_write
 
 T = TypeVar("T")
 
 
 def from_dict(cls: type[T], d: dict[str, Any]) -> T:
-    """Build dataclass ``cls`` from a (nested) dict, ignoring unknown keys."""
-    kwargs = {}
-    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
-        if f.name not in d:
-            continue
-        v = d[f.name]
-        sub = _dataclass_type(f)
-        if sub is not None and isinstance(v, dict):
-            v = from_dict(sub, v)
-        elif isinstance(v, list) and f.name in _TUPLE_FIELDS:
-            v = tuple(tuple(x) if isinstance(x, list) else x for x in v)
-        kwargs[f.name] = v
-    return cls(**kwargs)
+    """Build dataclass ``cls`` from a (nested) dict as JSON gives it: unknown keys ignored, nested
+    dataclasses built, lists turned back into the tuples the fields declare."""
+    hints = typing.get_type_hints(cls)
+    fields = dataclasses.fields(cls)  # type: ignore[arg-type]
+    return cls(**{f.name: _as_field(hints[f.name], d[f.name]) for f in fields if f.name in d})
 
 
-def _dataclass_type(f: dataclasses.Field) -> type | None:
-    t = f.type if isinstance(f.type, type) else globals().get(str(f.type))
-    return t if t is not None and dataclasses.is_dataclass(t) else None
+def _as_field(t: Any, v: Any) -> Any:
+    """``v`` as a field of type ``t`` holds it; ``t`` may be optional (``tuple[float, ...] | None``)."""
+    union = typing.get_origin(t) in (typing.Union, types.UnionType)
+    for arm in typing.get_args(t) if union else (t,):
+        if dataclasses.is_dataclass(arm) and isinstance(v, dict):
+            return from_dict(arm, v)
+        if typing.get_origin(arm) is tuple and isinstance(v, list):
+            items = [a for a in typing.get_args(arm) if a is not Ellipsis] or [Any]
+            return tuple(_as_field(items[min(i, len(items) - 1)], x) for i, x in enumerate(v))
+    return v
 
 
-_TUPLE_FIELDS = {"conv_kernel_inp", "conv_kernel", "convt_kernel", "multires_df"}
+class JsonConfig:
+    """JSON round trip of a config dataclass; the class reads it back with ``from_dict``."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        """The config as JSON, also written (atomically) to ``path`` if given."""
+        s = json.dumps(self.to_dict(), indent=2)
+        if path is not None:
+            atomic_write(path, s + "\n")
+        return s
 
 
 @dataclass(frozen=True)
@@ -87,7 +101,7 @@ class BackboneConfig:
 
 
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(JsonConfig):
     """DfNet4. With ``preset("dfn3")`` it is exactly DeepFilterNet3."""
 
     dsp: DspConfig = field(default_factory=DspConfig)
@@ -121,15 +135,6 @@ class ModelConfig:
     pf_beta: float = 0.02
     atten_lim_db: float | None = None
     running_stats: bool = False
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def to_json(self, path: str | Path | None = None) -> str:
-        s = json.dumps(self.to_dict(), indent=2)
-        if path is not None:
-            Path(path).write_text(s)
-        return s
 
     @classmethod
     def from_json(cls, s_or_path: str | Path) -> ModelConfig:

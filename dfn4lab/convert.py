@@ -12,12 +12,12 @@ from __future__ import annotations
 import os
 import re
 import tarfile
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dfn4lab.config import ModelConfig, from_ini
+from dfn4lab.paths import atomic_write
 
 import mlx.core as mx
 import numpy as np
@@ -156,20 +156,9 @@ def save(path: str | Path, model, cfg: ModelConfig, meta: dict | None = None) ->
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     weights = dict(tree_flatten(model.parameters()))
-    _atomic(path / "model.safetensors", lambda p: mx.save_safetensors(p, weights, metadata=meta or {}))
-    _atomic(path / "config.json", lambda p: Path(p).write_text(cfg.to_json()))
+    atomic_write(path / "model.safetensors", lambda p: mx.save_safetensors(p, weights, metadata=meta or {}))
+    atomic_write(path / "config.json", cfg.to_json())
     return path
-
-
-def _atomic(dest: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.stem}-", suffix=dest.suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def load_folder(path: str | Path) -> tuple[ModelConfig, dict[str, np.ndarray]]:
@@ -319,7 +308,7 @@ def save_torch_checkpoint(path: str | Path, flat: Mapping[str, Any]) -> Path:
     if path.suffix == ".safetensors":
         from safetensors.torch import save_file
 
-        _atomic(path, lambda p: save_file(state, p))
+        atomic_write(path, lambda p: save_file(state, p))
     else:
-        _atomic(path, lambda p: torch.save(state, p))
+        atomic_write(path, lambda p: torch.save(state, p))
     return path

@@ -234,18 +234,6 @@ def _official(x: np.ndarray, sr: int) -> np.ndarray:
     return y if sr == 48000 else audio.resample(y, 48000, sr)[: x.size]
 
 
-def _checkpoint(spec: str) -> str | Path:
-    """A model folder for ``spec``: itself, or in a training run folder the checkpoint named ``best``
-    (else the newest) below it; names that are no folder pass through (``dfn3``, presets)."""
-    path = Path(spec)
-    if not path.is_dir() or (path / "config.json").exists():
-        return spec
-    found = sorted((p.parent for p in path.rglob("model.safetensors")), key=lambda p: p.stat().st_mtime)
-    if not found:
-        raise ValueError(f"{path} holds no model (config.json + model.safetensors)")
-    return next((p for p in found if p.name == "best"), found[-1])
-
-
 def load_models(specs: Sequence[str], official: bool = False) -> dict[str, tuple[Enhancer, DfNet | None]]:
     """``noisy``, then ``official`` (if asked), then each spec: name -> (enhancer, MLX model or None).
 
@@ -259,7 +247,7 @@ def load_models(specs: Sequence[str], official: bool = False) -> dict[str, tuple
         name = Path(spec).name if Path(spec).is_dir() else spec
         if name in models or name == "table":
             raise ValueError(f"model name {name!r} is taken: rename the folder")
-        net = inference.resolve(_checkpoint(spec))
+        net = inference.resolve(spec)
         models[name] = ((lambda x, sr, net=net: inference.enhance(x, sr, net)), net)
     return models
 

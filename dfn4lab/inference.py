@@ -50,14 +50,27 @@ def load_pretrained(name: str = "dfn3") -> DfNet:
     return load(folder)
 
 
+def model_folder(path: str | Path) -> Path:
+    """A model folder (config.json + model.safetensors) for ``path``: itself, or in a training run
+    folder the checkpoint named ``best`` (else the newest) below it."""
+    path = Path(path)
+    if (path / "config.json").exists():
+        return path
+    found = sorted((p.parent for p in path.rglob("model.safetensors")), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise ValueError(f"{path} holds no model (config.json + model.safetensors)")
+    return next((p for p in found if p.name == "best"), found[-1])
+
+
 def resolve(model: DfNet | str | Path | None) -> DfNet:
-    """A model from an instance, a pretrained name, a preset name (random weights) or a folder."""
+    """A model from an instance, a pretrained name, a preset name (random weights), a model folder or a
+    training run folder (its best checkpoint, else the newest)."""
     if model is None or model in PRETRAINED:
         return load_pretrained(model or "dfn3")
     if isinstance(model, DfNet):
         return model
     if Path(model).is_dir():
-        return load(model)
+        return load(model_folder(model))
     try:
         return build(preset(str(model)))
     except ValueError:

@@ -1,11 +1,49 @@
 """Where the workbench keeps its files: the project's ``data/`` (corpora, caches, results) and
-``figures/``. Absolute, so notebooks (run from ``notebooks/``) and the CLI agree."""
+``figures/``. Absolute, so notebooks (run from ``notebooks/``) and the CLI agree. Files and folders
+are written atomically: complete under a temporary name first, then renamed into place."""
 
 from __future__ import annotations
 
+import os
+import secrets
+import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 PROJECT = Path(__file__).resolve().parents[1]
 DATA = PROJECT / "data"
 DEMO = DATA / "demo"  # the demo corpus (make data)
 FIGURES = PROJECT / "figures"
+
+
+def atomic_write(path: str | os.PathLike, content: str | Callable[[str], Any]) -> Path:
+    """Write ``path`` so that it is never seen partial: ``content`` (text, or a function that writes the
+    file it is given) goes to a fresh hidden name beside ``path`` with the same suffix (writers that
+    append a missing extension or infer the format from it keep working), then replaces ``path``. On
+    any error the temporary file is removed and ``path`` stays as it was."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.{secrets.token_hex(6)}.tmp{path.suffix}")
+    try:
+        if isinstance(content, str):
+            tmp.write_text(content)
+        else:
+            content(str(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def publish(tmp: str | os.PathLike, dest: str | os.PathLike) -> Path:
+    """Rename the finished folder ``tmp`` to ``dest``, replacing an older ``dest`` without a gap."""
+    tmp, dest = Path(tmp), Path(dest)
+    if dest.exists():
+        old = dest.with_name(f".{dest.name}.old.{os.getpid()}")
+        os.rename(dest, old)
+        os.rename(tmp, dest)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, dest)
+    return dest

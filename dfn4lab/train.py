@@ -10,11 +10,9 @@ validation each epoch, fine-tuning from DFN3, and data-parallel scale-out over `
 In a notebook: ``train.train(run, callback=viz.TrainBoard().update)`` redraws one live figure.
 
 A run folder holds ``run_config.json`` (the resolved config), ``metrics.jsonl`` (one record per step
-and per epoch), ``checkpoints/step-NNNNNNNN/`` (the newest ``keep``) and ``best/``. A checkpoint folder
-is a model folder (``model.safetensors`` + ``config.json``, so ``inference.load`` reads it) plus
-``trainer.safetensors``: optimizer state as arrays; step, data position, RNG seeding, metrics and the
-run config as metadata. Folders are written under a temporary name and renamed, so a crash never leaves
-a partial checkpoint; a run restarted with the same ``out`` resumes from the newest one.
+and per epoch), ``checkpoints/step-NNNNNNNN/`` (the newest ``keep``) and ``best/`` (``dfn4lab.checkpoint``
+says what they hold); a run restarted with the same ``out`` resumes from the newest checkpoint. Each
+epoch ends with ``dfn4lab.validation`` on a fixed set of the valid split.
 
 Determinism: every batch is a function of (seed, epoch, sample index); the VAD switch and MLX's RNG
 (reseeded before every step) of (seed, step); model and optimizer state are restored bit for bit. So a
@@ -31,9 +29,7 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import re
-import shutil
 import signal
 import sys
 import time
@@ -43,19 +39,18 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from dfn4lab import convert, inference, losses
-from dfn4lab.config import ModelConfig, from_dict, preset
+from dfn4lab import inference, losses, paths
+from dfn4lab.checkpoint import latest_checkpoint, restore, save_checkpoint, save_step
+from dfn4lab.config import JsonConfig, ModelConfig, from_dict, preset
 from dfn4lab.losses import LossConfig
 from dfn4lab.model import DfNet
+from dfn4lab.validation import validate, validation_items
 
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
-
-DEMO = Path(__file__).resolve().parents[1] / "data" / "demo"
-
 
 # --- configuration ---------------------------------------------------------------------------------
 
@@ -75,7 +70,7 @@ class OptimConfig:
 
 
 @dataclass(frozen=True)
-class RunConfig:
+class RunConfig(JsonConfig):
     """One training run: model preset and overrides, data, losses, optimizer, schedule, checkpoints."""
 
     out: str = "runs/default"
@@ -110,22 +105,9 @@ class RunConfig:
     freeze_bn: bool | None = None  # BatchNorm on running stats in training; None: when init_from is set
     progress: bool = True  # tqdm bar on rank 0
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def to_json(self, path: str | Path | None = None) -> str:
-        s = json.dumps(self.to_dict(), indent=2)
-        if path is not None:
-            _atomic_write(Path(path), s + "\n")
-        return s
-
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:
-        d = dict(d)
-        for name, sub in (("loss", LossConfig), ("optim", OptimConfig)):
-            if isinstance(d.get(name), dict):
-                d[name] = _tuples(from_dict(sub, d[name]))
-        return _tuples(from_dict(cls, d))
+        return from_dict(cls, d)
 
     @classmethod
     def load(cls, path: str | Path) -> RunConfig:
@@ -147,16 +129,6 @@ class RunConfig:
             e, b = (int(v) for v in part.split("/"))
             size = b if epoch >= e else size
         return size
-
-
-def _tuples(obj: Any) -> Any:
-    """JSON lists back to tuples in the fields of a frozen dataclass whose default is a tuple."""
-    fix = {}
-    for f in dataclasses.fields(obj):
-        v = getattr(obj, f.name)
-        if isinstance(v, list) and isinstance(f.default, tuple):
-            fix[f.name] = tuple(v)
-    return dataclasses.replace(obj, **fix) if fix else obj
 
 
 def set_path(d: dict[str, Any], dotted: str, value: Any) -> None:
@@ -215,10 +187,10 @@ def load_data(run: RunConfig):
     if path is None:
         from dfn4lab.data import demo
 
-        if not demo.is_built(DEMO):
-            print(f"building the demo corpus in {DEMO} (once)", flush=True)
-            demo.build(DEMO)
-        path = DEMO / "data_config.json"
+        if not demo.is_built(paths.DEMO):
+            print(f"building the demo corpus in {paths.DEMO} (once)", flush=True)
+            demo.build(paths.DEMO)
+        path = paths.DEMO / "data_config.json"
     cfg = DataConfig.from_json(path).replace(**{**run.data, "seed": run.seed})
     valid = None
     if run.valid_items > 0 and cfg.list_path("valid", "speech"):
@@ -382,67 +354,7 @@ def make_step(model: DfNet, opt: optim.Optimizer, run: RunConfig, group: mx.dist
     return partial(mx.compile, inputs=state, outputs=state)(step)
 
 
-# --- checkpoints -----------------------------------------------------------------------------------
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _publish(tmp: Path, dest: Path) -> None:
-    """Rename the finished folder ``tmp`` to ``dest``, replacing an older ``dest`` without a gap."""
-    if dest.exists():
-        old = dest.with_name(f".{dest.name}.old.{os.getpid()}")
-        os.rename(dest, old)
-        os.rename(tmp, dest)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, dest)
-
-
-def save_checkpoint(folder: Path, model: DfNet, opt: optim.Optimizer, meta: dict[str, Any]) -> Path:
-    """Write a checkpoint folder atomically: a model folder plus ``trainer.safetensors`` (optimizer, meta)."""
-    tmp = folder.with_name(f".tmp-{folder.name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    convert.save(tmp, model, model.cfg, meta={"step": str(meta["step"])})
-    arrays = {f"opt.{k}": v for k, v in tree_flatten(opt.state)}
-    mx.save_safetensors(str(tmp / "trainer.safetensors"), arrays, metadata={"meta": json.dumps(meta)})
-    _publish(tmp, folder)
-    return folder
-
-
-def checkpoints(out: Path) -> list[Path]:
-    """Checkpoint folders of a run, oldest first."""
-    d = out / "checkpoints"
-    return sorted(d.glob("step-*"), key=lambda p: int(p.name.split("-")[1])) if d.exists() else []
-
-
-def read_checkpoint(folder: Path) -> tuple[dict[str, np.ndarray], dict[str, mx.array], dict[str, Any]]:
-    """(model weights, trainer arrays, meta) of a checkpoint; raises if anything is missing or unreadable."""
-    _, weights = convert.load_folder(folder)
-    arrays, metadata = mx.load(str(folder / "trainer.safetensors"), return_metadata=True)
-    return weights, arrays, json.loads(metadata["meta"])
-
-
-def latest_checkpoint(out: Path, log: Callable[[str], None] = print):
-    """The newest readable checkpoint of ``out`` as (folder, weights, arrays, meta), or None."""
-    for folder in reversed(checkpoints(out)):
-        try:
-            return (folder, *read_checkpoint(folder))
-        except Exception as e:  # a damaged folder: say so and fall back to the one before
-            log(f"skipping unreadable checkpoint {folder.name}: {type(e).__name__}: {str(e)[:120]}")
-    return None
-
-
-def restore(
-    model: DfNet, opt: optim.Optimizer, weights: dict[str, np.ndarray], arrays: dict[str, mx.array]
-) -> None:
-    """Load model weights and optimizer state from a checkpoint."""
-    convert.load_weights(model, weights)
-    opt.state = tree_unflatten([(k[4:], v) for k, v in arrays.items() if k.startswith("opt.")])
-    opt.init(model.trainable_parameters())
+# --- scale-out -------------------------------------------------------------------------------------
 
 
 def _broadcast(tree: Any, group: mx.distributed.Group) -> Any:
@@ -454,72 +366,6 @@ def _broadcast(tree: Any, group: mx.distributed.Group) -> Any:
             for k, v in tree_flatten(tree)
         ]
     )
-
-
-# --- validation ------------------------------------------------------------------------------------
-
-
-def validate(model: DfNet, items: list[dict[str, mx.array]], run: RunConfig, ramp: float) -> dict[str, float]:
-    """Mean loss, SI-SDR, STOI and VAD agreement (speech-presence proxy; Silero where installed) of the
-    model on fixed batches of model inputs, with SI-SDR and STOI of the noisy input for reference.
-    Noise-only items count for the loss only."""
-    from dfn4lab import metrics
-    from dfn4lab.audio import resample
-
-    cfg, lc = model.cfg, run.loss
-    sums: dict[str, list[float]] = {}
-
-    def add(k: str, v: float) -> None:
-        sums.setdefault(k, []).append(v)
-
-    for it in items:
-        out = model(it["noisy"], it["feat_erb"], it["feat_spec"])
-        lsnr_range = (cfg.lsnr_min, cfg.lsnr_max)
-        loss, _ = losses.compute(
-            lc, cfg.dsp, lsnr_range, out, it["noisy"], it["clean"], mx.array([ramp, 0.0])
-        )
-        enh, clean, noisy = (losses.waveform(x, cfg.dsp) for x in (out[0], it["clean"], it["noisy"]))
-        p_enh, p_clean = (losses.presence(x, cfg.dsp, lc)["speech"] > 0.5 for x in (out[0], it["clean"]))
-        si, si_noisy = losses.si_sdr(enh, clean), losses.si_sdr(noisy, clean)
-        agree = mx.mean(p_enh == p_clean, axis=1)
-        mx.eval(loss, enh, clean, noisy, si, si_noisy, agree)
-        add("loss", float(loss))
-        for b in range(enh.shape[0]):
-            c, e, n = np.array(clean[b]), np.array(enh[b]), np.array(noisy[b])
-            if np.sqrt(np.mean(c**2)) < metrics.SILENCE_RMS:
-                continue
-            add("si_sdr", float(si[b]))
-            add("si_sdr_noisy", float(si_noisy[b]))
-            add("vad_proxy_agree", float(agree[b]))
-            for name, x in (("stoi", e), ("stoi_noisy", n)):
-                try:
-                    add(name, metrics.stoi(c, x, cfg.dsp.sr))
-                except metrics.Undefined:  # too little speech for STOI's own VAD
-                    pass
-            if _has_silero():
-                c16, e16 = resample(c, cfg.dsp.sr, 16000), resample(e, cfg.dsp.sr, 16000)
-                add("vad_silero_agree", metrics.vad_agreement(c16, e16))
-    return {k: float(np.mean(v)) for k, v in sums.items()}
-
-
-def _has_silero() -> bool:
-    try:
-        import silero_vad  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def validation_items(valid: Any, run: RunConfig, cfg) -> list[dict[str, mx.array]]:
-    """The fixed validation set: items 0.. of epoch 0 of the valid source, as batches of model inputs."""
-    from dfn4lab.data.loader import make_batch
-
-    n = min(run.valid_items, len(valid))
-    out = []
-    for s in range(0, n, run.valid_batch):
-        b = make_batch(valid, 0, list(range(s, min(n, s + run.valid_batch))), cfg)
-        out.append({k: mx.array(b[k]) for k in ("noisy", "clean", "feat_erb", "feat_spec")})
-    return out
 
 
 # --- the loop --------------------------------------------------------------------------------------
@@ -645,22 +491,21 @@ class Trainer:
         """Save a checkpoint (rank 0) and drop all but the newest ``keep``."""
         if not self.lead:
             return
-        save_checkpoint(
-            self.out / "checkpoints" / f"step-{self.step:08d}", self.model, self.opt, self.meta(metrics)
-        )
-        for old in checkpoints(self.out)[: -self.run.keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        save_step(self.out, self.model, self.opt, self.meta(metrics), self.run.keep)
 
     def validate(self) -> dict[str, float]:
         """Validation metrics (rank 0; {} elsewhere or without a valid split); updates ``best/``."""
-        if not (self.lead and self.valid_src is not None and self.run.valid_items > 0):
+        run = self.run
+        if not (self.lead and self.valid_src is not None and run.valid_items > 0):
             return {}
         if self._valid_items is None:
-            self._valid_items = validation_items(self.valid_src, self.run, self.model.cfg.dsp)
+            self._valid_items = validation_items(
+                self.valid_src, run.valid_items, run.valid_batch, self.model.cfg.dsp
+            )
         set_mode(self.model, False, self.freeze_bn)
-        v = validate(self.model, self._valid_items, self.run, losses.dyn_ramp(self.run.loss, self.step))
+        v = validate(self.model, self._valid_items, run.loss, losses.dyn_ramp(run.loss, self.step))
         set_mode(self.model, True, self.freeze_bn)
-        key, sign = self.run.best_by, (1 if self.run.best_by == "loss" else -1)
+        key, sign = run.best_by, (1 if run.best_by == "loss" else -1)
         if key in v and (self.best is None or sign * v[key] < sign * self.best):
             self.best = v[key]
             save_checkpoint(self.out / "best", self.model, self.opt, self.meta(v))
@@ -829,7 +674,7 @@ def _trim_log(path: Path, step: int) -> None:
     if not path.exists():
         return
     keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    _atomic_write(path, "".join(line + "\n" for line in keep))
+    paths.atomic_write(path, "".join(line + "\n" for line in keep))
 
 
 def read_log(out: str | Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:

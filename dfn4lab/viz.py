@@ -361,3 +361,23 @@ def mixing_panel(speech: np.ndarray, noise: np.ndarray, sr: int):
         s.observe(redraw, names="value")
     redraw()
     return w.VBox([w.HBox([snr, rt60, eq]), out])
+
+
+def compare_runs(runs: dict[str, str | Path], key: str = "si_sdr", ax=None):
+    """Validation ``key`` against step for several training runs (their ``out`` folders)."""
+    from dfn4lab.train import read_log
+
+    fig, ax = _ax(ax, figsize=(7, 3.5))
+    noisy = None
+    for name, out in runs.items():
+        _, epochs = read_log(out)
+        pts = [r for r in epochs if f"valid_{key}" in r]
+        if pts:
+            ax.plot([r["step"] for r in pts], [r[f"valid_{key}"] for r in pts], "o-", label=name)
+            noisy = pts[-1].get(f"valid_{key}_noisy", noisy)
+    if noisy is not None:
+        ax.axhline(noisy, color="gray", ls="--", label="noisy input")
+    ax.set(xlabel="step", ylabel=_label(key), title=f"validation {_label(key)} by run")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return fig

@@ -6,16 +6,11 @@ Needs /usr/bin/chromium (Debian package ``chromium``; ``make`` installs it on De
 
 from __future__ import annotations
 
-import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import jupyter_lab
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
@@ -28,50 +23,13 @@ if not Path(CHROMIUM).exists():
     )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def lab(tmp_path):
-    """A JupyterLab server on a free port serving a copy of notebooks/ (outputs never touch the repo)."""
+    """A JupyterLab server serving a copy of notebooks/ (outputs never touch the repo), in quick mode."""
     nbdir = tmp_path / "notebooks"
     shutil.copytree(ROOT / "notebooks", nbdir)
-    port = _free_port()
-    env = {**os.environ, "JUPYTER_RUNTIME_DIR": str(tmp_path / "rt"), "DFN4LAB_QUICK": "1"}
-    proc = subprocess.Popen(
-        [
-            str(Path(sys.executable).parent / "jupyter"),
-            "lab",
-            "--no-browser",
-            f"--port={port}",
-            "--ip=127.0.0.1",
-            "--IdentityProvider.token=",
-            "--ServerApp.password=",
-            "--allow-root",
-            f"--notebook-dir={nbdir}",
-            "--LabApp.news_url=None",
-            "--LabApp.collaborative=False",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=env,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        try:
-            if urllib.request.urlopen(f"{url}/lab", timeout=5).status == 200:
-                break
-        except OSError:
-            time.sleep(0.5)
-    try:
+    with jupyter_lab(nbdir, tmp_path / "rt", DFN4LAB_QUICK="1") as url:
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def test_notebook_02_runs_in_chromium(lab):

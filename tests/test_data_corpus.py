@@ -17,13 +17,6 @@ import soundfile as sf
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("corpus") / "demo"
-    demo.build(out, demo.DemoConfig.tiny(), log=lambda *_: None)
-    return out
-
-
 def _check_corpus(out: Path, check_audio: bool) -> dict:
     m = json.loads((out / "manifest.json").read_text())
     assert m["files"], "empty corpus"
@@ -44,22 +37,22 @@ def _check_corpus(out: Path, check_audio: bool) -> dict:
     return m
 
 
-def test_tiny_corpus_manifest_and_disjoint_splits(tiny):
-    m = _check_corpus(tiny, check_audio=True)
-    on_disk = {str(p.relative_to(tiny)) for p in tiny.rglob("*") if p.suffix == ".flac"}
+def test_tiny_corpus_manifest_and_disjoint_splits(tiny_corpus):
+    m = _check_corpus(tiny_corpus, check_audio=True)
+    on_disk = {str(p.relative_to(tiny_corpus)) for p in tiny_corpus.rglob("*") if p.suffix == ".flac"}
     assert on_disk == {f["path"] for f in m["files"]}
     rirs = [f for f in m["files"] if f["kind"] == "rir"]
     assert all(0.1 < f["rt60_measured"] < 0.7 for f in rirs)  # tiny rooms draw RT60 0.2-0.4 s
 
 
-def test_lists_and_config_match_the_manifest(tiny):
-    cfg = DataConfig.from_json(tiny / "data_config.json")
-    m = json.loads((tiny / "manifest.json").read_text())
+def test_lists_and_config_match_the_manifest(tiny_corpus):
+    cfg = DataConfig.from_json(tiny_corpus / "data_config.json")
+    m = json.loads((tiny_corpus / "manifest.json").read_text())
     for split in SPLITS:
         files = lists.load_split(cfg, split)
         for kind, entries in files.items():
             want = {
-                str((tiny / f["path"]).resolve())
+                str((tiny_corpus / f["path"]).resolve())
                 for f in m["files"]
                 if f["kind"] == kind and f["split"] == split
             }
@@ -67,7 +60,7 @@ def test_lists_and_config_match_the_manifest(tiny):
             assert all(e.split == split and e.sr == 48000 for e in entries)
 
 
-def test_build_is_deterministic(tiny, tmp_path):
+def test_build_is_deterministic(tiny_corpus, tmp_path):
     again = tmp_path / "again"
     demo.build(again, demo.DemoConfig.tiny(), log=lambda *_: None)
 
@@ -78,7 +71,7 @@ def test_build_is_deterministic(tiny, tmp_path):
             if p.is_file()
         }
 
-    a, b = digests(tiny), digests(again)
+    a, b = digests(tiny_corpus), digests(again)
     a.pop("lists/report.json"), b.pop("lists/report.json")
     for d in (a, b):  # lists hold absolute paths
         for k in [k for k in d if k.startswith("lists/")]:
@@ -134,8 +127,8 @@ def test_real_demo_corpus():
     assert 0 < sum(f["duration"] for f in m["files"]) / 60 < 60  # modest: under an hour in all
 
 
-def test_cli_skips_a_built_corpus(tiny, capsys, tmp_path):
+def test_cli_skips_a_built_corpus(tiny_corpus, capsys, tmp_path):
     out = tmp_path / "cli"
-    shutil.copytree(tiny, out)
+    shutil.copytree(tiny_corpus, out)
     assert demo.main(["--out", str(out)]) == 0
     assert "already" in capsys.readouterr().out

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from dfn4lab.data import datastore, demo
+from dfn4lab.data import datastore
 from dfn4lab.data.config import DataConfig
 from dfn4lab.data.datastore import Datastore
 from dfn4lab.data.loader import Loader
@@ -15,12 +15,15 @@ import pytest
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    out = tmp_path_factory.mktemp("corpus") / "demo"
-    demo.build(out, demo.DemoConfig.tiny(), log=lambda *_: None)
-    cfg = DataConfig.from_json(out / "data_config.json").replace(mix=dict(max_len_s=0.5, p_reverb=0.5))
-    cfg.to_json(out / "small.json")
-    return out, cfg
+def corpus(tiny_corpus, tmp_path_factory):
+    """(folder with ``small.json``, its config): the shared corpus with short mixtures; the corpus
+    folder stays as built."""
+    cfg = DataConfig.from_json(tiny_corpus / "data_config.json").replace(
+        mix=dict(max_len_s=0.5, p_reverb=0.5)
+    )
+    folder = tmp_path_factory.mktemp("config")
+    cfg.to_json(folder / "small.json")
+    return folder, cfg
 
 
 def test_build_read_back_and_verify(corpus, tmp_path):

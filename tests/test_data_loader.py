@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from dfn4lab import dsp
 from dfn4lab.config import DspConfig
-from dfn4lab.data import demo
 from dfn4lab.data.config import DataConfig
 from dfn4lab.data.loader import Batch, DataPosition, Loader
 from dfn4lab.data.mixing import Mixer
@@ -19,10 +19,8 @@ MIX = dict(max_len_s=0.5, p_reverb=0.5, p_clip=0.2, p_bandlimit=0.2, p_interfere
 
 
 @pytest.fixture(scope="module")
-def mixer(tmp_path_factory) -> Mixer:
-    out = tmp_path_factory.mktemp("corpus") / "demo"
-    demo.build(out, demo.DemoConfig.tiny(), log=lambda *_: None)
-    cfg = DataConfig.from_json(out / "data_config.json").replace(mix=MIX, samples_per_epoch=12)
+def mixer(tiny_corpus: Path) -> Mixer:
+    cfg = DataConfig.from_json(tiny_corpus / "data_config.json").replace(mix=MIX, samples_per_epoch=12)
     return Mixer.from_config(cfg, "train")
 
 
@@ -97,9 +95,8 @@ def test_workers_give_the_same_batches_and_resume(mixer):
     assert_same(as_np(got), reference)
 
 
-def test_from_config(tmp_path):
-    demo.build(tmp_path / "c", demo.DemoConfig.tiny(), log=lambda *_: None)
-    cfg = DataConfig.from_json(tmp_path / "c" / "data_config.json").replace(batch_size=2, workers=0, seed=4)
+def test_from_config(tiny_corpus):
+    cfg = DataConfig.from_json(tiny_corpus / "data_config.json").replace(batch_size=2, workers=0, seed=4)
     lo = Loader.from_config(cfg, "train")
     assert (lo.batch_size, lo.workers, lo.seed, lo.shuffle) == (2, 0, 4, True)
     assert len(lo) == len(lo.source) // 2 and not Loader.from_config(cfg, "valid").shuffle

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from dfn4lab import audio
-from dfn4lab.data import augment, demo
+from dfn4lab.data import augment
 from dfn4lab.data.config import NOISE_ONLY_SNR, DataConfig, MixConfig
 from dfn4lab.data.lists import Entry
 from dfn4lab.data.mixing import Mixer
@@ -19,10 +19,8 @@ ALL_ON = dict(p_eq=1.0, p_bandlimit=0.5, p_interferer=0.5, p_noise_only=0.0, max
 
 
 @pytest.fixture(scope="module")
-def cfg(tmp_path_factory) -> DataConfig:
-    out = tmp_path_factory.mktemp("corpus") / "demo"
-    demo.build(out, demo.DemoConfig.tiny(), log=lambda *_: None)
-    return DataConfig.from_json(out / "data_config.json")
+def cfg(tiny_corpus: Path) -> DataConfig:
+    return DataConfig.from_json(tiny_corpus / "data_config.json")
 
 
 def snr_db(s: np.ndarray, n: np.ndarray) -> float:

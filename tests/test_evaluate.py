@@ -141,7 +141,7 @@ def test_run_folder_resolves_to_its_best_checkpoint(tmp_path):
     (run / "ckpt" / "last").mkdir()
     for f in ("config.json", "model.safetensors"):
         (run / "ckpt" / "last" / f).write_bytes(b"")  # newer, but not the best
-    assert evaluate._checkpoint(str(run)) == run / "ckpt" / "best"
+    assert inference.model_folder(run) == run / "ckpt" / "best"
     models = evaluate.load_models([str(run)])
     assert list(models) == ["noisy", "myrun"]
     x = np.random.default_rng(0).standard_normal(4800).astype(np.float32) * 0.1

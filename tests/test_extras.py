@@ -11,17 +11,10 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from conftest import model_inputs, tiny_cfg
 from mlx.utils import tree_flatten
 
-TINY = {
-    "conv_ch": 8,
-    "emb_hidden_dim": 32,
-    "df_hidden_dim": 32,
-    "enc_linear_groups": 8,
-    "linear_groups": 4,
-    "df_linear_groups": 4,
-    "backbone": {"kind": "gru", "heads": 2},
-}
+T = 12  # frames of the test inputs
 EXTRAS = {
     "multires_df": {"multires_df": ((48, 3), (24, 2))},
     "adaptive_order": {"adaptive_order": True},
@@ -34,19 +27,9 @@ EXTRAS = {
 
 
 def _model(**extra) -> DfNet:
-    cfg = preset("dfn3", **TINY).replace(**extra)
-    model = inference.build(cfg)
+    model = inference.build(tiny_cfg(backbone={"kind": "gru", "heads": 2}, **extra))
     model.eval()
     return model
-
-
-def _inputs(model: DfNet, t: int = 12, seed: int = 0):
-    rng = np.random.default_rng(seed)
-    d = model.cfg.dsp
-    spec = mx.array(rng.standard_normal((2, t, d.freq_bins, 2)).astype(np.float32) * 0.1)
-    erb = mx.array((rng.standard_normal((2, t, d.nb_erb)) * 0.3 - 0.4).astype(np.float32))
-    dfs = mx.array(rng.standard_normal((2, t, d.nb_df, 2)).astype(np.float32) * 0.5)
-    return spec, erb, dfs
 
 
 @pytest.mark.parametrize("name", sorted(EXTRAS))
@@ -55,7 +38,7 @@ def test_extra_changes_output_and_streams_exactly(name):
     base = _model()
     mx.random.seed(0)
     model = _model(**EXTRAS[name])
-    x = _inputs(model)
+    x = model_inputs(model.cfg, T)
     if name == "running_stats":  # fresh statistics are the identity: learn some first
         model.train()
         model(*x)
@@ -64,7 +47,7 @@ def test_extra_changes_output_and_streams_exactly(name):
     if name != "lsnr_dropout":  # a training-time switch: inference is unchanged by design
         assert not np.allclose(np.array(offline), np.array(base(*x)[0]), atol=1e-6)
     state, outs = None, []
-    for t0 in range(0, 12, 5):
+    for t0 in range(0, T, 5):
         y, state = model.step(*(a[:, t0 : t0 + 5] for a in x), state)
         outs.append(y)
     outs.append(model.flush(state))
@@ -75,7 +58,7 @@ def test_extra_changes_output_and_streams_exactly(name):
 def test_extra_trains(name):
     model = _model(**EXTRAS[name])
     model.train()
-    spec, erb, dfs = _inputs(model)
+    spec, erb, dfs = model_inputs(model.cfg, T)
 
     def loss(m):
         return mx.mean(mx.abs(m(spec, erb, dfs)[0] - spec))
@@ -88,7 +71,7 @@ def test_extra_trains(name):
 def test_lsnr_dropout_silences_noise_frames_in_training():
     model = _model(lsnr_dropout=True)
     model.enc.lsnr_fc.bias = mx.array([-50.0])  # every frame predicted far below -10 dB
-    x = _inputs(model)
+    x = model_inputs(model.cfg, T)
     model.train()
     assert float(mx.abs(model(*x)[0]).max()) == 0.0
     model.eval()
@@ -109,13 +92,13 @@ def test_adaptive_order_tap_weights():
 def test_complex_gain_is_a_one_tap_filter():
     model = _model(complex_gain=True)
     assert model.df_history == 0
-    coefs = model(*_inputs(model))[3]
+    coefs = model(*model_inputs(model.cfg, T))[3]
     assert coefs.shape[-1] == 2
 
 
 def test_running_stats_update_in_training_only():
     model = _model(running_stats=True)
-    x = _inputs(model)
+    x = model_inputs(model.cfg, T)
     before = np.array(model.enc.erb_stats.running_mean)
     model(*x)
     np.testing.assert_array_equal(np.array(model.enc.erb_stats.running_mean), before)
@@ -128,5 +111,5 @@ def test_dfn4_presets_build_and_run():
     for name in ("dfn4", "dfn4-lite"):
         model = inference.build(preset(name))
         model.eval()
-        out = model(*_inputs(model, t=6))[0]
+        out = model(*model_inputs(model.cfg, 6))[0]
         assert out.shape == (2, 6, 481, 2) and np.isfinite(np.array(out)).all()

@@ -4,40 +4,22 @@ from __future__ import annotations
 
 import dfn4lab  # noqa: F401
 from dfn4lab import inference
-from dfn4lab.config import preset
 from dfn4lab.layers import ConvBlock, deep_filter
 
 import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-
-TINY = {
-    "conv_ch": 8,
-    "emb_hidden_dim": 32,
-    "df_hidden_dim": 32,
-    "enc_linear_groups": 8,
-    "linear_groups": 4,
-    "df_linear_groups": 4,
-}
-
-
-def _inputs(cfg, t: int, seed: int = 0):
-    rng = np.random.default_rng(seed)
-    f = cfg.dsp.freq_bins
-    spec = mx.array(rng.standard_normal((2, t, f, 2)).astype(np.float32) * 0.1)
-    erb = mx.array((rng.standard_normal((2, t, cfg.dsp.nb_erb)) * 0.3 - 0.4).astype(np.float32))
-    dfs = mx.array(rng.standard_normal((2, t, cfg.dsp.nb_df, 2)).astype(np.float32) * 0.5)
-    return spec, erb, dfs
+from conftest import model_inputs, tiny_cfg
 
 
 @pytest.mark.parametrize("backbone", ["gru", "mamba", "attention"])
 @pytest.mark.parametrize("chunk", [1, 3, 16])
 def test_step_equals_offline(backbone, chunk):
-    cfg = preset("dfn3", backbone=backbone, **TINY)
+    cfg = tiny_cfg(backbone=backbone)
     model = inference.build(cfg)
     model.eval()
-    spec, erb, dfs = _inputs(cfg, 16)
+    spec, erb, dfs = model_inputs(cfg, 16)
     offline = np.array(model(spec, erb, dfs)[0])
     state, outs = None, []
     for t0 in range(0, 16, chunk):

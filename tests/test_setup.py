@@ -5,15 +5,14 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 import tomllib
+from conftest import jupyter_lab
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -95,39 +94,6 @@ def test_info_cli():
     assert {"platform", "mlx_device", "blas", "mlx", "torch"} <= d.keys()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_jupyterlab_serves_lab(tmp_path):
-    port = _free_port()
-    jupyter = Path(sys.executable).parent / "jupyter"
-    proc = subprocess.Popen(
-        [
-            str(jupyter),
-            "lab",
-            "--no-browser",
-            f"--port={port}",
-            "--ip=127.0.0.1",
-            "--IdentityProvider.token=",
-            "--ServerApp.password=",
-            f"--notebook-dir={ROOT / 'notebooks'}",
-            "--allow-root",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env={**os.environ, "JUPYTER_RUNTIME_DIR": str(tmp_path)},
-    )
-    try:
-        status, deadline = None, time.time() + 90
-        while time.time() < deadline and status != 200:
-            try:
-                status = urllib.request.urlopen(f"http://127.0.0.1:{port}/lab", timeout=5).status
-            except OSError:
-                time.sleep(0.5)
-        assert status == 200
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    with jupyter_lab(ROOT / "notebooks", tmp_path) as url:
+        assert urllib.request.urlopen(f"{url}/lab", timeout=5).status == 200

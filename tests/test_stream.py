@@ -16,15 +16,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import soundfile as sf
+from conftest import tiny_cfg
 
-TINY = {
-    "conv_ch": 8,
-    "emb_hidden_dim": 32,
-    "df_hidden_dim": 32,
-    "enc_linear_groups": 8,
-    "linear_groups": 4,
-    "df_linear_groups": 4,
-}
 TOL = 1e-4
 
 
@@ -74,10 +67,10 @@ def test_dfn3_official_weights_match_offline(dfn3, chunks):
 @pytest.mark.parametrize(
     "cfg",
     [
-        preset("dfn3", backbone="gru", **TINY),
-        preset("dfn3", backbone="mamba", **TINY),
-        preset("dfn3", backbone={"kind": "attention", "window": 8}, **TINY),
-        preset("dfn3", backbone="attention", **TINY),  # unwindowed: stays eager
+        tiny_cfg(backbone="gru"),
+        tiny_cfg(backbone="mamba"),
+        tiny_cfg(backbone={"kind": "attention", "window": 8}),
+        tiny_cfg(backbone="attention"),  # unwindowed: stays eager
         preset("dfn4-lite"),
     ],
     ids=["gru", "mamba", "attention-window8", "attention-full", "dfn4-lite"],
@@ -96,7 +89,7 @@ def test_every_backbone_matches_offline(cfg):
 
 def test_compiled_equals_eager_and_engages():
     mx.random.seed(0)
-    model = inference.build(preset("dfn3", **TINY))
+    model = inference.build(tiny_cfg())
     x = _speechlike(9600, seed=2)
     eager, fast = StreamingEnhancer(model, compile=False), StreamingEnhancer(model)
     outs_e, outs_c = [], []

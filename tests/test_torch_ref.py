@@ -12,16 +12,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
+from conftest import model_inputs, tiny_cfg
 
 TOL = 1e-4
-TINY = {
-    "conv_ch": 8,
-    "emb_hidden_dim": 32,
-    "df_hidden_dim": 32,
-    "enc_linear_groups": 8,
-    "linear_groups": 4,
-    "df_linear_groups": 4,
-}
 BACKBONES = {
     "gru": {"kind": "gru"},
     "mamba": {"kind": "mamba", "chunk": 8},  # several scan chunks, the last one partial
@@ -32,7 +25,7 @@ CASES = [(p, b) for p in ("dfn3", "dfn4", "dfn4-lite") for b in BACKBONES]
 
 
 def _cfg(name: str, backbone: str, **extra):
-    return preset(name, **TINY).replace(backbone=BACKBONES[backbone], **extra)
+    return tiny_cfg(name, backbone=BACKBONES[backbone], **extra)
 
 
 def _torch_model(cfg, seed: int = 0) -> torch_ref.DfNet:
@@ -50,13 +43,9 @@ def _torch_model(cfg, seed: int = 0) -> torch_ref.DfNet:
     return net.eval()
 
 
-def _inputs(cfg, t: int = 20, batch: int = 2, seed: int = 0) -> tuple[np.ndarray, ...]:
-    rng = np.random.default_rng(seed)
-    d = cfg.dsp
-    spec = rng.standard_normal((batch, t, d.freq_bins, 2)) * 0.1
-    erb = rng.standard_normal((batch, t, d.nb_erb)) * 0.3 - 0.4
-    dfs = rng.standard_normal((batch, t, d.nb_df, 2)) * 0.5
-    return tuple(x.astype(np.float32) for x in (spec, erb, dfs))
+def _inputs(cfg, t: int = 20, batch: int = 2) -> tuple[np.ndarray, ...]:
+    """``model_inputs`` as numpy, for both frameworks."""
+    return tuple(np.array(x) for x in model_inputs(cfg, t, batch))
 
 
 def _both(net: torch_ref.DfNet, model, x: tuple[np.ndarray, ...]) -> list[tuple[np.ndarray, np.ndarray]]:

@@ -14,8 +14,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import dfn4lab  # noqa: F401
-from dfn4lab import data, train
-from dfn4lab.data import demo
+from dfn4lab import checkpoint, data, train
 from dfn4lab.data.config import DataConfig
 from dfn4lab.data.mixing import Mixer
 from dfn4lab.losses import LossConfig
@@ -24,26 +23,16 @@ from dfn4lab.train import RankView, RunConfig
 import mlx.core as mx
 import numpy as np
 import pytest
+from conftest import TINY, tiny_cfg
 from mlx.utils import tree_flatten
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
-TINY = {
-    "conv_ch": 8,
-    "emb_hidden_dim": 32,
-    "df_hidden_dim": 32,
-    "enc_linear_groups": 8,
-    "linear_groups": 4,
-    "df_linear_groups": 4,
-    "backbone": {"kind": "gru"},
-}
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("corpus") / "demo"
-    demo.build(out, demo.DemoConfig.tiny(), log=lambda *_: None)
-    return out / "data_config.json"
+def corpus(tiny_corpus: Path) -> Path:
+    return tiny_corpus / "data_config.json"
 
 
 def _run(corpus: Path, out: Path, **kw) -> RunConfig:
@@ -72,7 +61,7 @@ def _weights(folder: Path) -> dict[str, np.ndarray]:
 
 
 def _newest(out: Path) -> int:
-    return max((int(p.name.split("-")[1]) for p in train.checkpoints(out)), default=0)
+    return max((int(p.name.split("-")[1]) for p in checkpoint.checkpoints(out)), default=0)
 
 
 def _wait_past(out: Path, step: int, proc: subprocess.Popen, timeout: float = 120.0) -> None:
@@ -121,7 +110,7 @@ def test_kill9_and_sigint_resume_to_the_same_weights(corpus, tmp_path):
     steps, epochs = train.read_log(out)
     assert [r["step"] for r in steps] == list(range(1, 8))  # records past the checkpoint were dropped
     assert [r["loss"] for r in steps] == [r["loss"] for r in h["steps"]]
-    assert len(train.checkpoints(out)) == ref.keep
+    assert len(checkpoint.checkpoints(out)) == ref.keep
     assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]
     assert json.loads((out / "run_config.json").read_text())["max_steps"] == 7
 
@@ -214,17 +203,16 @@ def test_run_config_files_and_cli_overrides(tmp_path):
 
 def test_damaged_newest_checkpoint_falls_back(tmp_path):
     from dfn4lab import inference
-    from dfn4lab.config import preset
 
-    model = inference.build(preset("dfn3", **TINY))
+    model = inference.build(tiny_cfg())
     opt = train.make_optimizer(train.OptimConfig(), 10)
     opt.init(model.trainable_parameters())
     for step in (1, 2):
         meta = {"step": step, "position": [0, step]}
-        train.save_checkpoint(tmp_path / "checkpoints" / f"step-{step:08d}", model, opt, meta)
+        checkpoint.save_checkpoint(tmp_path / "checkpoints" / f"step-{step:08d}", model, opt, meta)
     (tmp_path / "checkpoints" / "step-00000002" / "trainer.safetensors").write_bytes(b"garbage")
     said = []
-    folder, _, _, meta = train.latest_checkpoint(tmp_path, said.append)
+    folder, _, _, meta = checkpoint.latest_checkpoint(tmp_path, said.append)
     assert folder.name == "step-00000001" and meta["step"] == 1
     assert "step-00000002" in said[0]
 

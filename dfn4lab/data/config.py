@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-T = TypeVar("T")
+from dfn4lab.config import JsonConfig, from_dict
 
 SPLITS = ("train", "valid", "test")
 KINDS = ("speech", "noise", "rir")
@@ -64,7 +63,7 @@ class CheckConfig:
 
 
 @dataclass(frozen=True)
-class DataConfig:
+class DataConfig(JsonConfig):
     """Everything a training run needs to load data: file lists per split and kind, mixing, loader."""
 
     lists: dict[str, dict[str, str]] = field(default_factory=dict)  # split -> kind -> list file
@@ -80,15 +79,6 @@ class DataConfig:
         """The list file for ``split``/``kind``, or None."""
         p = self.lists.get(split, {}).get(kind)
         return None if p is None else Path(p)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def to_json(self, path: str | Path | None = None) -> str:
-        s = json.dumps(self.to_dict(), indent=2)
-        if path is not None:
-            Path(path).write_text(s + "\n")
-        return s
 
     @classmethod
     def from_json(cls, s_or_path: str | Path) -> DataConfig:
@@ -107,19 +97,3 @@ class DataConfig:
             if isinstance(overrides.get(name), dict):
                 overrides[name] = dataclasses.replace(sub, **overrides[name])
         return dataclasses.replace(self, **overrides)
-
-
-def from_dict(cls: type[T], d: dict[str, Any]) -> T:
-    """Build dataclass ``cls`` from a (nested) dict: unknown keys ignored, JSON lists back to tuples."""
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
-        if f.name not in d:
-            continue
-        v, t = d[f.name], hints[f.name]
-        if dataclasses.is_dataclass(t) and isinstance(v, dict):
-            v = from_dict(t, v)
-        elif typing.get_origin(t) is tuple and isinstance(v, list):
-            v = tuple(v)
-        kwargs[f.name] = v
-    return cls(**kwargs)

@@ -18,7 +18,6 @@ import argparse
 import hashlib
 import json
 import multiprocessing
-import os
 import shutil
 import sys
 from collections import Counter
@@ -31,6 +30,7 @@ from dfn4lab.data.checks import Report
 from dfn4lab.data.config import DataConfig
 from dfn4lab.data.loader import featurize
 from dfn4lab.data.mixing import Mixer
+from dfn4lab.paths import publish
 
 import numpy as np
 from safetensors import safe_open
@@ -122,8 +122,7 @@ def build(
         "meta": meta,
     }
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    publish(tmp, out)
     return manifest
 
 

@@ -290,8 +290,7 @@ def build(out: str | Path = DEFAULT_OUT, cfg: DemoConfig = DemoConfig(), log=pri
             pool.shutdown(cancel_futures=True)
     manifest = _manifest(cfg, files, skipped)
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    paths.publish(tmp, out)
     _write_lists(out, files)  # lists hold absolute paths: written once the corpus is in place
     log(f"demo corpus: {summary(manifest)} in {out} ({time.perf_counter() - t0:.1f} s)")
     return manifest

@@ -19,6 +19,7 @@ are made in the calling thread.
 from __future__ import annotations
 
 import multiprocessing
+import signal
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import asdict, dataclass
@@ -109,6 +110,9 @@ _worker_source: Source | None = None
 
 
 def _init_worker(source: Source) -> None:
+    # Ctrl-C reaches every process of the group: the main process handles it (and closes the pool);
+    # a worker would only print its own KeyboardInterrupt traceback
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     global _worker_source
     _worker_source = source
 

@@ -1,0 +1,74 @@
+"""Training checkpoints: folders that resume a run exactly, written so a crash never leaves a partial one.
+
+A checkpoint folder is a model folder (``model.safetensors`` + ``config.json``, so ``inference.load``
+reads it) plus ``trainer.safetensors``: optimizer state as arrays; step, data position, RNG seeding,
+metrics and the run config as metadata. A run keeps its newest ones as ``checkpoints/step-NNNNNNNN/``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from dfn4lab import convert
+from dfn4lab.model import DfNet
+from dfn4lab.paths import publish
+
+import mlx.core as mx
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
+
+
+def save_checkpoint(folder: Path, model: DfNet, opt: optim.Optimizer, meta: dict[str, Any]) -> Path:
+    """Write a checkpoint folder atomically: a model folder plus ``trainer.safetensors`` (optimizer, meta)."""
+    tmp = folder.with_name(f".tmp-{folder.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    convert.save(tmp, model, model.cfg, meta={"step": str(meta["step"])})
+    arrays = {f"opt.{k}": v for k, v in tree_flatten(opt.state)}
+    mx.save_safetensors(str(tmp / "trainer.safetensors"), arrays, metadata={"meta": json.dumps(meta)})
+    return publish(tmp, folder)
+
+
+def save_step(out: Path, model: DfNet, opt: optim.Optimizer, meta: dict[str, Any], keep: int) -> Path:
+    """Save ``out/checkpoints/step-NNNNNNNN`` (the step of ``meta``) and drop all but the newest ``keep``."""
+    folder = save_checkpoint(out / "checkpoints" / f"step-{meta['step']:08d}", model, opt, meta)
+    for old in checkpoints(out)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+def checkpoints(out: Path) -> list[Path]:
+    """Checkpoint folders of a run, oldest first."""
+    d = out / "checkpoints"
+    return sorted(d.glob("step-*"), key=lambda p: int(p.name.split("-")[1])) if d.exists() else []
+
+
+def read_checkpoint(folder: Path) -> tuple[dict[str, np.ndarray], dict[str, mx.array], dict[str, Any]]:
+    """(model weights, trainer arrays, meta) of a checkpoint; raises if anything is missing or unreadable."""
+    _, weights = convert.load_folder(folder)
+    arrays, metadata = mx.load(str(folder / "trainer.safetensors"), return_metadata=True)
+    return weights, arrays, json.loads(metadata["meta"])
+
+
+def latest_checkpoint(out: Path, log: Callable[[str], None] = print):
+    """The newest readable checkpoint of ``out`` as (folder, weights, arrays, meta), or None."""
+    for folder in reversed(checkpoints(out)):
+        try:
+            return (folder, *read_checkpoint(folder))
+        except Exception as e:  # a damaged folder: say so and fall back to the one before
+            log(f"skipping unreadable checkpoint {folder.name}: {type(e).__name__}: {str(e)[:120]}")
+    return None
+
+
+def restore(
+    model: DfNet, opt: optim.Optimizer, weights: dict[str, np.ndarray], arrays: dict[str, mx.array]
+) -> None:
+    """Load model weights and optimizer state from a checkpoint."""
+    convert.load_weights(model, weights)
+    opt.state = tree_unflatten([(k[4:], v) for k, v in arrays.items() if k.startswith("opt.")])
+    opt.init(model.trainable_parameters())
