@@ -248,6 +248,20 @@ class StreamingEnhancer:
 # --- files, microphone, benchmark ----------------------------------------------------------------
 
 
+def stream_array(enh: StreamingEnhancer, x: np.ndarray, chunk: int) -> tuple[np.ndarray, np.ndarray]:
+    """Feed ``x`` (samples,) at the model rate through ``enh`` in ``chunk``-sample pieces, then flush.
+
+    Returns the output (delay compensated if ``enh`` is) and the wall time of each ``process`` call (s).
+    """
+    outs, times = [], []
+    for i in range(0, x.size, chunk):
+        t = time.perf_counter()
+        outs.append(enh.process(x[i : i + chunk]))
+        times.append(time.perf_counter() - t)
+    outs.append(enh.flush())
+    return np.concatenate(outs), np.asarray(times)
+
+
 def stream_file(src: str | Path, dest: str | Path, model: DfNet, chunk_ms: float = 10.0) -> Path:
     """Enhance a file as a live source would deliver it: ``chunk_ms`` chunks, streaming resampling.
 

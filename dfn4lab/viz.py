@@ -381,3 +381,28 @@ def compare_runs(runs: dict[str, str | Path], key: str = "si_sdr", ax=None):
     ax.grid(alpha=0.3)
     ax.legend()
     return fig
+
+
+# --- Streaming (notebook 06) ------------------------------------------------------------------------
+
+
+def hop_times(times_ms: np.ndarray, budget_ms: float, ax=None, title: str = "time per process() call"):
+    """Per-call processing time against the real-time budget of one hop."""
+    fig, ax = _ax(ax, figsize=(9, 3))
+    ax.plot(times_ms, lw=0.7)
+    ax.axhline(budget_ms, color="red", ls="--", label=f"real time ({budget_ms:.0f} ms per hop)")
+    ax.axhline(float(np.median(times_ms)), color="k", ls=":", label=f"median {np.median(times_ms):.2f} ms")
+    ax.set(xlabel="call", ylabel="ms", title=title, yscale="log")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def latency_hist(times_ms: np.ndarray, algorithmic_ms: float, ax=None, bins: int = 40):
+    """Distribution of end-to-end latency per hop: algorithmic latency plus processing time."""
+    fig, ax = _ax(ax, figsize=(6, 3))
+    ax.hist(algorithmic_ms + np.asarray(times_ms), bins=bins, color="tab:blue", alpha=0.8)
+    p99 = algorithmic_ms + float(np.percentile(times_ms, 99))
+    ax.axvline(p99, color="red", ls="--", label=f"p99 {p99:.1f} ms")
+    ax.set(xlabel="latency (ms): algorithmic + processing", ylabel="hops", title="latency per hop")
+    ax.legend(fontsize=8)
+    return fig
