@@ -18,6 +18,7 @@ from dfn4lab.model import DfNet
 
 import mlx.core as mx
 import numpy as np
+from tqdm import tqdm
 
 PRETRAINED = ("dfn3",)
 
@@ -85,28 +86,56 @@ def _to_complex(x: mx.array) -> mx.array:
     return x[..., 0] + 1j * x[..., 1]
 
 
-def enhance_spec(model: DfNet, spec: mx.array, chunk_frames: int = 2000) -> mx.array:
-    """Enhance a complex spectrum ``(batch, time, freq)`` -> ``(batch, time, freq)``.
+def _enhance_at_model_rate(
+    model: DfNet, x: np.ndarray, atten_lim_db: float | None, chunk_frames: int, progress: bool
+) -> np.ndarray:
+    """x (channels, samples) at the model rate -> enhanced, same shape.
 
-    Short inputs run the offline forward; longer ones go through ``model.step`` chunk by chunk
-    (identical numbers, bounded memory).
+    As upstream's ``enhance``: ``fft_size`` zeros appended, STFT, features, model, ISTFT, the STFT delay
+    removed. Done ``chunk_frames`` frames at a time with every state carried (STFT memory, feature
+    means, ``model.step``, the overlap-add), which gives the offline numbers with memory bounded by
+    the chunk: an hour of audio needs little beyond its input and output arrays.
     """
     cfg = model.cfg.dsp
-    if spec.shape[1] <= chunk_frames:
-        feat_erb, feat_spec = dsp.features(spec, cfg)
-        out = model(_to_ri(spec), feat_erb, _to_ri(feat_spec))[0]
-        return _to_complex(out)
+    hop, fft = cfg.hop_size, cfg.fft_size
+    m, k = (fft - hop) // hop, fft // hop  # analysis memory in frames; frames overlapping a hop
+    c, n = x.shape
+    total = (n + fft) // hop
+    y = np.zeros((c, total * hop), np.float32)
+    lim = 10 ** (-abs(atten_lim_db) / 20) if atten_lim_db else None
     erb_state = df_state = state = None
-    outs = []
-    for t0 in range(0, spec.shape[1], chunk_frames):
-        s = spec[:, t0 : t0 + chunk_frames]
-        feat_erb, erb_state = dsp.erb_feature(s, cfg, erb_state, return_state=True)
-        feat_spec, df_state = dsp.df_feature(s, cfg, df_state, return_state=True)
-        y, state = model.step(_to_ri(s), feat_erb, _to_ri(feat_spec), state)
-        mx.eval(y, state, erb_state, df_state)
-        outs.append(y)
-    outs.append(model.flush(state))
-    return _to_complex(mx.concatenate(outs, axis=1))
+    pending = mx.zeros((c, 0, cfg.freq_bins), mx.complex64)  # noisy frames not yet output
+    tail = mx.zeros((c, k - 1, cfg.freq_bins), mx.complex64)  # last enhanced frames, for overlap-add
+    written = 0
+
+    def emit(out: mx.array) -> None:
+        nonlocal pending, tail, written
+        t = out.shape[1]
+        if lim is not None:  # keep a floor of the noisy input, as upstream
+            out = pending[:, :t] * lim + out * (1 - lim)
+        pending = pending[:, t:]
+        frames = mx.concatenate([tail, out], axis=1)
+        y[:, written * hop : (written + t) * hop] = np.array(dsp.istft(frames, cfg)[:, (k - 1) * hop :])
+        tail, written = frames[:, frames.shape[1] - (k - 1) :], written + t
+
+    for f0 in tqdm(range(0, total, chunk_frames), desc="enhance", unit="chunk", disable=not progress):
+        f1 = min(f0 + chunk_frames, total)
+        s0, s1 = (f0 - m) * hop, f1 * hop  # the chunk's frames and the analysis memory before them
+        seg = np.zeros((c, s1 - s0), np.float32)
+        lo, hi = max(s0, 0), min(s1, n)
+        if hi > lo:
+            seg[:, lo - s0 : hi - s0] = x[:, lo:hi]
+        spec = dsp.stft(mx.array(seg), cfg)[:, m:]
+        feat_erb, erb_state = dsp.erb_feature(spec, cfg, erb_state, return_state=True)
+        feat_spec, df_state = dsp.df_feature(spec, cfg, df_state, return_state=True)
+        out, state = model.step(_to_ri(spec), feat_erb, _to_ri(feat_spec), state)
+        pending = mx.concatenate([pending, spec], axis=1)
+        if out.shape[1]:
+            emit(_to_complex(out))
+        mx.eval(pending, tail, state, erb_state, df_state)
+    emit(_to_complex(model.flush(state)))
+    d = fft - hop
+    return y[:, d : d + n]
 
 
 def enhance(
@@ -114,11 +143,15 @@ def enhance(
     sr: int,
     model: DfNet | str | Path | None = None,
     atten_lim_db: float | None = None,
+    chunk_frames: int = 1000,
+    progress: bool = False,
 ) -> np.ndarray:
     """Enhance ``audio`` ``(samples,)`` or ``(channels, samples)`` at rate ``sr``; same shape and rate out.
 
     Channels are enhanced independently (as a batch). ``atten_lim_db`` limits the noise
     attenuation by mixing back the noisy spectrum, as upstream does (default: the model config's).
+    Long inputs run in chunks of ``chunk_frames`` frames (same numbers, bounded memory); ``progress``
+    shows a bar over them.
     """
     model = resolve(model)
     atten_lim_db = model.cfg.atten_lim_db if atten_lim_db is None else atten_lim_db
@@ -134,16 +167,7 @@ def enhance(
     n = x.shape[-1]
     if sr != cfg.sr:
         x = resample(x, sr, cfg.sr)
-    n_model = x.shape[-1]
-    x = np.pad(x, [(0, 0), (0, cfg.fft_size)])
-    spec = dsp.stft(mx.array(x), cfg)
-    out = enhance_spec(model, spec)
-    if atten_lim_db is not None and abs(atten_lim_db) > 0:
-        lim = 10 ** (-abs(atten_lim_db) / 20)
-        out = spec * lim + out * (1 - lim)
-    y = np.array(dsp.istft(out, cfg))
-    d = cfg.fft_size - cfg.hop_size
-    y = y[:, d : d + n_model]
+    y = _enhance_at_model_rate(model, x, atten_lim_db, chunk_frames, progress)
     if sr != cfg.sr:
         y = resample(y, cfg.sr, sr)[:, :n]
         y = np.pad(y, [(0, 0), (0, n - y.shape[-1])])

@@ -6,9 +6,8 @@ import subprocess
 import sys
 
 import dfn4lab  # noqa: F401
-from dfn4lab import data, dsp, inference
+from dfn4lab import data, inference
 
-import mlx.core as mx
 import numpy as np
 import pytest
 import soundfile as sf
@@ -51,12 +50,16 @@ def test_agrees_with_official_runtime(dfn3, clip):
     assert snr(official[:-tail], ours[:-tail]) > 30.0
 
 
-def test_chunked_long_path_equals_offline(dfn3, clip):
+@pytest.mark.parametrize("chunk", [37, 480])
+def test_chunked_enhance_equals_offline_forward(dfn3, clip, chunk):
     noisy, _ = clip
-    spec = dsp.stft(mx.array(noisy[None, :96000]), dfn3.cfg.dsp)
-    whole = np.array(inference.enhance_spec(dfn3, spec))
-    chunked = np.array(inference.enhance_spec(dfn3, spec, chunk_frames=37))
-    np.testing.assert_allclose(chunked, whole, atol=1e-5)
+    offline = inference.analyze(noisy[:96000], dfn3)["enhanced"]  # one offline forward over it all
+    chunked = inference.enhance(noisy[:96000], 48000, dfn3, chunk_frames=chunk)
+    np.testing.assert_allclose(chunked, offline, atol=1e-5)
+    limited = inference.enhance(noisy[:96000], 48000, dfn3, atten_lim_db=6.0, chunk_frames=chunk)
+    floor = 10 ** (-6 / 20)
+    # the attenuation limit mixes the noisy input back in: y = floor*noisy + (1-floor)*enhanced
+    np.testing.assert_allclose(limited, floor * noisy[:96000] + (1 - floor) * offline, atol=2e-4)
 
 
 def test_any_rate_and_channels(dfn3):
