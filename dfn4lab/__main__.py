@@ -50,7 +50,7 @@ def enhance(
     failed = 0
     for src in tqdm(inputs, desc="enhance", unit="file", disable=len(inputs) < 2 or not sys.stderr.isatty()):
         try:
-            print(inference.enhance_file(src, out_dir, net, atten_lim_db=atten_lim))
+            print(inference.enhance_file(src, out_dir, net, atten_lim, progress=sys.stderr.isatty()))
         except AudioError as e:
             tqdm.write(f"error: {e}", file=sys.stderr)
             failed += 1

@@ -202,13 +202,17 @@ def analyze(audio: np.ndarray, model: DfNet) -> dict[str, np.ndarray]:
 
 
 def enhance_file(
-    src: str | Path, out_dir: str | Path, model: DfNet, atten_lim_db: float | None = None
+    src: str | Path,
+    out_dir: str | Path,
+    model: DfNet,
+    atten_lim_db: float | None = None,
+    progress: bool = False,
 ) -> Path:
     """Enhance one file into ``out_dir`` (same name, rate and channels); written atomically."""
     from dfn4lab import audio
 
     x, sr = audio.load(src)
-    y = enhance(x, sr, model, atten_lim_db=atten_lim_db)
+    y = enhance(x, sr, model, atten_lim_db=atten_lim_db, progress=progress)
     dest = Path(out_dir) / Path(src).name
     audio.save(dest, y, sr)
     return dest
