@@ -15,6 +15,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import dfn4lab  # noqa: F401  (binds the BLAS before mlx.core)
@@ -152,7 +153,8 @@ def _batch(cfg: ModelConfig, batch: int, frames: int, seed: int = 0):
 
 
 def _mlx_case(cfg: ModelConfig, batch: int, frames: int):
-    """Callables for forward, forward+backward and a full AdamW training step of one model."""
+    """Callables for forward, forward+backward and a full AdamW training step of one model, each
+    compiled with ``mx.compile`` as MLX code runs in practice (the trainer compiles its step too)."""
     from dfn4lab.inference import build
 
     import mlx.nn as nn
@@ -162,22 +164,31 @@ def _mlx_case(cfg: ModelConfig, batch: int, frames: int):
     x = _batch(cfg, batch, frames)
     target = x[0] * 0.5
 
-    def loss_fn(m):
-        return mx.mean(mx.abs(m(*x)[0] - target))
+    def loss_fn(spec, erb, dfs, target):
+        return mx.mean(mx.abs(model(spec, erb, dfs)[0] - target))
 
     grad_fn = nn.value_and_grad(model, loss_fn)
     opt = optim.AdamW(1e-4)
+    opt.init(model.trainable_parameters())
+    state = [model.state, opt.state]
+    # model.state in and out: training-mode forwards update the BatchNorm running statistics
+    fwd_c = mx.compile(lambda *a: model(*a)[0], inputs=model.state, outputs=model.state)
+    fwdbwd_c = mx.compile(grad_fn, inputs=model.state, outputs=model.state)
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def step_c(*a):
+        loss, grads = grad_fn(*a)
+        opt.update(model, grads)
+        return loss
 
     def fwd():
-        mx.eval(model(*x)[0])
+        mx.eval(fwd_c(*x))
 
     def fwdbwd():
-        mx.eval(grad_fn(model))
+        mx.eval(fwdbwd_c(*x, target), model.state)
 
     def step():
-        loss, grads = grad_fn(model)
-        opt.update(model, grads)
-        mx.eval(loss, model.parameters(), opt.state)
+        mx.eval(step_c(*x, target), state)
 
     return model, {"fwd": fwd, "fwdbwd": fwdbwd, "step": step}
 
@@ -303,9 +314,10 @@ def _mlx_vs_torch(base: ModelConfig, quick: bool) -> dict:
         tx = [torch.from_numpy(np.array(a)) for a in x]
         model.eval()
         tmodel.eval()
+        infer = mx.compile(lambda *a: model(*a)[0])  # traced in eval mode (BatchNorm on running stats)
         m_t, t_t = [], []
         for _ in range(3):
-            m_t += timeit(lambda: mx.eval(model(*x)[0]), repeats=1)  # noqa: B023
+            m_t += timeit(lambda: mx.eval(infer(*x)), repeats=1)  # noqa: B023
             with torch.inference_mode():
                 t_t += timeit(lambda: tmodel(*tx)[0], repeats=1)  # noqa: B023
         rows.append(

@@ -162,8 +162,8 @@ def post_filter(noisy: mx.array, enhanced: mx.array, beta: float, eps: float = 1
     noisy, enhanced (batch, time, freq, 2) -> enhanced scaled per bin.
     """
 
-    def mag(x: mx.array) -> mx.array:
-        return mx.sqrt(mx.sum(x * x, axis=-1))
+    def mag(x: mx.array) -> mx.array:  # eps**2 inside: a finite gradient on silent (zero) bins
+        return mx.sqrt(mx.sum(x * x, axis=-1) + eps * eps)
 
     mask = mx.clip(mag(enhanced) / (mag(noisy) + eps), eps, 1.0)
     mask_sin = mask * mx.maximum(mx.sin(math.pi * mask / 2), eps)

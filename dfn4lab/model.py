@@ -304,18 +304,21 @@ class DfNet(nn.Module):
         lsnr (batch, time), DF coefficients of the main head (batch, time, nb_df, order*2).
         """
         la = self.cfg.conv_lookahead
-        feat_erb = feat_erb[..., None]
-        spec_ahead = spec
-        if la > 0:  # features look ahead: frame t sees features of t + la
 
-            def shift(x: mx.array) -> mx.array:
-                return mx.pad(x[:, la:], [(0, 0), (0, la), (0, 0), (0, 0)])
+        # The encoder reads every feature frame, and its output for frame t falls on spectrum frame
+        # t - la, as in the official runtime (libDF's DfTract): frame t sees features up to t + la. The
+        # last la outputs see zero features past the end; the first la (before frame 0) are dropped.
+        # (Upstream's Python forward instead drops the first la feature frames; its output differs from
+        # the runtime's in the first ~second and the runtime is what DeepFilterNet3 ships.)
+        def ahead(x: mx.array) -> mx.array:
+            return mx.pad(x, [(0, 0), (0, la)] + [(0, 0)] * (x.ndim - 2))
 
-            feat_erb, feat_spec, spec_ahead = shift(feat_erb), shift(feat_spec), shift(spec)
-        e0, e1, e2, e3, emb, c0, lsnr, _ = self.enc(feat_erb, feat_spec, spec=spec_ahead)
-        frames = mx.pad(spec, [(0, 0), (self.df_history, la), (0, 0), (0, 0)])
+        e0, e1, e2, e3, emb, c0, lsnr, _ = self.enc(
+            ahead(feat_erb[..., None]), ahead(feat_spec), spec=ahead(spec)
+        )
+        frames = mx.pad(spec, [(0, 0), (self.df_history + la, la), (0, 0), (0, 0)])
         spec_e, m, coefs, _ = self._decode(frames, emb, e3, e2, e1, e0, c0, lsnr, {})
-        return spec_e, m, lsnr[..., 0], coefs
+        return spec_e[:, la:], m[:, la:], lsnr[:, la:, 0], coefs[:, la:]
 
     def step(
         self, spec: mx.array, feat_erb: mx.array, feat_spec: mx.array, state: State | None = None
@@ -328,24 +331,18 @@ class DfNet(nn.Module):
         la = self.cfg.conv_lookahead
         assert la >= self.cfg.df_lookahead, "conv_lookahead must cover df_lookahead"
         b, n = spec.shape[:2]
-        if state is None:
-            state = {"t": 0, "spec": mx.zeros((b, self.df_history, spec.shape[2], 2), spec.dtype)}
-        # Offline, features shift left by `la` frames, so a stream's first `la` feature frames are
-        # never seen (the convs start from zero history at frame `la`): drop them.
-        skip = min(n, max(0, la - state["t"]))
-        conv_state = state.get("convs")
-        if skip < n:
-            e0, e1, e2, e3, c0, emb, conv_state = self.enc.convs(
-                feat_erb[:, skip:, :, None], feat_spec[:, skip:], conv_state, spec=spec[:, skip:]
-            )
+        if state is None:  # the spectrum before the stream: the first la outputs fall on it
+            state = {"t": 0, "spec": mx.zeros((b, self.df_history + la, spec.shape[2], 2), spec.dtype)}
+        if n == 0:
+            return mx.zeros((b, 0, spec.shape[2], 2), spec.dtype), state
+        e0, e1, e2, e3, c0, emb, conv_state = self.enc.convs(
+            feat_erb[..., None], feat_spec, state.get("convs"), spec=spec
+        )
         frames = mx.concatenate([state["spec"], spec], axis=1)
-        new = {"t": state["t"] + n, "convs": conv_state}
-        m = n - skip
-        if m == 0:
-            return mx.zeros((b, 0, spec.shape[2], 2), spec.dtype), {**state, **new, "spec": frames}
         emb, lsnr, s_emb = self.enc.embed(emb, state.get("emb_gru"))
         spec_e, _, _, s_dec = self._decode(frames, emb, e3, e2, e1, e0, c0, lsnr, state)
-        return spec_e, {**new, **s_dec, "emb_gru": s_emb, "spec": frames[:, m:]}
+        new = {"t": state["t"] + n, "convs": conv_state, **s_dec, "emb_gru": s_emb, "spec": frames[:, n:]}
+        return spec_e[:, max(0, la - state["t"]) :], new
 
     def flush(self, state: State) -> mx.array:
         """The last ``lookahead`` output frames of a stream (zero look-ahead, as offline)."""

@@ -479,7 +479,9 @@ def deep_filter(frames: Tensor, coefs: Tensor, order: int) -> Tensor:
 
 def post_filter(noisy: Tensor, enhanced: Tensor, beta: float, eps: float = 1e-12) -> Tensor:
     """``layers.post_filter``: noisy, enhanced (batch, time, freq, 2) -> enhanced scaled per bin."""
-    mask = (enhanced.square().sum(-1).sqrt() / (noisy.square().sum(-1).sqrt() + eps)).clamp(eps, 1.0)
+    mask = (
+        (enhanced.square().sum(-1) + eps * eps).sqrt() / ((noisy.square().sum(-1) + eps * eps).sqrt() + eps)
+    ).clamp(eps, 1.0)
     mask_sin = mask * torch.sin(math.pi * mask / 2).clamp_min(eps)
     return enhanced * ((1 + beta) / (1 + beta * (mask / mask_sin) ** 2))[..., None]
 
@@ -517,13 +519,13 @@ class DfNet(nn.Module):
         feat_spec (batch, time, nb_df, 2) -> enhanced spec (batch, time, freq, 2), ERB mask (batch,
         time, nb_erb), lsnr (batch, time), main-head DF coefficients (batch, time, nb_df, order*2).
         """
-        cfg, la, t = self.cfg, self.cfg.conv_lookahead, spec.shape[1]
-        feat_erb, feat_spec, spec_ahead = feat_erb[:, None], feat_spec.permute(0, 3, 1, 2), spec
-        if la > 0:  # features look ahead: frame t sees features of t + la
-            feat_erb = F.pad(feat_erb[:, :, la:], (0, 0, 0, la))
-            feat_spec = F.pad(feat_spec[:, :, la:], (0, 0, 0, la))
-            spec_ahead = F.pad(spec[:, la:], (0, 0, 0, 0, 0, la))
-        e0, e1, e2, e3, emb, c0, lsnr = self.enc(feat_erb, feat_spec, spec_ahead)
+        cfg, la = self.cfg, self.cfg.conv_lookahead
+        t = spec.shape[1] + la
+        # As the MLX model and the official runtime: frame t sees features up to t + la; the first la
+        # outputs (before frame 0) are dropped. Upstream's Python forward drops the first la features.
+        feat_erb = F.pad(feat_erb[:, None], (0, 0, 0, la))
+        feat_spec = F.pad(feat_spec.permute(0, 3, 1, 2), (0, 0, 0, la))
+        e0, e1, e2, e3, emb, c0, lsnr = self.enc(feat_erb, feat_spec, F.pad(spec, (0, 0, 0, 0, 0, la)))
         m = self.erb_dec(emb, e3, e2, e1, e0)[:, 0]
         heads = self.df_dec(emb, c0)
         if cfg.lsnr_dropout and self.training:  # frames judged pure noise get no mask nor filter
@@ -531,11 +533,12 @@ class DfNet(nn.Module):
             m = m * keep
             heads = [h * keep[..., None] for h in heads]
         nb_df = cfg.dsp.nb_df
-        frames = F.pad(spec, (0, 0, 0, 0, self.df_history, la))
-        spec_e = torch.cat([self._filter(frames, heads, t), self.mask(spec, m)[:, :, nb_df:]], dim=2)
+        frames = F.pad(spec, (0, 0, 0, 0, self.df_history + la, la))
+        spec_d = frames[:, self.df_history : self.df_history + t]
+        spec_e = torch.cat([self._filter(frames, heads, t), self.mask(spec_d, m)[:, :, nb_df:]], dim=2)
         if cfg.mask_pf:
-            spec_e = post_filter(spec, spec_e, cfg.pf_beta)
-        return spec_e, m, lsnr[..., 0], heads[0]
+            spec_e = post_filter(spec_d, spec_e, cfg.pf_beta)
+        return spec_e[:, la:], m[:, la:], lsnr[:, la:, 0], heads[0][:, la:]
 
 
 def load_converted(model: DfNet, state: dict[str, Tensor]) -> None:

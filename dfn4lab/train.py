@@ -82,6 +82,7 @@ class RunConfig(JsonConfig):
     optim: OptimConfig = field(default_factory=OptimConfig)
     epochs: int = 10
     max_steps: int | None = None  # stop early; the lr schedule still spans `epochs`
+    max_minutes: float | None = None  # stop (validate, checkpoint) after this much time in one call
     batch_size: int = 8  # global: split over processes
     batch_schedule: str = ""  # DFN3 style "epoch/size,...", e.g. "0/8,2/16": overrides batch_size
     seed: int = 0
@@ -445,6 +446,7 @@ class Trainer:
         self.step_fn = make_step(self.model, self.opt, run, self.group if self.world > 1 else None)
         self._valid_items: list[dict[str, mx.array]] | None = None
         self._data_loader = None
+        self._deadline = math.inf  # set by fit() from run.max_minutes
 
     def log(self, msg: str) -> None:
         if self.lead:
@@ -571,6 +573,7 @@ class Trainer:
         """Train until ``epochs`` or ``max_steps``, a SIGINT (checkpoint, return) or too many bad steps."""
         run = self.run
         limit = run.max_steps if run.max_steps is not None else math.inf
+        self._deadline = time.monotonic() + 60 * run.max_minutes if run.max_minutes else math.inf
         if self.step >= limit:
             self.log(f"already at step {self.step} (max_steps {run.max_steps}): nothing to do")
         try:
@@ -583,7 +586,7 @@ class Trainer:
 
     def _fit(self, limit: float, stop: _Interrupt) -> dict[str, Any]:
         run = self.run
-        while self.epoch < run.epochs and self.step < limit:
+        while self.epoch < run.epochs and self.step < limit and not self._out_of_time():
             n = len(self.train_src) // run.batch_size_at(self.epoch)
             good = self._run_epoch(n, limit, stop) if self.batch < n else []
             if good is None:
@@ -637,11 +640,17 @@ class Trainer:
                 if self._interrupted(stop):
                     self.checkpoint()
                     return None
-                if self.step >= limit:
+                if self.step >= limit or self._out_of_time():
                     break
                 if self.step % run.ckpt_every == 0 and self.batch < n:
                     self.checkpoint()
         return good
+
+    def _out_of_time(self) -> bool:
+        late = time.monotonic() > self._deadline
+        if self.world == 1:
+            return late
+        return bool(mx.distributed.all_sum(mx.array(int(late)), group=self.group).item())  # ranks agree
 
     def _interrupted(self, stop: _Interrupt) -> bool:
         if self.world == 1:
@@ -696,6 +705,7 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     ap.add_argument("--data-config")
     ap.add_argument("--epochs", type=int)
     ap.add_argument("--max-steps", type=int)
+    ap.add_argument("--max-minutes", type=float, help="stop after this much training time")
     ap.add_argument("--batch-size", type=int)
     ap.add_argument("--batch-schedule")
     ap.add_argument("--lr", type=float)
@@ -722,6 +732,7 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
         "data_config": a.data_config,
         "epochs": a.epochs,
         "max_steps": a.max_steps,
+        "max_minutes": a.max_minutes,
         "batch_size": a.batch_size,
         "batch_schedule": a.batch_schedule,
         "optim.lr": a.lr,

@@ -45,9 +45,10 @@ def test_agrees_with_official_runtime(dfn3, clip):
     ours = inference.enhance(noisy, 48000, dfn3)
     official = inference.official_enhance(noisy)
     # The runtime zeroes output while its input is silent, so the flushed tail (its 3-hop delay) differs.
-    tail = 3 * 480
-    # Measured 30.1-39 dB on real speech in pink noise at 0-10 dB (python -m dfn4lab.bench enhance).
-    assert snr(official[:-tail], ours[:-tail]) > 30.0
+    tail = inference.OFFICIAL_DELAY
+    # Same network, weights and alignment (the encoder reads every frame from the first, as the
+    # runtime): measured 91-123 dB on the demo test files, so float32 rounding is all that differs.
+    assert snr(official[:-tail], ours[:-tail]) > 60.0
 
 
 @pytest.mark.parametrize("chunk", [37, 480])
