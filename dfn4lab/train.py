@@ -573,7 +573,8 @@ class Trainer:
         """Train until ``epochs`` or ``max_steps``, a SIGINT (checkpoint, return) or too many bad steps."""
         run = self.run
         limit = run.max_steps if run.max_steps is not None else math.inf
-        self._deadline = time.monotonic() + 60 * run.max_minutes if run.max_minutes else math.inf
+        budget = math.inf if run.max_minutes is None else 60 * run.max_minutes
+        self._deadline = time.monotonic() + budget
         if self.step >= limit:
             self.log(f"already at step {self.step} (max_steps {run.max_steps}): nothing to do")
         try:
@@ -648,7 +649,7 @@ class Trainer:
 
     def _out_of_time(self) -> bool:
         late = time.monotonic() > self._deadline
-        if self.world == 1:
+        if self.world == 1 or self._deadline == math.inf:  # every rank has the same run config
             return late
         return bool(mx.distributed.all_sum(mx.array(int(late)), group=self.group).item())  # ranks agree
 

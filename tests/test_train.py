@@ -4,6 +4,7 @@ clips; subprocesses run the real command line."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import signal
@@ -215,6 +216,13 @@ def test_damaged_newest_checkpoint_falls_back(tmp_path):
     folder, _, _, meta = checkpoint.latest_checkpoint(tmp_path, said.append)
     assert folder.name == "step-00000001" and meta["step"] == 1
     assert "step-00000002" in said[0]
+
+
+def test_time_budget_stops_training(corpus, tmp_path):
+    run = _run(corpus, tmp_path / "budget", max_minutes=0.0, compile=False)
+    assert train.Trainer(run).fit()["step"] == 0  # a spent budget trains nothing (3 epochs otherwise)
+    h = train.Trainer(dataclasses.replace(run, max_minutes=None, max_steps=3)).fit()
+    assert h["step"] == 3
 
 
 def test_bfloat16_step_is_finite_and_keeps_float32_weights(corpus, tmp_path):
