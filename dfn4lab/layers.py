@@ -6,6 +6,8 @@ Feature maps are channels-last ``(batch, time, freq, channels)``; spectra ``(bat
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -19,6 +21,28 @@ def _act(name: str | None, x: mx.array) -> mx.array:
     return x
 
 
+@dataclass(frozen=True)
+class EvalConstants:
+    """Inference constants a module derives from its parameters once, in ``eval()``.
+
+    Valid while ``sources`` are still the module's current arrays: loading or updating weights
+    replaces them, and the module then falls back to deriving from the new ones.
+    """
+
+    sources: tuple[mx.array, ...]
+    value: Any
+
+    @classmethod
+    def of(cls, sources: tuple[mx.array, ...], value: Any) -> EvalConstants:
+        mx.eval(value)
+        return cls(sources, value)
+
+    def valid_for(self, sources: tuple[mx.array, ...]) -> bool:
+        if len(sources) != len(self.sources):
+            return False
+        return all(a is b for a, b in zip(sources, self.sources, strict=True))
+
+
 class ConvBlock(nn.Module):
     """Upstream ``Conv2dNormAct``/``ConvTranspose2dNormAct``: causal in time, centred in frequency.
 
@@ -26,6 +50,10 @@ class ConvBlock(nn.Module):
     "separable" case) -> BatchNorm -> activation. Weights keep PyTorch's layout
     ``(out, in/groups, kt, kf)`` (transposed: ``(in, out/groups, 1, kf)``).
     Input and output ``(batch, time, freq, channels)``; the state is the last ``kt-1`` input frames.
+
+    In eval mode the block runs on constants computed once by ``eval()``: BatchNorm folded into the
+    last linear map, the conv's taps or block-diagonal weight laid out for MLX. Streaming runs a
+    few hundred tiny ops per hop, so the ops that only rearrange weights were a large share of them.
     """
 
     def __init__(
@@ -45,14 +73,16 @@ class ConvBlock(nn.Module):
         self.has_pointwise = groups > 1 and max(kt, kf) > 1
         self.kt, self.kf, self.fstride, self.groups = kt, kf, fstride, groups
         self.in_ch, self.out_ch, self.transposed, self.act = in_ch, out_ch, transposed, act
+        self.depthwise = transposed or groups == in_ch == out_ch
         if transposed:
-            assert kt == 1, "transposed convs are frequency-only"
+            assert kt == 1 and self.depthwise, "transposed convs are depthwise, frequency-only"
             self.weight = mx.zeros((in_ch, out_ch // groups, kt, kf))
         else:
             self.weight = mx.zeros((out_ch, in_ch // groups, kt, kf))
         if self.has_pointwise:
             self.pointwise = mx.zeros((out_ch, out_ch, 1, 1))
         self.bn = nn.BatchNorm(out_ch)
+        self._folded: EvalConstants | None = None
         self._init()
 
     def _init(self) -> None:
@@ -63,33 +93,13 @@ class ConvBlock(nn.Module):
             b = 1 / math.sqrt(self.out_ch)
             self.pointwise = mx.random.uniform(-b, b, self.pointwise.shape)
 
-    def _taps(self, x: mx.array, hist: mx.array | None) -> tuple[mx.array, mx.array]:
-        """Causal time padding from history, centred frequency padding. Returns (padded, new hist)."""
-        b, t, f, c = x.shape
-        if self.kt > 1:
-            if hist is None:
-                hist = mx.zeros((b, self.kt - 1, f, c), dtype=x.dtype)
-            x = mx.concatenate([hist, x], axis=1)
-            hist = x[:, -(self.kt - 1) :]
-        fp = self.kf // 2
-        if fp:
-            x = mx.pad(x, [(0, 0), (0, 0), (fp, fp), (0, 0)])
-        return x, hist
+    # --- weights as the conv uses them ---------------------------------------------------------
 
-    def _conv(self, x: mx.array, t: int, f_out: int) -> mx.array:
-        """Grouped conv over padded ``x`` (batch, t + kt - 1, padded freq, in) -> (batch, t, f_out, out)."""
-        s = self.fstride
-        if self.groups == self.in_ch == self.out_ch:
-            # Depthwise: a few element-wise taps (strided slices) beat a grouped conv2d here.
-            w = self.weight
-            y = None
-            for i in range(self.kt):
-                for j in range(self.kf):
-                    term = x[:, i : i + t, j : j + (f_out - 1) * s + 1 : s, :] * w[:, 0, i, j]
-                    y = term if y is None else y + term
-            return y
-        # Few groups: one dense conv2d with a block-diagonal weight (measured far faster than groups=g).
-        return mx.conv2d(x, self._dense_weight(), stride=(1, s))
+    def _conv_weight(self) -> mx.array | list[mx.array]:
+        """Depthwise: the taps, (channels,) each, time-major; else the MLX-layout dense weight."""
+        if self.depthwise:
+            return [self.weight[:, 0, i, j] for i in range(self.kt) for j in range(self.kf)]
+        return self._dense_weight()
 
     def _dense_weight(self) -> mx.array:
         """MLX layout (out, kt, kf, in) with zeros outside each group's block."""
@@ -105,7 +115,67 @@ class ConvBlock(nn.Module):
             rows.append(mx.concatenate([left, blk, right], axis=-1))
         return mx.concatenate(rows, axis=0)
 
-    def _conv_transposed(self, x: mx.array) -> mx.array:
+    def _sources(self) -> tuple[mx.array, ...]:
+        bn = self.bn
+        pw = (self.pointwise,) if self.has_pointwise else ()
+        return (self.weight, *pw, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+
+    def _set_training_mode(self, mode: bool) -> None:
+        super()._set_training_mode(mode)
+        self._folded = None if mode else self._fold()
+
+    def _fold(self) -> EvalConstants:
+        """The eval-mode (conv, pointwise, bias): BatchNorm's scale goes into the pointwise conv
+        (as ``(in, out)``) or into the conv; ``conv`` is the dense weight or the taps."""
+        bn = self.bn
+        scale = bn.weight * mx.rsqrt(bn.running_var + bn.eps)
+        bias = bn.bias - bn.running_mean * scale
+        conv, pw = self._conv_weight(), None
+        if self.has_pointwise:
+            pw = self.pointwise[:, :, 0, 0].T * scale
+        elif self.depthwise:
+            conv = [w * scale for w in conv]
+        else:
+            conv = conv * scale[:, None, None, None]
+        return EvalConstants.of(self._sources(), (conv, pw, bias))
+
+    def _current_fold(self) -> tuple[Any, mx.array | None, mx.array] | None:
+        """The folded constants when in eval mode and still made from the current arrays."""
+        f = self._folded
+        if self.training or self.bn.training or f is None or not f.valid_for(self._sources()):
+            return None
+        return f.value
+
+    # --- the conv ------------------------------------------------------------------------------
+
+    def _taps(self, x: mx.array, hist: mx.array | None) -> tuple[mx.array, mx.array]:
+        """Causal time padding from history, centred frequency padding. Returns (padded, new hist)."""
+        b, t, f, c = x.shape
+        if self.kt > 1:
+            if hist is None:
+                hist = mx.zeros((b, self.kt - 1, f, c), dtype=x.dtype)
+            x = mx.concatenate([hist, x], axis=1)
+            hist = x[:, -(self.kt - 1) :]
+        fp = self.kf // 2
+        if fp:
+            x = mx.pad(x, [(0, 0), (0, 0), (fp, fp), (0, 0)])
+        return x, hist
+
+    def _conv(self, x: mx.array, t: int, f_out: int, w: mx.array | list[mx.array]) -> mx.array:
+        """Grouped conv over padded ``x`` (batch, t + kt - 1, padded freq, in) -> (batch, t, f_out, out)."""
+        s = self.fstride
+        if self.depthwise:
+            # A few element-wise taps (strided slices) beat a grouped conv2d here.
+            y = None
+            for n, wn in enumerate(w):
+                i, j = divmod(n, self.kf)
+                term = x[:, i : i + t, j : j + (f_out - 1) * s + 1 : s, :] * wn
+                y = term if y is None else y + term
+            return y
+        # Few groups: one dense conv2d with a block-diagonal weight (measured far faster than groups=g).
+        return mx.conv2d(x, w, stride=(1, s))
+
+    def _conv_transposed(self, x: mx.array, w: list[mx.array]) -> mx.array:
         """Depthwise transposed conv over frequency with stride s: zero-insert, then correlate."""
         b, t, f, c = x.shape
         s, kf = self.fstride, self.kf
@@ -116,22 +186,26 @@ class ConvBlock(nn.Module):
         f_out = (f - 1) * s - 2 * p + kf + (p if s > 1 else 0)
         # out[o] = sum_k w[k] * u[o + p - k]; pad u so every index is in range.
         u = mx.pad(x, [(0, 0), (0, 0), (kf - 1 - p, f_out + p - x.shape[2]), (0, 0)])
-        w = self.weight[:, 0, 0, :]  # (ch, kf)
         y = None
         for k in range(kf):
             start = kf - 1 - k
-            term = u[:, :, start : start + f_out, :] * w[:, k]
+            term = u[:, :, start : start + f_out, :] * w[k]
             y = term if y is None else y + term
         return y
 
     def __call__(self, x: mx.array, state: mx.array | None = None) -> tuple[mx.array, mx.array | None]:
         t = x.shape[1]
+        folded = self._current_fold()
+        w = self._conv_weight() if folded is None else folded[0]
         if self.transposed:
-            y = self._conv_transposed(x)
+            y = self._conv_transposed(x, w)
         else:
             xp, state = self._taps(x, state)
             f_out = (xp.shape[2] - self.kf) // self.fstride + 1
-            y = self._conv(xp, t, f_out)
+            y = self._conv(xp, t, f_out, w)
+        if folded is not None:
+            _, pw, bias = folded
+            return _act(self.act, (y if pw is None else y @ pw) + bias), state
         if self.has_pointwise:
             y = y @ self.pointwise[:, :, 0, 0].T
         return _act(self.act, self.bn(y)), state
@@ -145,14 +219,11 @@ def deep_filter(frames: mx.array, coefs: mx.array, order: int) -> mx.array:
     with (re, im) interleaved per tap. Returns (batch, time, bins, 2).
     """
     b, t, f, _ = coefs.shape
+    win = mx.stack([frames[:, n : n + t] for n in range(order)], axis=3)  # (batch, time, bins, order, 2)
     c = coefs.reshape(b, t, f, order, 2)
-    re = im = None
-    for n in range(order):
-        s = frames[:, n : n + t]
-        sr, si, cr, ci = s[..., 0], s[..., 1], c[..., n, 0], c[..., n, 1]
-        r, i = sr * cr - si * ci, sr * ci + si * cr
-        re = r if re is None else re + r
-        im = i if im is None else im + i
+    sr, si, cr, ci = win[..., 0], win[..., 1], c[..., 0], c[..., 1]
+    re = (sr * cr - si * ci).sum(axis=-1)
+    im = (sr * ci + si * cr).sum(axis=-1)
     return mx.stack([re, im], axis=-1)
 
 

@@ -272,6 +272,18 @@ def total_steps(run: RunConfig, epoch_size: int) -> int:
     return sum(epoch_size // run.batch_size_at(e) for e in range(run.epochs))
 
 
+def epochs_for(run: RunConfig, steps: int) -> int:
+    """The fewest epochs of the run's training data that hold ``steps`` batches: with ``epochs`` set so,
+    ``max_steps`` ends the run and the lr schedule spans about that many steps."""
+    size, epochs, total = len(load_data(run)[1]), 0, 0
+    while total < steps:
+        n = size // run.batch_size_at(epochs)
+        if n == 0:
+            raise ValueError(f"{size} training samples per epoch are fewer than the batch size")
+        epochs, total = epochs + 1, total + n
+    return max(1, epochs)
+
+
 def make_optimizer(oc: OptimConfig, steps: int) -> optim.AdamW:
     """AdamW; lr rises linearly from ``warmup_start * lr``, then a cosine brings it to ``min_lr``."""
     warm = max(1, min(oc.warmup_steps, steps - 1)) if steps > 1 else 1

@@ -33,6 +33,25 @@ def test_step_equals_offline(backbone, chunk):
     np.testing.assert_allclose(streamed, offline, atol=1e-5)
 
 
+def _random_bn(block: ConvBlock, seed: int) -> None:
+    """Trained-looking BatchNorm statistics, so eval mode's folding of them is tested."""
+    rng = np.random.default_rng(seed)
+    n = block.out_ch
+    block.bn.weight = mx.array(rng.uniform(0.5, 2.0, n).astype(np.float32))
+    block.bn.bias = mx.array(rng.standard_normal(n).astype(np.float32))
+    block.bn.running_mean = mx.array(rng.standard_normal(n).astype(np.float32))
+    block.bn.running_var = mx.array(rng.uniform(0.1, 3.0, n).astype(np.float32))
+
+
+def _torch_bn(y: torch.Tensor, block: ConvBlock) -> torch.Tensor:
+    """Eval BatchNorm on (batch, channels, time, freq)."""
+    bn = block.bn
+    mean, var, w, b = (
+        torch.from_numpy(np.array(a)) for a in (bn.running_mean, bn.running_var, bn.weight, bn.bias)
+    )
+    return torch.nn.functional.batch_norm(y, mean, var, w, b, training=False, eps=bn.eps)
+
+
 @pytest.mark.parametrize(
     "in_ch,out_ch,kernel,fstride",
     [
@@ -46,6 +65,7 @@ def test_step_equals_offline(backbone, chunk):
 )
 def test_conv_block_matches_torch(in_ch, out_ch, kernel, fstride):
     block = ConvBlock(in_ch, out_ch, kernel, fstride=fstride, act=None)
+    _random_bn(block, 0)
     block.eval()
     x = np.random.default_rng(1).standard_normal((2, 6, 16, in_ch)).astype(np.float32)
     y, _ = block(mx.array(x))
@@ -60,12 +80,27 @@ def test_conv_block_matches_torch(in_ch, out_ch, kernel, fstride):
     )
     if block.has_pointwise:
         ref = torch.nn.functional.conv2d(ref, torch.from_numpy(np.array(block.pointwise)))
-    ref = ref / np.sqrt(1 + 1e-5)  # fresh BatchNorm in eval: (x - 0) / sqrt(1 + eps)
-    np.testing.assert_allclose(np.array(y), ref.permute(0, 2, 3, 1).numpy(), atol=1e-5)
+    ref = _torch_bn(ref, block).permute(0, 2, 3, 1).numpy()
+    np.testing.assert_allclose(np.array(y), ref, atol=1e-4, rtol=1e-5)
+    block.train()  # the unfolded path (BatchNorm on its running statistics) gives the same
+    block.bn.eval()
+    np.testing.assert_allclose(np.array(block(mx.array(x))[0]), ref, atol=1e-4, rtol=1e-5)
+
+
+def test_conv_block_uses_weights_replaced_after_eval():
+    block = ConvBlock(8, 8, (2, 3), act=None)
+    block.eval()
+    x = mx.array(np.random.default_rng(4).standard_normal((1, 3, 8, 8)).astype(np.float32))
+    y = np.array(block(x)[0])
+    block.weight = 2 * block.weight  # as load_weights would: a new array, no eval() after it
+    np.testing.assert_allclose(np.array(block(x)[0]), 2 * y, atol=1e-5)
+    block.bn.running_mean = block.bn.running_mean + 1.0
+    assert not np.allclose(np.array(block(x)[0]), 2 * y, atol=1e-3)
 
 
 def test_transposed_conv_matches_torch():
     block = ConvBlock(8, 8, (1, 3), fstride=2, transposed=True, act=None)
+    _random_bn(block, 1)
     block.eval()
     x = np.random.default_rng(2).standard_normal((1, 4, 8, 8)).astype(np.float32)
     y, _ = block(mx.array(x))
@@ -74,8 +109,8 @@ def test_transposed_conv_matches_torch():
     )
     conv.weight.data = torch.from_numpy(np.array(block.weight))
     ref = conv(torch.from_numpy(x).permute(0, 3, 1, 2))
-    ref = torch.nn.functional.conv2d(ref, torch.from_numpy(np.array(block.pointwise))) / np.sqrt(1 + 1e-5)
-    np.testing.assert_allclose(np.array(y), ref.detach().permute(0, 2, 3, 1).numpy(), atol=1e-5)
+    ref = _torch_bn(torch.nn.functional.conv2d(ref, torch.from_numpy(np.array(block.pointwise))), block)
+    np.testing.assert_allclose(np.array(y), ref.detach().permute(0, 2, 3, 1).numpy(), atol=1e-4, rtol=1e-5)
 
 
 def test_deep_filter_matches_upstream_einsum():

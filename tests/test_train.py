@@ -225,6 +225,15 @@ def test_time_budget_stops_training(corpus, tmp_path):
     assert h["step"] == 3
 
 
+def test_epochs_for_covers_the_steps_with_the_fewest_epochs(corpus, tmp_path):
+    run = _run(corpus, tmp_path / "epochs")  # 8 samples per epoch: 4 batches of 2
+    assert [train.epochs_for(run, s) for s in (1, 4, 5, 8, 9)] == [1, 1, 2, 2, 3]
+    sched = dataclasses.replace(run, batch_schedule="0/2,1/4")  # 4 batches, then 2 per epoch
+    assert [train.epochs_for(sched, s) for s in (4, 6, 7)] == [1, 2, 3]
+    h = train.Trainer(dataclasses.replace(run, epochs=train.epochs_for(run, 6), compile=False)).fit()
+    assert h["step"] == 8  # two whole epochs
+
+
 def test_bfloat16_step_is_finite_and_keeps_float32_weights(corpus, tmp_path):
     run = _run(corpus, tmp_path / "bf16", max_steps=2, precision="bfloat16", compile=False)
     t = train.Trainer(run)
