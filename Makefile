@@ -12,7 +12,13 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 lab: setup
 	$(VENV)/bin/jupyter lab --notebook-dir=notebooks
 
-run: setup notebooks
+# Every notebook in full mode (~30 min here; figures/, data/runs, data/eval), the benchmarks, then
+# README's result tables (python -m dfn4lab.report).
+run: setup
+	$(PY) -m pytest -q --nbmake --nbmake-timeout=7200 --durations=0 notebooks
+	$(PY) -m dfn4lab.bench enhance
+	$(PY) -m dfn4lab.bench stream
+	$(PY) -m dfn4lab.report README.md
 
 test: setup lint unit notebooks
 
@@ -62,7 +68,7 @@ unit: install
 
 notebooks: install
 	@if ls notebooks/*.ipynb >/dev/null 2>&1; then \
-	  DFN4LAB_QUICK=1 $(PY) -m pytest -q --nbmake notebooks; \
+	  DFN4LAB_QUICK=1 $(PY) -m pytest -q --nbmake --durations=0 notebooks; \
 	else echo "no notebooks yet"; fi
 
 info: install

@@ -19,6 +19,7 @@ from functools import partial
 from pathlib import Path
 
 import dfn4lab  # noqa: F401  (binds the BLAS before mlx.core)
+from dfn4lab import paths
 from dfn4lab.config import ModelConfig, preset
 from dfn4lab.data.bench import run as data_bench
 from dfn4lab.paths import atomic_write
@@ -200,7 +201,11 @@ def _peak_mb(fn: Callable[[], object]) -> float:
 
 
 def backbones(
-    batch: int = 8, frames: int = 500, repeats: int = 5, quick: bool = False, out_dir: str | Path = "figures"
+    batch: int = 8,
+    frames: int = 500,
+    repeats: int = 5,
+    quick: bool = False,
+    out_dir: str | Path | None = None,
 ) -> dict:
     """Each backbone in the whole DfNet (dfn3 topology) at matched parameter count (and the plain
     same-width variant): forward, forward+backward, training step, peak memory; interleaved repeats;
@@ -256,7 +261,7 @@ def backbones(
         **torch_cmp["ratios"],
     }
     _write(
-        Path(out_dir),
+        Path(out_dir) if out_dir is not None else _out_dir(quick),
         "bench_backbones",
         {
             "batch": batch,
@@ -379,6 +384,13 @@ BENCHES: dict[str, Callable[[argparse.Namespace], dict]] = {
 }
 
 
+def _out_dir(quick: bool) -> Path:
+    """Where results go: ``figures/`` (``figures/quick/`` for quick runs, so CI never overwrites them)."""
+    out = paths.FIGURES / ("quick" if quick else "")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dfn4lab.bench", description=__doc__)
     parser.add_argument("name", choices=sorted(BENCHES))
@@ -387,7 +399,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--frames", type=int, default=500)
     parser.add_argument("--quick", action="store_true", help="small sizes, few repeats (CI)")
     args = parser.parse_args(argv)
-    print(json.dumps(BENCHES[args.name](args)))
+    result = BENCHES[args.name](args)
+    if args.name != "backbones":  # which writes its own, fuller file
+        saved = json.dumps({**result, "env": _env()}, indent=1)
+        atomic_write(_out_dir(args.quick) / f"bench_{args.name}.json", saved)
+    print(json.dumps(result))
     return 0
 
 

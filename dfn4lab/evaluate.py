@@ -24,6 +24,7 @@ import contextlib
 import csv
 import datetime
 import hashlib
+import io
 import json
 import math
 import platform
@@ -39,6 +40,7 @@ from dfn4lab import audio, data, inference, metrics, paths
 from dfn4lab.backbones import param_count
 from dfn4lab.macs import model_macs
 from dfn4lab.model import DfNet
+from dfn4lab.paths import atomic_write
 
 import numpy as np
 
@@ -528,14 +530,13 @@ def write(result: dict, out_dir: str | Path) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = result["rows"]
-    with (out / "results.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    (out / "results.json").write_text(json.dumps(_json_safe(result), indent=1) + "\n")
-    table = out / "results.md"
-    table.write_text(markdown(result))
-    return table
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write(out / "results.csv", buf.getvalue())
+    atomic_write(out / "results.json", json.dumps(_json_safe(result), indent=1) + "\n")
+    return atomic_write(out / "results.md", markdown(result))
 
 
 def load_results(out_dir: str | Path) -> dict:

@@ -79,20 +79,29 @@ def filterbank(fb: np.ndarray, sr: int, ax=None, title: str = "ERB filterbank"):
     return fig
 
 
+def audio_widget(x: np.ndarray, sr: int):
+    """An ipywidgets audio player for ``x`` (samples,), peak-normalised, sent as 16-bit WAV bytes.
+
+    A widget (binary comm buffers) rather than ``IPython.display.Audio`` inside an ``Output``: the
+    latter's base64 path took a minute per 10 s clip under nbclient.
+    """
+    import io
+
+    import ipywidgets as w
+    import soundfile as sf
+
+    x = np.asarray(x, dtype=np.float32).reshape(-1)
+    peak = float(np.abs(x).max()) if x.size else 0.0
+    buf = io.BytesIO()
+    sf.write(buf, x / peak if peak > 0 else x, sr, format="WAV", subtype="PCM_16")
+    return w.Audio(value=buf.getvalue(), format="wav", autoplay=False, loop=False)
+
+
 def players(signals: dict[str, np.ndarray], sr: int):
     """ipywidgets row of labelled audio players (normalised for listening)."""
     import ipywidgets as w
-    from IPython.display import Audio
 
-    boxes = []
-    for name, x in signals.items():
-        out = w.Output()
-        with out:
-            from IPython.display import display
-
-            display(Audio(np.asarray(x), rate=sr, normalize=True))
-        boxes.append(w.VBox([w.Label(name), out]))
-    return w.HBox(boxes)
+    return w.HBox([w.VBox([w.Label(name), audio_widget(x, sr)]) for name, x in signals.items()])
 
 
 def save(fig, name: str) -> Path:
@@ -222,30 +231,26 @@ def listening_panel(result: dict):
     from dfn4lab import audio
 
     import ipywidgets as w
-    from IPython.display import Audio, display
 
     files = [i["name"] for i in result["items"]]
     snr = {i["name"]: i["snr"] for i in result["items"]}
     pick = w.Dropdown(options=[(f"{f} ({snr[f]:.1f} dB)", f) for f in files], description="file")
     sources = ["clean", *result["summary"]["overall"]]
     which = w.ToggleButtons(options=sources, value="noisy" if "noisy" in sources else sources[0])
-    out = w.Output()
+    player, scores = w.Audio(format="wav", autoplay=False, loop=False), w.HTML()
 
     def show(_=None) -> None:
         path = _signals(result, pick.value)[which.value]
         x, sr = audio.load(path, mono=True)
+        player.value = audio_widget(x[0], sr).value
         row = next((r for r in result["rows"] if r["file"] == pick.value and r["model"] == which.value), None)
-        with out:
-            out.clear_output(wait=True)
-            display(Audio(x[0], rate=sr, normalize=True))
-            if row is not None:
-                scores = ", ".join(f"{_label(m)} {row[m]:.2f}" for m in result["metrics"])
-                display(w.HTML(f"<small>{scores}</small>"))
+        text = "" if row is None else ", ".join(f"{_label(m)} {row[m]:.2f}" for m in result["metrics"])
+        scores.value = f"<small>{text}</small>"
 
     pick.observe(show, names="value")
     which.observe(show, names="value")
     show()
-    return w.VBox([pick, which, out])
+    return w.VBox([pick, which, player, scores])
 
 
 # --- Training (records of dfn4lab.train) ------------------------------------------------------------
@@ -340,27 +345,28 @@ def mixing_panel(speech: np.ndarray, noise: np.ndarray, sr: int):
     from dfn4lab.data.mixing import mixture_steps
 
     import ipywidgets as w
-    from IPython.display import Audio, display
+    from IPython.display import display
 
     snr = w.FloatSlider(value=5, min=-5, max=40, step=1, description="SNR dB")
     rt60 = w.FloatSlider(value=0.0, min=0.0, max=1.0, step=0.1, description="RT60 s")
     eq = w.FloatSlider(value=0, min=-12, max=12, step=1, description="EQ 1k dB")
-    out = w.Output()
+    out, player = w.Output(), w.Audio(format="wav", autoplay=False, loop=False)
 
     def redraw(*_):
         steps = mixture_steps(speech, noise, sr, snr.value, rt60.value or None, eq.value)
+        player.value = audio_widget(steps["noisy"], sr).value
         with out:
             out.clear_output(wait=True)
             fig = spectrogram(
                 steps["noisy"], sr, title=f"noisy: SNR {snr.value:.0f} dB, RT60 {rt60.value:.1f} s"
             )
-            display(fig, Audio(steps["noisy"], rate=sr, normalize=True))
+            display(fig)
             plt.close(fig)
 
     for s in (snr, rt60, eq):
         s.observe(redraw, names="value")
     redraw()
-    return w.VBox([w.HBox([snr, rt60, eq]), out])
+    return w.VBox([w.HBox([snr, rt60, eq]), out, player])
 
 
 def compare_runs(runs: dict[str, str | Path], key: str = "si_sdr", ax=None):

@@ -1,0 +1,114 @@
+"""README's result tables, regenerated from what ``make run`` saved: ``python -m dfn4lab.report``.
+
+Reads the benchmark results in ``figures/`` (``bench_backbones.json`` from notebook 03,
+``bench_enhance.json`` and ``bench_stream.json`` from ``python -m dfn4lab.bench``) and the evaluation
+of notebook 05 (``data/eval/notebook/results.json``), and replaces the README's text between the
+two markers below. Results that are missing are named in the output, never invented.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from dfn4lab import paths
+from dfn4lab.paths import atomic_write
+
+BEGIN = "<!-- results: written by `make run` (python -m dfn4lab.report); edits here are replaced -->"
+END = "<!-- /results -->"
+EVAL_METRICS = ("pesq", "estoi", "si_sdr", "dnsmos_ovrl")
+
+
+def _load(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def bench_table(figures: Path) -> list[str]:
+    """One row per saved benchmark: its headline numbers."""
+    rows = []
+    enh = _load(figures / "bench_enhance.json")
+    if enh:
+        rows.append(
+            f"| `enhance` (10 s at 48 kHz, dfn3) | {enh['dfn4lab_s']:.3f} s vs official runtime "
+            f"{enh['official_s']:.3f} s (speedup {enh['speedup']:.2f}); "
+            f"agreement {enh['agreement_snr_db']:.0f} dB |"
+        )
+    st = _load(figures / "bench_stream.json")
+    if st:
+        cases = "; ".join(
+            f"{c['model']} {c['backbone']} {c['median_ms']:.2f} / {c['p99_ms']:.1f}" for c in st["cases"]
+        )
+        o = st["official"]
+        rows.append(
+            f"| `stream` (ms per 10 ms hop, median / p99) | {cases}; official runtime "
+            f"{o['median_ms']:.2f} / {o['p99_ms']:.1f} |"
+        )
+    bb = _load(figures / "bench_backbones.json")
+    if bb:
+        s = bb["summary"]
+        steps = ", ".join(f"{c['backbone']} {c['step_ms'] / 1e3:.2f} s" for c in s["cases"])
+        rows.append(
+            f"| `backbones` (dfn3 topology, batch {bb['batch']}, {bb['frames']} frames, matched params) | "
+            f"step: {steps}; Mamba/GRU {s['mamba_vs_gru_step']:.2f}, attention/GRU "
+            f"{s['attention_vs_gru_step']:.2f}; MLX/PyTorch inference {s['mlx_vs_torch_infer']:.2f}, "
+            f"training step {s['mlx_vs_torch_step']:.2f} |"
+        )
+    if not rows:
+        return ["No benchmark results in `figures/` yet."]
+    return ["| `python -m dfn4lab.bench ...` | result |", "|---|---|", *rows]
+
+
+def eval_table(eval_dir: Path) -> list[str]:
+    """Means over the evaluation set per model, with the RTF."""
+    from dfn4lab.evaluate import LABELS
+
+    res = _load(eval_dir / "results.json")
+    if res is None:
+        return [f"No evaluation in `{eval_dir}` yet."]
+    names = [m for m in EVAL_METRICS if m in res["metrics"]]
+    lines = [
+        f"| {res['set']} ({res['files']} files) | " + " | ".join(LABELS[m] for m in names) + " | RTF |",
+        "|---|" + "---|" * (len(names) + 1),
+    ]
+    for model, stats in res["summary"]["overall"].items():
+        rtf = res["models"][model].get("rtf")
+        cells = ["–" if stats[m]["mean"] is None else f"{stats[m]['mean']:.2f}" for m in names]
+        lines.append(f"| {model} | " + " | ".join(cells) + f" | {'–' if not rtf else f'{rtf:.3f}'} |")
+    return lines
+
+
+def results(figures: Path = paths.FIGURES, eval_dir: Path = paths.DATA / "eval" / "notebook") -> str:
+    """The generated block, markers included."""
+    env = (_load(figures / "bench_backbones.json") or {}).get("env", {})
+    where = f" ({env['cpu']}, {env.get('cores', '?')} cores)" if "cpu" in env else ""
+    body = [BEGIN, f"Measured by `make run`{where}; compare ratios, not absolutes.", ""]
+    body += bench_table(figures) + [""] + eval_table(eval_dir) + [END]
+    return "\n".join(body)
+
+
+def update(readme: Path, block: str) -> bool:
+    """Replace the marked block in ``readme`` (atomically); False when the markers are missing."""
+    text = readme.read_text()
+    start, end = text.find(BEGIN), text.find(END)
+    if start < 0 or end < start:
+        return False
+    atomic_write(readme, text[:start] + block + text[end + len(END) :])
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m dfn4lab.report", description=__doc__)
+    ap.add_argument("readme", nargs="?", default=str(paths.PROJECT / "README.md"))
+    a = ap.parse_args(argv)
+    block = results()
+    if not update(Path(a.readme), block):
+        print(f"{a.readme}: no results markers ({BEGIN!r} ... {END!r})", file=sys.stderr)
+        return 1
+    print(block)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

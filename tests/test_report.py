@@ -1,0 +1,28 @@
+"""README's generated results block: built from a benchmark's real saved output, replaced in place."""
+
+from __future__ import annotations
+
+import json
+
+from dfn4lab import bench, paths, report
+
+
+def test_bench_result_reaches_the_readme_block(tmp_path, monkeypatch):
+    monkeypatch.setattr(paths, "FIGURES", tmp_path)
+    assert bench.main(["enhance", "--quick", "--repeats", "1"]) == 0
+    saved = json.loads((tmp_path / "quick" / "bench_enhance.json").read_text())
+    assert {"official_s", "dfn4lab_s", "speedup", "agreement_snr_db", "env"} <= set(saved)
+    block = report.results(figures=tmp_path / "quick", eval_dir=tmp_path / "no-eval")
+    assert block.startswith(report.BEGIN) and block.endswith(report.END)
+    assert f"speedup {saved['speedup']:.2f}" in block
+    assert "No evaluation" in block  # missing results are named, not invented
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# title\n\nbefore\n{report.BEGIN}\nold numbers\n{report.END}\nafter\n")
+    assert report.update(readme, block)
+    text = readme.read_text()
+    assert "old numbers" not in text and text.startswith("# title\n\nbefore\n") and text.endswith("\nafter\n")
+    assert report.update(readme, block) and readme.read_text() == text  # idempotent
+
+    readme.write_text("no markers\n")
+    assert not report.update(readme, block) and readme.read_text() == "no markers\n"
