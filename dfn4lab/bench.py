@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
 import sys
 import time
@@ -97,30 +96,10 @@ def enhance(seconds: float = 10.0, repeats: int = 3) -> dict[str, float]:
 
 
 def _env() -> dict[str, str]:
-    """Where a result was measured: versions, CPU, date, git commit."""
-    import datetime
-    import platform
-    import subprocess
+    """Where a result was measured: versions, CPU, BLAS, date, git commit (as evaluations record it)."""
+    from dfn4lab.evaluate import environment
 
-    from dfn4lab.__main__ import info
-
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            cwd=Path(__file__).parent,
-            timeout=10,
-        ).stdout.strip()
-    except OSError:
-        commit = ""
-    return {
-        **info(),
-        "cpu": platform.processor() or platform.machine(),
-        "cores": str(os.cpu_count()),
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "commit": commit or "unknown",
-    }
+    return environment()
 
 
 def matched_config(kind: str, target: int, base: ModelConfig) -> ModelConfig:

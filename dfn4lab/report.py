@@ -68,21 +68,25 @@ def eval_table(eval_dir: Path) -> list[str]:
     if res is None:
         return [f"No evaluation in `{eval_dir}` yet."]
     names = [m for m in EVAL_METRICS if m in res["metrics"]]
+    head = f"| {Path(res['set']).name} ({res['files']} files) | " + " | ".join(LABELS[m] for m in names)
     lines = [
-        f"| {res['set']} ({res['files']} files) | " + " | ".join(LABELS[m] for m in names) + " | RTF |",
+        head + " | RTF |",
         "|---|" + "---|" * (len(names) + 1),
     ]
     for model, stats in res["summary"]["overall"].items():
         rtf = res["models"][model].get("rtf")
         cells = ["–" if stats[m]["mean"] is None else f"{stats[m]['mean']:.2f}" for m in names]
         lines.append(f"| {model} | " + " | ".join(cells) + f" | {'–' if not rtf else f'{rtf:.3f}'} |")
+    runs = [m for m in res["summary"]["overall"] if m not in ("noisy", "official", "dfn3")]
+    if runs:
+        lines += ["", f"{', '.join(runs)}: training runs (notebook 04's, in `data/runs/`), best checkpoint."]
     return lines
 
 
 def results(figures: Path = paths.FIGURES, eval_dir: Path = paths.DATA / "eval" / "notebook") -> str:
     """The generated block, markers included."""
     env = (_load(figures / "bench_backbones.json") or {}).get("env", {})
-    where = f" ({env['cpu']}, {env.get('cores', '?')} cores)" if "cpu" in env else ""
+    where = f" on {env['cpu']}" if "cpu" in env else ""
     body = [BEGIN, f"Measured by `make run`{where}; compare ratios, not absolutes.", ""]
     body += bench_table(figures) + [""] + eval_table(eval_dir) + [END]
     return "\n".join(body)
