@@ -570,83 +570,13 @@ class SqueezedBackbone(nn.Module):
         if skip:
             self.skip = GroupedLinear(input_size, out, skip_groups or linear_groups)
 
-    def squeeze(self, x: mx.array) -> mx.array:
-        """(batch, time, input_size) -> core input (batch, time, hidden_size)."""
-        return nn.relu(self.linear_in(x))
-
-    def expand(self, y: mx.array, x: mx.array) -> mx.array:
-        """Core output and the backbone input -> backbone output."""
+    def __call__(self, x: mx.array, state: State = None) -> tuple[mx.array, State]:
+        y, state = self.core(nn.relu(self.linear_in(x)), state)
         if "linear_out" in self:
             y = nn.relu(self.linear_out(y))
         if "skip" in self:
             y = y + self.skip(x)
-        return y
-
-    def __call__(self, x: mx.array, state: State = None) -> tuple[mx.array, State]:
-        y, state = self.core(self.squeeze(x), state)
-        return self.expand(y, x), state
-
-
-@mx.compile
-def _gru_recur_stacked(xi: mx.array, h: mx.array, w_hh_t: mx.array, b_hh: mx.array) -> mx.array:
-    """``_gru_recur`` for K independent GRUs at once: xi (K, batch, 3H), h (K, batch, H),
-    w_hh_t (K, H, 3H), b_hh (K, 1, 3H). One batched matmul instead of K small ones."""
-    hid = h.shape[-1]
-    gh = h @ w_hh_t + b_hh
-    rz = mx.sigmoid(xi[..., : 2 * hid] + gh[..., : 2 * hid])
-    r, z = rz[..., :hid], rz[..., hid:]
-    n = mx.tanh(xi[..., 2 * hid :] + r * gh[..., 2 * hid :])
-    return n + z * (h - n)
-
-
-FUSE_MIN_FRAMES = 16  # below this, stacking the weights costs more than the shared loop saves
-
-
-def _stackable_grus(bbs: list[SqueezedBackbone], frames: int) -> bool:
-    cores = [bb.core for bb in bbs]
-    return (
-        len(bbs) > 1
-        and frames >= FUSE_MIN_FRAMES
-        and all(isinstance(c, GRUCore) for c in cores)
-        and len({(c.hidden_size, len(c.layers)) for c in cores}) == 1
-        and not any(bb.training for bb in bbs)
-    )
-
-
-def run_together(
-    bbs: list[SqueezedBackbone], x: mx.array, states: list[State]
-) -> list[tuple[mx.array, State]]:
-    """Several backbones on the same input ``x`` (batch, time, features): ``[(y, state), ...]``.
-
-    Same results as calling each. In inference over many frames, GRU cores of equal shape share one
-    time loop per layer (their steps stacked into batched matmuls): the sequential loop is
-    overhead-bound on CPU, so two decoders' GRUs cost about as much as one. Streaming (a frame at a
-    time) calls each: there the stacking would cost more than it saves (measured 5.0 vs 2.5 ms a hop).
-    """
-    if not _stackable_grus(bbs, x.shape[1]):
-        return [bb(x, s) for bb, s in zip(bbs, states, strict=True)]
-    cores: list[GRUCore] = [bb.core for bb in bbs]
-    b, t = x.shape[:2]
-    hid = cores[0].hidden_size
-    h_in = mx.stack([bb.squeeze(x) for bb in bbs])  # (K, batch, time, H)
-    states = [s or [mx.zeros((b, hid), x.dtype)] * len(cores[0].layers) for s in states]
-    new_states: list[list[mx.array]] = [[] for _ in bbs]
-    for i in range(len(cores[0].layers)):
-        layers = [c.layers[i] for c in cores]
-        w_ih_t = mx.stack([ly.weight_ih.T for ly in layers])[:, None]  # (K, 1, H, 3H)
-        b_ih = mx.stack([ly.bias_ih for ly in layers])[:, None, None]
-        w_hh_t = mx.stack([ly.weight_hh.T for ly in layers])
-        b_hh = mx.stack([ly.bias_hh for ly in layers])[:, None]
-        xi = h_in @ w_ih_t + b_ih  # (K, batch, time, 3H): input projections of all frames
-        h = mx.stack([s[i] for s in states])
-        ys = []
-        for k in range(t):
-            h = _gru_recur_stacked(xi[:, :, k], h, w_hh_t, b_hh)
-            ys.append(h)
-        h_in = mx.stack(ys, axis=2)
-        for k, ns in enumerate(new_states):
-            ns.append(h[k])
-    return [(bb.expand(h_in[k], x), new_states[k]) for k, bb in enumerate(bbs)]
+        return y, state
 
 
 def param_count(module: nn.Module) -> int:

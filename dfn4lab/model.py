@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from dfn4lab.backbones import GroupedLinear, SqueezedBackbone, run_together
+from dfn4lab.backbones import GroupedLinear, SqueezedBackbone
 from dfn4lab.config import ModelConfig
 from dfn4lab.layers import ConvBlock, HybridEncoder, deep_filter, post_filter
 
@@ -277,9 +277,8 @@ class DfNet(nn.Module):
         and the look-ahead after. Returns enhanced spec (batch, time, freq, 2), mask, coefs, state."""
         cfg, t, p = self.cfg, emb.shape[1], self.df_history
         st_df = state.get("df_dec") or {}
-        (c_erb, s_erb), (c_df, s_gru) = run_together(
-            [self.erb_dec.emb_gru, self.df_dec.df_gru], emb, [state.get("erb_dec"), st_df.get("df_gru")]
-        )
+        c_erb, s_erb = self.erb_dec.emb_gru(emb, state.get("erb_dec"))
+        c_df, s_gru = self.df_dec.df_gru(emb, st_df.get("df_gru"))
         m = self.erb_dec.unet(c_erb, e3, e2, e1, e0)[..., 0]
         heads, _, s_df = self.df_dec.heads_from(c_df, s_gru, emb, c0, st_df)
         if cfg.lsnr_dropout and self.training:  # frames judged pure noise get no mask nor filter

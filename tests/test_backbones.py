@@ -13,7 +13,6 @@ from dfn4lab.backbones import (
     SqueezedBackbone,
     make_core,
     param_count,
-    run_together,
     selective_scan_chunked,
     selective_scan_sequential,
 )
@@ -404,22 +403,3 @@ def test_make_core_and_param_count():
         make_core(dataclasses.replace(BackboneConfig(), kind="lstm"), 8)
     gru = GRUCore(8, num_layers=2)
     assert param_count(gru) == sum(p.numel() for p in torch.nn.GRU(8, 8, num_layers=2).parameters())
-
-
-@pytest.mark.parametrize("t", [1, 20])  # 20 >= FUSE_MIN_FRAMES: the shared loop
-def test_run_together_equals_separate_calls(t):
-    cfg = BackboneConfig(kind="gru")
-    bbs = [
-        SqueezedBackbone(16, 8, 16, num_layers=2, linear_groups=4, cfg=cfg),
-        SqueezedBackbone(16, 8, None, num_layers=2, linear_groups=2, cfg=cfg, skip=True),
-    ]
-    for bb in bbs:
-        bb.eval()
-    x = mx.array(np.random.default_rng(0).standard_normal((2, t, 16)).astype(np.float32))
-    h0 = [mx.array(np.random.default_rng(1).standard_normal((2, 8)).astype(np.float32))] * 2
-    together = run_together(bbs, x, [None, h0])
-    for bb, s, (y, st) in zip(bbs, [None, h0], together, strict=True):
-        y_ref, st_ref = bb(x, s)
-        np.testing.assert_allclose(np.array(y), np.array(y_ref), atol=1e-5)
-        for a, r in zip(st, st_ref, strict=True):
-            np.testing.assert_allclose(np.array(a), np.array(r), atol=1e-5)
