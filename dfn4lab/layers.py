@@ -96,10 +96,20 @@ class ConvBlock(nn.Module):
     # --- weights as the conv uses them ---------------------------------------------------------
 
     def _conv_weight(self) -> mx.array | list[mx.array]:
-        """Depthwise: the taps, (channels,) each, time-major; else the MLX-layout dense weight."""
+        """Depthwise: the taps, (channels,) each, time-major; else the dense weight as ``_conv`` uses it."""
         if self.depthwise:
             return [self.weight[:, 0, i, j] for i in range(self.kt) for j in range(self.kf)]
-        return self._dense_weight()
+        return self._layout(self._dense_weight())
+
+    def _time_only(self) -> bool:
+        return not self.depthwise and self.kf == 1 and self.kt > 1 and self.fstride == 1
+
+    def _layout(self, dense: mx.array) -> mx.array:
+        """Dense (out, kt, kf, in) -> what ``_conv`` multiplies by: for a time-only kernel all taps side
+        by side, (in, kt * out); else unchanged (``mx.conv2d``'s layout)."""
+        if self._time_only():
+            return dense[:, :, 0].transpose(2, 1, 0).reshape(self.in_ch, self.kt * self.out_ch)
+        return dense
 
     def _dense_weight(self) -> mx.array:
         """MLX layout (out, kt, kf, in) with zeros outside each group's block."""
@@ -130,13 +140,13 @@ class ConvBlock(nn.Module):
         bn = self.bn
         scale = bn.weight * mx.rsqrt(bn.running_var + bn.eps)
         bias = bn.bias - bn.running_mean * scale
-        conv, pw = self._conv_weight(), None
-        if self.has_pointwise:
-            pw = self.pointwise[:, :, 0, 0].T * scale
-        elif self.depthwise:
-            conv = [w * scale for w in conv]
+        pw = self.pointwise[:, :, 0, 0].T * scale if self.has_pointwise else None
+        if self.depthwise:
+            conv = self._conv_weight()
+            conv = conv if pw is not None else [w * scale for w in conv]
         else:
-            conv = conv * scale[:, None, None, None]
+            dense = self._dense_weight()
+            conv = self._layout(dense if pw is not None else dense * scale[:, None, None, None])
         return EvalConstants.of(self._sources(), (conv, pw, bias))
 
     def _current_fold(self) -> tuple[Any, mx.array | None, mx.array] | None:
@@ -170,6 +180,16 @@ class ConvBlock(nn.Module):
             for n, wn in enumerate(w):
                 i, j = divmod(n, self.kf)
                 term = x[:, i : i + t, j : j + (f_out - 1) * s + 1 : s, :] * wn
+                y = term if y is None else y + term
+            return y
+        if self._time_only():
+            # One matmul for every tap, then the (smaller) outputs shifted in time and summed: slicing
+            # the input per tap costs a strided copy of it (measured 316 vs 50 ms for DFN3's df_convp
+            # at batch 8 x 500 frames against mx.conv2d; 0.22 vs 0.10 ms per streaming hop).
+            o, z = self.out_ch, x @ w
+            y = None
+            for i in range(self.kt):
+                term = z[:, i : i + t, :, i * o : (i + 1) * o]
                 y = term if y is None else y + term
             return y
         # Few groups: one dense conv2d with a block-diagonal weight (measured far faster than groups=g).
