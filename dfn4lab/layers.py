@@ -196,22 +196,34 @@ class ConvBlock(nn.Module):
         return mx.conv2d(x, w, stride=(1, s))
 
     def _conv_transposed(self, x: mx.array, w: list[mx.array]) -> mx.array:
-        """Depthwise transposed conv over frequency with stride s: zero-insert, then correlate."""
+        """Depthwise transposed conv over frequency with stride s, by output phase (polyphase).
+
+        With u the input zero-inserted s-fold, ``out[o] = sum_k w[k] * u[o + p - k]``; for
+        ``o = s*q + r`` only the taps with ``(r + p - k) % s == 0`` meet a nonzero, and read
+        ``x[q + (r + p - k) // s]``. So each phase is a few taps on x itself and the phases are
+        interleaved: less work and fewer copies than zero-inserting first (measured 80 -> 19 ms at batch
+        8 x 500 frames for DFN3's convt1).
+        """
         b, t, f, c = x.shape
         s, kf = self.fstride, self.kf
-        if s > 1:
-            x = mx.concatenate([x[..., None, :], mx.zeros((b, t, f, s - 1, c), x.dtype)], axis=3)
-            x = x.reshape(b, t, f * s, c)
         p = kf // 2  # upstream: padding kf//2, output_padding kf//2 (for stride > 1)
         f_out = (f - 1) * s - 2 * p + kf + (p if s > 1 else 0)
-        # out[o] = sum_k w[k] * u[o + p - k]; pad u so every index is in range.
-        u = mx.pad(x, [(0, 0), (0, 0), (kf - 1 - p, f_out + p - x.shape[2]), (0, 0)])
-        y = None
-        for k in range(kf):
-            start = kf - 1 - k
-            term = u[:, :, start : start + f_out, :] * w[k]
-            y = term if y is None else y + term
-        return y
+        n = -(-f_out // s)  # outputs per phase
+        taps = [[(k, (r + p - k) // s) for k in range(kf) if (r + p - k) % s == 0] for r in range(s)]
+        assert all(taps), "every output phase needs a tap (kernel >= stride)"
+        shifts = [d for phase in taps for _, d in phase]
+        lo, hi = max(0, -min(shifts)), max(0, n - f + max(shifts))
+        xp = mx.pad(x, [(0, 0), (0, 0), (lo, hi), (0, 0)]) if lo or hi else x
+        phases = []
+        for phase in taps:
+            y = None
+            for k, d in phase:
+                term = xp[:, :, lo + d : lo + d + n, :] * w[k]
+                y = term if y is None else y + term
+            phases.append(y)
+        if s == 1:
+            return phases[0][:, :, :f_out]
+        return mx.stack(phases, axis=3).reshape(b, t, n * s, c)[:, :, :f_out]
 
     def __call__(self, x: mx.array, state: mx.array | None = None) -> tuple[mx.array, mx.array | None]:
         t = x.shape[1]

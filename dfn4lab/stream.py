@@ -17,8 +17,10 @@ Speed: once the look-ahead is full (``conv_lookahead + 1`` hops) one hop is a si
 per-hop cost is dominated by dispatching a few hundred tiny ops. MLX traces it once per state
 shape (once, or ``window`` times for windowed attention; ``warmup()`` does it ahead of time).
 The model's eval mode removes the rest of the avoidable work: BatchNorm folded and conv weights
-laid out once (``layers.EvalConstants``), a fused Mamba step. What remains is ~35 small matmuls
-and convs at 10-60 us each on CPU (dfn3: 1.2 ms a hop here, the official runtime 0.4 ms).
+laid out once (``layers.EvalConstants``), a fused Mamba step. Each hop runs with the BLAS on one
+thread (``blas.threads``): batch-1 rows gain nothing from a second one, whose wake-ups doubled the
+steady-state time. What remains is ~35 small matmuls and convs at 10-60 us each on CPU (dfn3:
+1.0 ms a hop here, the official runtime 0.4 ms).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from dfn4lab import audio, data, dsp, inference
+from dfn4lab import audio, blas, data, dsp, inference
 from dfn4lab.audio import AudioError
 from dfn4lab.config import preset
 from dfn4lab.inference import _to_complex, _to_ri
@@ -163,14 +165,15 @@ class StreamingEnhancer:
     def _step(self, x: mx.array) -> mx.array | None:
         """Advance the stream by one hop: compiled once the look-ahead is full, eager before."""
         state = self._state
-        if self.compiled:
-            t = state["net"]["t"]
-            net = {k: v for k, v in state["net"].items() if k != "t"}
-            out, new = self._compiled(x, {**state, "net": net})
-            new["net"]["t"] = t + 1
-        else:
-            out, new = self._hop(x, state)
-        mx.eval(out, new)
+        with blas.threads(1):  # batch-1 rows: BLAS threads only add wake-up latency
+            if self.compiled:
+                t = state["net"]["t"]
+                net = {k: v for k, v in state["net"].items() if k != "t"}
+                out, new = self._compiled(x, {**state, "net": net})
+                new["net"]["t"] = t + 1
+            else:
+                out, new = self._hop(x, state)
+            mx.eval(out, new)
         self._state = new
         return out
 
@@ -251,13 +254,16 @@ class StreamingEnhancer:
 def stream_array(enh: StreamingEnhancer, x: np.ndarray, chunk: int) -> tuple[np.ndarray, np.ndarray]:
     """Feed ``x`` (samples,) at the model rate through ``enh`` in ``chunk``-sample pieces, then flush.
 
-    Returns the output (delay compensated if ``enh`` is) and the wall time of each ``process`` call (s).
+    Returns the output (delay compensated if ``enh`` is) and, for every ``process`` call that ran
+    whole hops, its wall time per hop (s): what a live source waits for each 10 ms of audio.
     """
-    outs, times = [], []
+    outs, times, hop = [], [], enh.hop_size
     for i in range(0, x.size, chunk):
+        hops = (min(i + chunk, x.size)) // hop - i // hop  # hops this call completes
         t = time.perf_counter()
         outs.append(enh.process(x[i : i + chunk]))
-        times.append(time.perf_counter() - t)
+        if hops:
+            times.append((time.perf_counter() - t) / hops)
     outs.append(enh.flush())
     return np.concatenate(outs), np.asarray(times)
 

@@ -3,9 +3,10 @@ nothing here calls ``plt.show()``."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-from dfn4lab.paths import FIGURES
+from dfn4lab.paths import FIGURES, atomic_write
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -70,6 +71,31 @@ def trace(y: np.ndarray, ax=None, title: str = "", ylabel: str = "", xlabel: str
     return fig
 
 
+def deep_filter_op(out: dict, sr: int, k: int, start: int = 0, frames: int = 80, lookahead: int = 2):
+    """The deep filter at STFT bin ``k``: ``Y[t] = sum_n c[t, n] X[t - (order - 1 - lookahead) + n]``.
+
+    ``out``: ``inference.analyze``'s result. Top: the complex taps' magnitudes over the frames (which
+    past and future frames each output frame draws on); bottom: the bin's level in and out.
+    """
+    c = np.abs(out["coefs"][start : start + frames, k])  # (frames, order)
+    order = c.shape[1]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 5), sharex=True)
+    extent = (start, start + frames, -0.5, order - 0.5)
+    im = top.imshow(c.T, origin="lower", aspect="auto", cmap="viridis", extent=extent)
+    fig.colorbar(im, ax=[top, bottom], fraction=0.04)
+    past = order - 1 - lookahead
+    top.set_yticks(range(order), [f"t{n - past:+d}" if n != past else "t" for n in range(order)])
+    hz = k * sr / (2 * (out["spec"].shape[1] - 1))
+    top.set(ylabel="input frame", title=f"deep filter at bin {k} ({hz:.0f} Hz): |c[t, n]|")
+    t = np.arange(start, start + frames)
+    for name, spec in (("noisy X", out["spec"]), ("enhanced Y", out["enhanced_spec"])):
+        bottom.plot(t, 20 * np.log10(np.abs(spec[start : start + frames, k]) + 1e-9), label=name)
+    bottom.set(xlabel="frame", ylabel="dB")
+    bottom.legend()
+    bottom.grid(alpha=0.3)
+    return fig
+
+
 def filterbank(fb: np.ndarray, sr: int, ax=None, title: str = "ERB filterbank"):
     """Band weights ``fb`` (freq, bands) against frequency."""
     fig, ax = _ax(ax)
@@ -105,13 +131,12 @@ def players(signals: dict[str, np.ndarray], sr: int):
 
 
 def save(fig, name: str) -> Path:
-    """Save ``fig`` as ``figures/NAME.png`` (atomically) and return the path."""
-    FIGURES.mkdir(exist_ok=True)
-    path = FIGURES / f"{name}.png"
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    tmp.replace(path)
-    return path
+    """Save ``fig`` as ``figures/NAME.png`` (atomically) and return the path. In quick mode
+    (``DFN4LAB_QUICK=1``, as ``make test`` runs the notebooks) into ``figures/quick/``, so tests never
+    replace the full runs' figures the README shows."""
+    folder = FIGURES / "quick" if os.environ.get("DFN4LAB_QUICK") == "1" else FIGURES
+    folder.mkdir(parents=True, exist_ok=True)
+    return atomic_write(folder / f"{name}.png", lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight"))
 
 
 # --- Backbone benchmark (notebook 03) ---------------------------------------------------------------
@@ -316,6 +341,15 @@ class TrainBoard:
         self.axes = self.figure.subplots(1, 3)
         self._handle = None
 
+    def load(self, out: str | Path) -> TrainBoard:
+        """Start from the records already in run folder ``out`` (resuming, or a finished run); drawn once."""
+        from dfn4lab.train import read_log
+
+        if (Path(out) / "metrics.jsonl").exists():
+            self.steps, self.epochs = read_log(out)
+            self.draw()
+        return self
+
     def update(self, rec: dict) -> None:
         (self.steps if rec["kind"] == "step" else self.epochs).append(rec)
         if rec["kind"] != "step" or rec["step"] % self.every == 0:
@@ -392,13 +426,13 @@ def compare_runs(runs: dict[str, str | Path], key: str = "si_sdr", ax=None):
 # --- Streaming (notebook 06) ------------------------------------------------------------------------
 
 
-def hop_times(times_ms: np.ndarray, budget_ms: float, ax=None, title: str = "time per process() call"):
-    """Per-call processing time against the real-time budget of one hop."""
+def hop_times(times_ms: np.ndarray, budget_ms: float, ax=None, title: str = "processing time per hop"):
+    """Processing time per hop, in stream order, against the real-time budget of one hop."""
     fig, ax = _ax(ax, figsize=(9, 3))
-    ax.plot(times_ms, lw=0.7)
+    ax.plot(times_ms, ".", ms=2)
     ax.axhline(budget_ms, color="red", ls="--", label=f"real time ({budget_ms:.0f} ms per hop)")
     ax.axhline(float(np.median(times_ms)), color="k", ls=":", label=f"median {np.median(times_ms):.2f} ms")
-    ax.set(xlabel="call", ylabel="ms", title=title, yscale="log")
+    ax.set(xlabel="hop", ylabel="ms", title=title, yscale="log")
     ax.legend(fontsize=8)
     return fig
 

@@ -98,15 +98,18 @@ def test_conv_block_uses_weights_replaced_after_eval():
     assert not np.allclose(np.array(block(x)[0]), 2 * y, atol=1e-3)
 
 
-def test_transposed_conv_matches_torch():
-    block = ConvBlock(8, 8, (1, 3), fstride=2, transposed=True, act=None)
+@pytest.mark.parametrize("kf,stride", [(3, 2), (3, 1), (5, 1), (5, 3)])
+def test_transposed_conv_matches_torch(kf, stride):
+    block = ConvBlock(8, 8, (1, kf), fstride=stride, transposed=True, act=None)
     _random_bn(block, 1)
     block.eval()
     x = np.random.default_rng(2).standard_normal((1, 4, 8, 8)).astype(np.float32)
     y, _ = block(mx.array(x))
+    p = kf // 2  # upstream's padding and output padding
     conv = torch.nn.ConvTranspose2d(
-        8, 8, (1, 3), stride=(1, 2), padding=(0, 1), output_padding=(0, 1), groups=8, bias=False
-    )
+        8, 8, (1, kf), stride=(1, stride), padding=(0, p), output_padding=(0, p if stride > 1 else 0),
+        groups=8, bias=False,
+    )  # fmt: skip
     conv.weight.data = torch.from_numpy(np.array(block.weight))
     ref = conv(torch.from_numpy(x).permute(0, 3, 1, 2))
     ref = _torch_bn(torch.nn.functional.conv2d(ref, torch.from_numpy(np.array(block.pointwise))), block)

@@ -97,3 +97,19 @@ def test_info_cli():
 def test_jupyterlab_serves_lab(tmp_path):
     with jupyter_lab(ROOT / "notebooks", tmp_path) as url:
         assert urllib.request.urlopen(f"{url}/lab", timeout=5).status == 200
+
+
+def test_blas_threads_are_limited_inside_the_block_and_restored():
+    from dfn4lab import blas
+
+    api = blas._thread_api()
+    if api is None:
+        pytest.skip("no BLAS with a thread API is bound here (macOS, or DFN4LAB_BLAS=none)")
+    get, set_ = api
+    set_(2)
+    with blas.threads(1):
+        assert get() == 1
+    assert get() == 2
+    with pytest.raises(RuntimeError), blas.threads(1):
+        raise RuntimeError("restored on errors too")
+    assert get() == 2

@@ -302,7 +302,7 @@ def test_finetune_from_dfn3_keeps_si_sdr_and_honours_freeze_and_skip(tmp_path):
     assert abs(after["valid_si_sdr"] - before["si_sdr"]) < 0.5  # ... and lr 1e-5 keeps it working
 
 
-def test_train_board_redraws_one_figure():
+def test_train_board_redraws_one_figure(tmp_path):
     from dfn4lab import viz
 
     board = viz.TrainBoard(every=5, smooth=3)
@@ -316,3 +316,12 @@ def test_train_board_redraws_one_figure():
     assert len(train_raw.get_xdata()) == 19 and len(valid.get_xdata()) == 2  # the skipped step is left out
     np.testing.assert_allclose(sdr_ax.lines[0].get_ydata(), [5.0, 10.0])
     assert len(stoi_ax.lines) == 2 and board.figure is loss_ax.figure
+
+    # a board started from a run folder's log draws the same curves
+    records = sorted(board.steps + board.epochs, key=lambda r: (r["step"], r["kind"] == "epoch"))
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    loaded = viz.TrainBoard(every=5, smooth=3).load(tmp_path)
+    for a, b in zip(loaded.axes, board.axes, strict=True):
+        for la, lb in zip(a.lines, b.lines, strict=True):
+            np.testing.assert_allclose(la.get_ydata(), lb.get_ydata())
+    assert viz.TrainBoard().load(tmp_path / "nothing-yet").steps == []
