@@ -99,14 +99,18 @@ class ConvBlock(nn.Module):
         """Depthwise: the taps, (channels,) each, time-major; else the dense weight as ``_conv`` uses it."""
         if self.depthwise:
             return [self.weight[:, 0, i, j] for i in range(self.kt) for j in range(self.kf)]
-        return self._layout(self._dense_weight())
+        return self._dense_weight()
 
     def _time_only(self) -> bool:
         return not self.depthwise and self.kf == 1 and self.kt > 1 and self.fstride == 1
 
     def _layout(self, dense: mx.array) -> mx.array:
-        """Dense (out, kt, kf, in) -> what ``_conv`` multiplies by: for a time-only kernel all taps side
-        by side, (in, kt * out); else unchanged (``mx.conv2d``'s layout)."""
+        """Dense (out, kt, kf, in) -> the eval-mode weight: for a time-only kernel all taps side by side,
+        (in, kt * out), which ``_conv`` runs as one matmul; else unchanged (``mx.conv2d``'s layout).
+
+        Training keeps ``mx.conv2d``: compiled two-process training steps gave NaN losses with any
+        sum-over-taps form of this conv (MLX 0.32 CPU; reproduced, not understood), never with conv2d.
+        """
         if self._time_only():
             return dense[:, :, 0].transpose(2, 1, 0).reshape(self.in_ch, self.kt * self.out_ch)
         return dense
@@ -182,7 +186,7 @@ class ConvBlock(nn.Module):
                 term = x[:, i : i + t, j : j + (f_out - 1) * s + 1 : s, :] * wn
                 y = term if y is None else y + term
             return y
-        if self._time_only():
+        if w.ndim == 2:  # eval mode, time-only kernel (``_layout``)
             # One matmul for every tap, then the (smaller) outputs shifted in time and summed: slicing
             # the input per tap costs a strided copy of it (measured 316 vs 50 ms for DFN3's df_convp
             # at batch 8 x 500 frames against mx.conv2d; 0.22 vs 0.10 ms per streaming hop).
