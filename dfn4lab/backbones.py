@@ -211,7 +211,7 @@ linear_recurrence.vjp(_linear_recurrence_vjp)
 def selective_scan_sequential(
     u: mx.array, delta: mx.array, a: mx.array, b: mx.array, c: mx.array, h: mx.array, block: int = 32
 ) -> tuple[mx.array, mx.array]:
-    """The selective-scan recurrence, one frame at a time (the reference, and the streaming path).
+    """The selective-scan recurrence, one frame at a time (the default scan, and the reference).
 
     ``u``, ``delta``: (batch, time, d_inner); ``a``: (d_inner, d_state), non-positive;
     ``b``, ``c``: (batch, time, d_state); ``h``: (batch, d_inner, d_state).
@@ -375,7 +375,7 @@ class MambaBlock(nn.Module):
         dt_in, bm, cm = mx.split(self.x_proj(u), [self.dt_rank, self.dt_rank + self.d_state], axis=-1)
         delta = nn.softplus(self.dt_proj(dt_in))
         a = -mx.exp(self.A_log)
-        if t == 1 or self.scan == "sequential":
+        if self.scan == "sequential":
             y, h = selective_scan_sequential(u, delta, a, bm, cm, h, self.chunk)
         else:
             y, h = selective_scan_chunked(u, delta, a, bm, cm, h, self.chunk)

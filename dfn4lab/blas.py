@@ -19,6 +19,7 @@ import glob
 import os
 import platform
 import sys
+import threading
 import warnings
 
 BOUND: str | None = None  # path of the bound library, or None
@@ -76,31 +77,53 @@ def bind() -> str | None:
 
 
 def _thread_api() -> tuple | None:
-    """(get, set) of the bound BLAS's thread count (MKL or OpenBLAS), or None."""
-    names = [("MKL_Get_Max_Threads", "MKL_Set_Num_Threads")]
-    names.append(("openblas_get_num_threads", "openblas_set_num_threads"))
-    for get, set_ in names:
-        if _LIB is not None and hasattr(_LIB, get) and hasattr(_LIB, set_):
-            return getattr(_LIB, get), getattr(_LIB, set_)
+    """(get, set) of the bound BLAS's process-wide thread count (MKL or OpenBLAS), or None."""
+    if _LIB is None:
+        return None
+    if hasattr(_LIB, "MKL_Get_Max_Threads") and hasattr(_LIB, "MKL_Set_Num_Threads_Local"):
+
+        def get() -> int:  # the process-wide count: a thread-local one (torch sets it) would shadow it
+            local = _LIB.MKL_Set_Num_Threads_Local(0)
+            try:
+                return _LIB.MKL_Get_Max_Threads()
+            finally:
+                _LIB.MKL_Set_Num_Threads_Local(local)
+
+        return get, _LIB.MKL_Set_Num_Threads
+    if hasattr(_LIB, "openblas_get_num_threads") and hasattr(_LIB, "openblas_set_num_threads"):
+        return _LIB.openblas_get_num_threads, _LIB.openblas_set_num_threads
     return None
+
+
+_THREADS_LOCK = threading.Lock()
+_THREADS_DEPTH = 0
+_THREADS_SAVED = 0
 
 
 @contextlib.contextmanager
 def threads(n: int):
-    """Run the block with the bound BLAS limited to ``n`` threads (process-wide while inside).
+    """Run the block with the bound BLAS limited to ``n`` threads (process-wide while any is inside).
 
     Streaming multiplies batch-1 rows: a second thread only adds wake-up latency (with passive OpenMP
     waiting). Measured per dfn3 hop over a continuous stream: 2.0 ms with MKL's 2 threads, 0.9 ms
-    with 1. A no-op where nothing was bound (macOS: Accelerate).
+    with 1. Nested or concurrent blocks (two streams in two threads) share one setting; the count in
+    force before the first is restored when the last ends. A no-op where nothing was bound (macOS).
     """
+    global _THREADS_DEPTH, _THREADS_SAVED
     api = _thread_api()
     if api is None:
         yield
         return
     get, set_ = api
-    old = get()
-    set_(n)
+    with _THREADS_LOCK:
+        if _THREADS_DEPTH == 0:
+            _THREADS_SAVED = get()
+            set_(n)
+        _THREADS_DEPTH += 1
     try:
         yield
     finally:
-        set_(old)
+        with _THREADS_LOCK:
+            _THREADS_DEPTH -= 1
+            if _THREADS_DEPTH == 0:
+                set_(_THREADS_SAVED)

@@ -21,12 +21,15 @@ def _act(name: str | None, x: mx.array) -> mx.array:
     return x
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class EvalConstants:
     """Inference constants a module derives from its parameters once, in ``eval()``.
 
-    Valid while ``sources`` are still the module's current arrays: loading or updating weights
-    replaces them, and the module then falls back to deriving from the new ones.
+    Valid while ``sources`` are still the module's current arrays: loading weights or an optimizer
+    step replaces them, and the module then derives from the new ones on every call (correct, not
+    fast) until ``eval()`` is called again. Arrays are replaced, never edited in place, in MLX's
+    APIs; an in-place edit (``w[...] = v``) is not seen: call ``eval()`` after one.
+    The modules hook MLX's ``Module._set_training_mode`` (private; MLX 0.32) to build them.
     """
 
     sources: tuple[mx.array, ...]
@@ -73,7 +76,7 @@ class ConvBlock(nn.Module):
         self.has_pointwise = groups > 1 and max(kt, kf) > 1
         self.kt, self.kf, self.fstride, self.groups = kt, kf, fstride, groups
         self.in_ch, self.out_ch, self.transposed, self.act = in_ch, out_ch, transposed, act
-        self.depthwise = transposed or groups == in_ch == out_ch
+        self.depthwise = groups == in_ch == out_ch
         if transposed:
             assert kt == 1 and self.depthwise, "transposed convs are depthwise, frequency-only"
             self.weight = mx.zeros((in_ch, out_ch // groups, kt, kf))

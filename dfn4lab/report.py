@@ -95,8 +95,9 @@ def results(figures: Path = paths.FIGURES, eval_dir: Path = paths.DATA / "eval" 
 def update(readme: Path, block: str) -> bool:
     """Replace the marked block in ``readme`` (atomically); False when the markers are missing."""
     text = readme.read_text()
-    start, end = text.find(BEGIN), text.find(END)
-    if start < 0 or end < start:
+    start = text.find(BEGIN)
+    end = text.find(END, start) if start >= 0 else -1
+    if start < 0 or end < 0:
         return False
     atomic_write(readme, text[:start] + block + text[end + len(END) :])
     return True

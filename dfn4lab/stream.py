@@ -255,7 +255,9 @@ def stream_array(enh: StreamingEnhancer, x: np.ndarray, chunk: int) -> tuple[np.
     """Feed ``x`` (samples,) at the model rate through ``enh`` in ``chunk``-sample pieces, then flush.
 
     Returns the output (delay compensated if ``enh`` is) and, for every ``process`` call that ran
-    whole hops, its wall time per hop (s): what a live source waits for each 10 ms of audio.
+    whole hops, its wall time per hop (s). With chunks of at most a hop (a live source's usual
+    blocks) that is each hop's processing time; a chunk of several hops is timed as a whole and
+    shared out, though a live source waits for all of it.
     """
     outs, times, hop = [], [], enh.hop_size
     for i in range(0, x.size, chunk):

@@ -105,22 +105,28 @@ def filterbank(fb: np.ndarray, sr: int, ax=None, title: str = "ERB filterbank"):
     return fig
 
 
-def audio_widget(x: np.ndarray, sr: int):
-    """An ipywidgets audio player for ``x`` (samples,), peak-normalised, sent as 16-bit WAV bytes.
-
-    A widget (binary comm buffers) rather than ``IPython.display.Audio`` inside an ``Output``: the
-    latter's base64 path took a minute per 10 s clip under nbclient.
-    """
+def wav_bytes(x: np.ndarray, sr: int) -> bytes:
+    """``x`` (samples,) as peak-normalised 16-bit WAV file bytes, for audio widgets."""
     import io
 
-    import ipywidgets as w
     import soundfile as sf
 
     x = np.asarray(x, dtype=np.float32).reshape(-1)
     peak = float(np.abs(x).max()) if x.size else 0.0
     buf = io.BytesIO()
     sf.write(buf, x / peak if peak > 0 else x, sr, format="WAV", subtype="PCM_16")
-    return w.Audio(value=buf.getvalue(), format="wav", autoplay=False, loop=False)
+    return buf.getvalue()
+
+
+def audio_widget(x: np.ndarray, sr: int):
+    """An ipywidgets audio player for ``x`` (samples,), peak-normalised, sent as WAV bytes.
+
+    A widget (binary comm buffers) rather than ``IPython.display.Audio`` inside an ``Output``: the
+    latter's base64 path took a minute per 10 s clip under nbclient.
+    """
+    import ipywidgets as w
+
+    return w.Audio(value=wav_bytes(x, sr), format="wav", autoplay=False, loop=False)
 
 
 def players(signals: dict[str, np.ndarray], sr: int):
@@ -267,7 +273,7 @@ def listening_panel(result: dict):
     def show(_=None) -> None:
         path = _signals(result, pick.value)[which.value]
         x, sr = audio.load(path, mono=True)
-        player.value = audio_widget(x[0], sr).value
+        player.value = wav_bytes(x[0], sr)
         row = next((r for r in result["rows"] if r["file"] == pick.value and r["model"] == which.value), None)
         text = "" if row is None else ", ".join(f"{_label(m)} {row[m]:.2f}" for m in result["metrics"])
         scores.value = f"<small>{text}</small>"
@@ -388,7 +394,7 @@ def mixing_panel(speech: np.ndarray, noise: np.ndarray, sr: int):
 
     def redraw(*_):
         steps = mixture_steps(speech, noise, sr, snr.value, rt60.value or None, eq.value)
-        player.value = audio_widget(steps["noisy"], sr).value
+        player.value = wav_bytes(steps["noisy"], sr)
         with out:
             out.clear_output(wait=True)
             fig = spectrogram(

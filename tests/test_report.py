@@ -24,5 +24,10 @@ def test_bench_result_reaches_the_readme_block(tmp_path, monkeypatch):
     assert "old numbers" not in text and text.startswith("# title\n\nbefore\n") and text.endswith("\nafter\n")
     assert report.update(readme, block) and readme.read_text() == text  # idempotent
 
+    # the end marker quoted before the block
+    readme.write_text(f"the block ends at {report.END}\n{report.BEGIN}\nold\n{report.END}\n")
+    assert report.update(readme, block) and readme.read_text().startswith(f"the block ends at {report.END}\n")
+    assert "\nold\n" not in readme.read_text()
+
     readme.write_text("no markers\n")
     assert not report.update(readme, block) and readme.read_text() == "no markers\n"

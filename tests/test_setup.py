@@ -100,21 +100,24 @@ def test_jupyterlab_serves_lab(tmp_path):
 
 
 def test_blas_threads_are_limited_inside_the_block_and_restored():
-    # in a fresh process: torch, once imported, sets MKL's thread-local count on the main thread, which
-    # then shadows the process-wide one this sets (MLX's worker thread sees the process-wide one)
+    # in a fresh process, with a thread-local MKL count set as torch sets one: it must neither be
+    # read as the count to restore nor hide the process-wide one
     code = (
         "import dfn4lab.blas as b\n"
         "api = b._thread_api()\n"
         "if api is None: print('none'); raise SystemExit\n"
         "get, set_ = api; set_(2)\n"
-        "with b.threads(1): inside = get()\n"
+        "if hasattr(b._LIB, 'MKL_Set_Num_Threads_Local'): b._LIB.MKL_Set_Num_Threads_Local(3)\n"
+        "with b.threads(1):\n"
+        "    with b.threads(1): inner = get()\n"
+        "    after_inner = get()\n"
         "try:\n"
         "    with b.threads(1): raise RuntimeError\n"
         "except RuntimeError: pass\n"
-        "print(inside, get())\n"
+        "print(inner, after_inner, get())\n"
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     out = run.stdout.split()
     if out == ["none"]:
         pytest.skip("no BLAS with a thread API is bound here (macOS, or DFN4LAB_BLAS=none)")
-    assert out == ["1", "2"]
+    assert out == ["1", "1", "2"]
