@@ -336,6 +336,7 @@ class MambaBlock(nn.Module):
         self.A_log = mx.log(mx.broadcast_to(mx.arange(1, d_state + 1, dtype=mx.float32), (d_inner, d_state)))
         self.D = mx.ones((d_inner,))
         self.out_proj = nn.Linear(d_inner, d_model, bias=False)
+        self._a2_cache: EvalConstants | None = None
 
     def _set_training_mode(self, mode: bool) -> None:
         super()._set_training_mode(mode)
@@ -343,7 +344,7 @@ class MambaBlock(nn.Module):
 
     def _a2(self) -> mx.array:
         """``A`` in base 2 for :func:`_mamba_step`; computed once per ``eval()`` (it is 8192 exps)."""
-        cache = getattr(self, "_a2_cache", None)
+        cache = self._a2_cache
         if not self.training and cache is not None and cache.valid_for((self.A_log,)):
             return cache.value
         return _base2_decay(self.A_log)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import glob
 import os
 import platform
@@ -76,6 +77,7 @@ def bind() -> str | None:
     return None
 
 
+@functools.cache  # per streaming hop: look the symbols up once (bind() runs at import, before any call)
 def _thread_api() -> tuple | None:
     """(get, set) of the bound BLAS's process-wide thread count (MKL or OpenBLAS), or None."""
     if _LIB is None:

@@ -261,7 +261,7 @@ def stream_array(enh: StreamingEnhancer, x: np.ndarray, chunk: int) -> tuple[np.
     """
     outs, times, hop = [], [], enh.hop_size
     for i in range(0, x.size, chunk):
-        hops = (min(i + chunk, x.size)) // hop - i // hop  # hops this call completes
+        hops = min(i + chunk, x.size) // hop - i // hop  # hops this call completes
         t = time.perf_counter()
         outs.append(enh.process(x[i : i + chunk]))
         if hops:
