@@ -1,11 +1,12 @@
 """dfn4lab: a research workbench for DeepFilterNet4 speech enhancement in MLX.
 
-Importing the package binds an optimized BLAS for MLX on Linux (see ``dfn4lab.blas``),
-so import ``dfn4lab`` before ``mlx.core``.
+Importing the package binds an optimized BLAS for MLX on Linux and keeps freed memory for reuse
+(see ``dfn4lab.blas``), so import ``dfn4lab`` before ``mlx.core``.
 """
 
 from dfn4lab import blas as _blas
 
 _blas.bind()
+_blas.keep_freed_memory()
 
 __version__ = "0.1.0"

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from dfn4lab.activations import sigmoid, tanh
 from dfn4lab.config import BackboneConfig
 from dfn4lab.layers import EvalConstants
 
@@ -64,13 +65,14 @@ def _gru_recur(xi: mx.array, h: mx.array, w_hh: mx.array, b_hh: mx.array) -> mx.
     """One GRU step from the precomputed input projection ``xi = x W_ih^T + b_ih``.
 
     ``xi``: (batch, 3H), ``h``: (batch, H); gate order r, z, n as in ``torch.nn.GRU``.
-    Compiled so the gate arithmetic fuses (the step is overhead-bound at streaming sizes).
+    Compiled so the gate arithmetic fuses into one kernel: ``split`` is one graph node where three
+    slices were three, and the rational activations cost ~2 ns per element against MLX's ~14
+    (batch 8: 172 -> 110 us per step).
     """
-    hid = h.shape[-1]
-    gh = mx.addmm(b_hh, h, w_hh.T)
-    rz = mx.sigmoid(xi[:, : 2 * hid] + gh[:, : 2 * hid])
-    r, z = rz[:, :hid], rz[:, hid:]
-    n = mx.tanh(xi[:, 2 * hid :] + r * gh[:, 2 * hid :])
+    xr, xz, xn = mx.split(xi, 3, axis=-1)
+    hr, hz, hn = mx.split(mx.addmm(b_hh, h, w_hh.T), 3, axis=-1)
+    r, z = sigmoid(xr + hr, fuse=True), sigmoid(xz + hz, fuse=True)
+    n = tanh(xn + r * hn, fuse=True)
     return n + z * (h - n)  # == (1 - z) * n + z * h
 
 
@@ -87,13 +89,13 @@ def _gru_recur_back(
     dh: mx.array, h_prev: mx.array, xi: mx.array, gh: mx.array, w_hh: mx.array
 ) -> tuple[mx.array, mx.array, mx.array]:
     """Backward of one GRU step: ``dh`` (batch, H) -> (dh_prev, d xi (batch, 3H), d gh (batch, 3H))."""
-    hid = h_prev.shape[-1]
-    rz = mx.sigmoid(xi[:, : 2 * hid] + gh[:, : 2 * hid])
-    r, z = rz[:, :hid], rz[:, hid:]
-    n = mx.tanh(xi[:, 2 * hid :] + r * gh[:, 2 * hid :])
+    xr, xz, xn = mx.split(xi, 3, axis=-1)
+    hr, hz, hn = mx.split(gh, 3, axis=-1)
+    r, z = sigmoid(xr + hr, fuse=True), sigmoid(xz + hz, fuse=True)
+    n = tanh(xn + r * hn, fuse=True)
     dn = dh * (1 - z) * (1 - n * n)
     dz = dh * (h_prev - n) * z * (1 - z)
-    dr = dn * gh[:, 2 * hid :] * r * (1 - r)
+    dr = dn * hn * r * (1 - r)
     dgh = mx.concatenate([dr, dz, dn * r], axis=-1)
     return dh * z + dgh @ w_hh, mx.concatenate([dr, dz, dn], axis=-1), dgh
 

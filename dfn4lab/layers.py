@@ -9,6 +9,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from dfn4lab.activations import sigmoid
+
 import mlx.core as mx
 import mlx.nn as nn
 
@@ -17,8 +19,35 @@ def _act(name: str | None, x: mx.array) -> mx.array:
     if name == "relu":
         return nn.relu(x)
     if name == "sigmoid":
-        return mx.sigmoid(x)
+        return sigmoid(x)
     return x
+
+
+class BatchNorm(nn.BatchNorm):
+    """``nn.BatchNorm`` (same parameters, statistics and results) that stays fast under ``mx.compile``.
+
+    MLX's compiler fuses element-wise ops on a small broadcast operand into the big kernel, so
+    ``(x - mean) * rsqrt(var + eps)`` evaluates ``rsqrt`` once per element of ``x`` instead of once
+    per channel: a compiled conv block at batch 8 x 500 frames took 115 ms instead of 18. A reshape
+    is not fusable: the per-channel scale is computed once, then broadcast.
+    """
+
+    def __call__(self, x: mx.array) -> mx.array:
+        """``(..., channels)`` -> same shape."""
+        if self.training or not self.track_running_stats:
+            mean, var = self._calc_stats(x)
+            if self.training and self.track_running_stats:
+                mu = self.momentum
+                _, running_var = self._calc_stats(x, ddof=1)
+                self.running_mean = (1 - mu) * self.running_mean + mu * mean
+                self.running_var = (1 - mu) * self.running_var + mu * running_var
+        else:
+            mean, var = self.running_mean, self.running_var
+        scale = mx.rsqrt(var + self.eps)
+        if "weight" in self:
+            scale = scale * self.weight
+        x = (x - mean) * scale.reshape(1, -1)
+        return x + self.bias if "weight" in self else x
 
 
 @dataclass(frozen=True, eq=False)
@@ -84,7 +113,7 @@ class ConvBlock(nn.Module):
             self.weight = mx.zeros((out_ch, in_ch // groups, kt, kf))
         if self.has_pointwise:
             self.pointwise = mx.zeros((out_ch, out_ch, 1, 1))
-        self.bn = nn.BatchNorm(out_ch)
+        self.bn = BatchNorm(out_ch)
         self._folded: EvalConstants | None = None
         self._init()
 
@@ -102,20 +131,19 @@ class ConvBlock(nn.Module):
         """Depthwise: the taps, (channels,) each, time-major; else the dense weight as ``_conv`` uses it."""
         if self.depthwise:
             return [self.weight[:, 0, i, j] for i in range(self.kt) for j in range(self.kf)]
-        return self._dense_weight()
+        return self._layout(self._dense_weight())
 
-    def _time_only(self) -> bool:
-        return not self.depthwise and self.kf == 1 and self.kt > 1 and self.fstride == 1
+    def _one_axis(self) -> bool:
+        """A dense kernel along time only, (kt, 1) unstrided, or frequency only, (1, kf)."""
+        time_only = self.kf == 1 and self.kt > 1 and self.fstride == 1
+        return not self.depthwise and (time_only or (self.kt == 1 and self.kf > 1))
 
     def _layout(self, dense: mx.array) -> mx.array:
-        """Dense (out, kt, kf, in) -> the eval-mode weight: for a time-only kernel all taps side by side,
-        (in, kt * out), which ``_conv`` runs as one matmul; else unchanged (``mx.conv2d``'s layout).
-
-        Training keeps ``mx.conv2d``: compiled two-process training steps gave NaN losses with any
-        sum-over-taps form of this conv (MLX 0.32 CPU; reproduced, not understood), never with conv2d.
+        """Dense (out, kt, kf, in) -> the eval-mode weight: for a one-axis kernel all taps side by side,
+        (in, taps * out), which ``_conv`` runs as one matmul; else unchanged (``mx.conv2d``'s layout).
         """
-        if self._time_only():
-            return dense[:, :, 0].transpose(2, 1, 0).reshape(self.in_ch, self.kt * self.out_ch)
+        if self._one_axis():
+            return dense.reshape(self.out_ch, -1, self.in_ch).transpose(2, 1, 0).reshape(self.in_ch, -1)
         return dense
 
     def _dense_weight(self) -> mx.array:
@@ -192,14 +220,18 @@ class ConvBlock(nn.Module):
                 term = x[:, i : i + t, j : j + (f_out - 1) * s + 1 : s, :] * wn
                 y = term if y is None else y + term
             return y
-        if w.ndim == 2:  # eval mode, time-only kernel (``_layout``)
-            # One matmul for every tap, then the (smaller) outputs shifted in time and summed: slicing
-            # the input per tap costs a strided copy of it (measured 316 vs 50 ms for DFN3's df_convp
-            # at batch 8 x 500 frames against mx.conv2d; 0.22 vs 0.10 ms per streaming hop).
+        if w.ndim == 2:  # eval mode, one-axis kernel (``_layout``)
+            # One matmul for every tap, then the (smaller) outputs shifted and summed: slicing the input
+            # per tap costs a strided copy of it. DFN3's df_convp, (5, 1), at batch 8 x 500 frames: 316
+            # vs 50 ms against mx.conv2d (0.22 vs 0.10 ms per streaming hop); conv0_out, (1, 3) to one
+            # channel: 89 vs 8 ms.
             o, z = self.out_ch, x @ w
             y = None
-            for i in range(self.kt):
-                term = z[:, i : i + t, :, i * o : (i + 1) * o]
+            for i in range(max(self.kt, self.kf)):
+                if self.kt > 1:
+                    term = z[:, i : i + t, :, i * o : (i + 1) * o]
+                else:
+                    term = z[:, :, i : i + (f_out - 1) * s + 1 : s, i * o : (i + 1) * o]
                 y = term if y is None else y + term
             return y
         # Few groups: one dense conv2d with a block-diagonal weight (measured far faster than groups=g).

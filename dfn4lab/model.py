@@ -17,9 +17,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from dfn4lab.activations import sigmoid, tanh
 from dfn4lab.backbones import GroupedLinear, SqueezedBackbone
 from dfn4lab.config import ModelConfig
-from dfn4lab.layers import ConvBlock, HybridEncoder, deep_filter, post_filter
+from dfn4lab.layers import BatchNorm, ConvBlock, HybridEncoder, deep_filter, post_filter
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -37,8 +38,8 @@ class Encoder(nn.Module):
         super().__init__()
         ch, nb_erb, nb_df = cfg.conv_ch, cfg.dsp.nb_erb, cfg.dsp.nb_df
         if cfg.running_stats:  # running mean/variance of the input features, learned in training
-            self.erb_stats = nn.BatchNorm(nb_erb, affine=False)
-            self.spec_stats = nn.BatchNorm(2 * nb_df, affine=False)
+            self.erb_stats = BatchNorm(nb_erb, affine=False)
+            self.spec_stats = BatchNorm(2 * nb_df, affine=False)
         self.erb_conv0 = ConvBlock(1, ch, cfg.conv_kernel_inp)
         self.erb_conv1 = ConvBlock(ch, ch, cfg.conv_kernel, fstride=2)
         self.erb_conv2 = ConvBlock(ch, ch, cfg.conv_kernel, fstride=2)
@@ -89,7 +90,7 @@ class Encoder(nn.Module):
     def embed(self, emb: mx.array, state: Any = None) -> tuple[mx.array, mx.array, Any]:
         """Backbone and LSNR head: emb (batch, time, emb_in) -> emb, lsnr (batch, time, 1), state."""
         emb, state = self.emb_gru(emb, state)
-        lsnr = mx.sigmoid(self.lsnr_fc(emb)) * self.lsnr_scale + self.lsnr_offset
+        lsnr = sigmoid(self.lsnr_fc(emb)) * self.lsnr_scale + self.lsnr_offset
         return emb, lsnr, state
 
     def __call__(self, feat_erb: mx.array, feat_spec: mx.array, state: State | None = None, spec=None):
@@ -152,7 +153,7 @@ class DfHead(nn.Module):
         """c (batch, time, hidden), c0 (batch, time, nb_df, conv_ch) -> coefs (batch, time, bins, order*2)."""
         b, t, _ = c.shape
         p, state = self.df_convp(c0[:, :, : self.bins], state)
-        return mx.tanh(self.df_out(c)).reshape(b, t, self.bins, -1) + p, state
+        return tanh(self.df_out(c)).reshape(b, t, self.bins, -1) + p, state
 
 
 def df_heads(cfg: ModelConfig) -> list[tuple[int, int, int]]:
@@ -211,9 +212,9 @@ class DfDecoder(nn.Module):
             c = c + self.df_skip(emb)
         elif self.skip_kind == "identity":
             c = c + emb
-        alpha = mx.sigmoid(self.df_fc_a(c))
+        alpha = sigmoid(self.df_fc_a(c))
         p, s_conv = self.df_convp(c0[:, :, : self.bins], st.get("df_convp"))
-        coefs = mx.tanh(self.df_out(c)).reshape(b, t, self.bins, -1) + p
+        coefs = tanh(self.df_out(c)).reshape(b, t, self.bins, -1) + p
         if "order_fc" in self:
             coefs = coefs * mx.repeat(self._tap_weights(c), 2, axis=-1)[:, :, None]
         heads = [coefs]

@@ -479,6 +479,10 @@ class Trainer:
                 _assign(self.opt.state, k, v)
             pos = _broadcast(mx.array([self.step, self.epoch, self.batch]), self.group).tolist()
             self.step, self.epoch, self.batch = (int(v) for v in pos)
+            # Evaluated here, not lazily inside the first step's graph: there, ops read the all_sum's
+            # output before the ring backend had written it (MLX 0.32 CPU) -- NaN losses, or finite wrong
+            # gradients under mx.compile, depending on the graph.
+            mx.eval(self.model.parameters(), self.opt.state)
 
     # --- records, checkpoints, validation ---
 

@@ -7,6 +7,7 @@ from dfn4lab import inference
 from dfn4lab.layers import ConvBlock, deep_filter
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 import torch
@@ -60,6 +61,8 @@ def _torch_bn(y: torch.Tensor, block: ConvBlock) -> torch.Tensor:
         (8, 8, (1, 3), 2),
         (8, 4, (5, 1), 1),
         (8, 1, (1, 3), 1),
+        (2, 8, (1, 3), 2),
+        (4, 6, (1, 5), 1),
         (8, 8, 1, 1),
     ],
 )
@@ -85,6 +88,24 @@ def test_conv_block_matches_torch(in_ch, out_ch, kernel, fstride):
     block.train()  # the unfolded path (BatchNorm on its running statistics) gives the same
     block.bn.eval()
     np.testing.assert_allclose(np.array(block(mx.array(x))[0]), ref, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_batch_norm_is_mlx_batch_norm(affine):
+    from dfn4lab.layers import BatchNorm
+
+    x = mx.array((np.random.default_rng(5).standard_normal((3, 7, 5, 6)) * 2 + 1).astype(np.float32))
+    ours, ref = BatchNorm(6, affine=affine), nn.BatchNorm(6, affine=affine)
+    if affine:
+        ours.weight = ref.weight = mx.linspace(0.5, 2.0, 6)
+        ours.bias = ref.bias = mx.linspace(-1.0, 1.0, 6)
+    compiled = mx.compile(ours, inputs=ours.state, outputs=ours.state)
+    for fn in (ours, compiled, compiled):  # training: batch statistics, running statistics updated
+        np.testing.assert_allclose(np.array(fn(x)), np.array(ref(x)), atol=1e-5)
+        np.testing.assert_allclose(np.array(ours.running_var), np.array(ref.running_var), atol=1e-6)
+        np.testing.assert_allclose(np.array(ours.running_mean), np.array(ref.running_mean), atol=1e-6)
+    ours.eval(), ref.eval()
+    np.testing.assert_allclose(np.array(ours(x)), np.array(ref(x)), atol=1e-5)
 
 
 def test_conv_block_uses_weights_replaced_after_eval():

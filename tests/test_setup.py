@@ -54,6 +54,21 @@ def _run(code: str, **env: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's malloc")
+def test_large_arrays_reuse_freed_memory_without_page_faults():
+    code = (
+        "{imp}import mlx.core as mx, resource\n"
+        "def faults():\n"
+        "    for _ in range(4):  # 64 MB each: glibc would mmap and unmap them\n"
+        "        a = mx.ones((16, 1024, 1024)) + 1; mx.eval(a); del a\n"
+        "    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+        "f0 = faults(); print(faults() - f0)\n"
+    )
+    plain = int(_run(code.format(imp="")).stdout)
+    ours = int(_run(code.format(imp="import dfn4lab\n")).stdout)
+    assert plain > 4 * 16_000 and ours < 2_000, (plain, ours)  # a 64 MB array spans 16k pages
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="BLAS binding is Linux only")
 def test_mlx_resolves_sgemm_from_the_bound_blas():
     # The symbol MLX's libmlx.so binds to is the first global provider: it must be ours.

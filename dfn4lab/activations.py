@@ -1,0 +1,93 @@
+"""tanh and sigmoid as rational functions: float32-accurate and several times faster than MLX's on CPU.
+
+MLX's CPU ``tanh``, ``sigmoid`` and ``exp`` cost 10-15 ns per element here (x86_64, MLX 0.32), a
+hundred times an addition, eager or compiled. DfNet applies them to every GRU gate of every frame
+and to all DF coefficients: ~110 of the ~1250 ms of DFN3's forward at batch 8 x 500 frames. A
+rational function is only multiply-adds and one division, which ``mx.compile`` fuses into one
+kernel: 1.1-2.3 ns per element. Max abs error vs float64: 4e-7 (tanh), 2.3e-7 (sigmoid); the tests
+check it. Pure MLX ops, so it runs unchanged on Metal and CUDA.
+
+``tanh``/``sigmoid`` carry their exact derivative as a custom VJP (``1 - y^2``, ``y (1 - y)``), or
+with ``fuse=True`` are plain ops that fuse with the ops around them inside a compiled function that
+needs no autodiff through them (the GRU step and its hand-written backward). Small arrays use MLX's.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+# Eigen's float tanh (generic_fast_tanh_float): odd numerator, even denominator in x^2, on [-c, c].
+_NUM = (
+    4.89352455891786e-03,
+    6.37261928875436e-04,
+    1.48572235717979e-05,
+    5.12229709037114e-08,
+    -8.60467152213735e-11,
+    2.00018790482477e-13,
+    -2.76076847742355e-16,
+)
+_DEN = (4.89352518554385e-03, 2.26843463243900e-03, 1.18534705686654e-04, 1.19825839466702e-06)
+_CLAMP = 7.90531110763549805  # |x| beyond it: tanh within 3e-7 of +-1, inside the error bound
+# Below this many elements MLX's own is faster: each of the form's 15 constants costs ~0.4 us per
+# compiled call, which outweighs ~12 ns saved per element (a batch-1 GRU gate: 44 vs 65 us per step).
+SMALL = 512
+
+
+# As arrays, made once and shared by every traced call (a Python float is a new constant each time).
+_NUM_A, _DEN_A = [mx.array(c) for c in _NUM], [mx.array(c) for c in _DEN]
+_CLAMP_A, _HALF = mx.array(_CLAMP), mx.array(0.5)
+
+
+def _horner(coefs: list[mx.array], x2: mx.array) -> mx.array:
+    p = coefs[-1]
+    for c in coefs[-2::-1]:
+        p = p * x2 + c
+    return p
+
+
+@mx.compile
+def _rational_tanh(x: mx.array) -> mx.array:
+    y = mx.clip(x, -_CLAMP_A, _CLAMP_A)  # float32 constants: float16/bfloat16 inputs computed in float32
+    y2 = y * y
+    return (y * _horner(_NUM_A, y2) / _horner(_DEN_A, y2)).astype(x.dtype)
+
+
+@mx.compile
+def _rational_sigmoid(x: mx.array) -> mx.array:
+    # 1 / (1 + exp(-x)) = (1 + tanh(x / 2)) / 2
+    return (_HALF + _HALF * _rational_tanh(_HALF * x)).astype(x.dtype)
+
+
+@mx.custom_function
+def _tanh(x: mx.array) -> mx.array:
+    return _rational_tanh(x)
+
+
+@_tanh.vjp
+def _tanh_vjp(primals: tuple[mx.array], cotangent: mx.array, y: mx.array) -> tuple[mx.array]:
+    return (cotangent * (1 - y * y),)
+
+
+@mx.custom_function
+def _sigmoid(x: mx.array) -> mx.array:
+    return _rational_sigmoid(x)
+
+
+@_sigmoid.vjp
+def _sigmoid_vjp(primals: tuple[mx.array], cotangent: mx.array, y: mx.array) -> tuple[mx.array]:
+    return (cotangent * y * (1 - y),)
+
+
+def tanh(x: mx.array, fuse: bool = False) -> mx.array:
+    """tanh(x), element-wise. ``fuse``: plain ops that fuse with their neighbours under ``mx.compile``
+    (for code that needs no gradient through it); otherwise the exact derivative is its VJP."""
+    if x.size < SMALL:
+        return mx.tanh(x)
+    return _rational_tanh(x) if fuse else _tanh(x)
+
+
+def sigmoid(x: mx.array, fuse: bool = False) -> mx.array:
+    """1 / (1 + exp(-x)), element-wise; ``fuse`` as for :func:`tanh`."""
+    if x.size < SMALL:
+        return mx.sigmoid(x)
+    return _rational_sigmoid(x) if fuse else _sigmoid(x)
