@@ -54,7 +54,28 @@ class GroupedLinear(nn.Module):
         """``(..., input_size)`` -> ``(..., hidden_size)``."""
         lead = x.shape[:-1]
         g, i, h = self.weight.shape
-        return mx.einsum("...gi,gih->...gh", x.reshape(*lead, g, i), self.weight).reshape(*lead, g * h)
+        return grouped_matmul(x.reshape(-1, g, i), self.weight).reshape(*lead, g * h)
+
+
+@mx.custom_function
+def grouped_matmul(x: mx.array, w: mx.array) -> mx.array:
+    """``x`` (rows, groups, in) times ``w`` (groups, in, out) per group -> (rows, groups, out).
+
+    A batched matmul over groups on contiguous operands, forward and backward: autograd of the
+    einsum it replaces multiplied strided views, and its weight gradient ran at ~5 GFLOP/s (DFN3's
+    df_fc_emb at batch 8 x 500 frames, forward+backward: 120 -> 41 ms).
+    """
+    return (mx.contiguous(x.swapaxes(0, 1)) @ w).swapaxes(0, 1)
+
+
+@grouped_matmul.vjp
+def _grouped_matmul_vjp(
+    primals: tuple[mx.array, mx.array], dy: mx.array, y: mx.array
+) -> tuple[mx.array, mx.array]:
+    x, w = primals
+    dyg = mx.contiguous(dy.swapaxes(0, 1))  # (groups, rows, out)
+    xg = mx.contiguous(x.swapaxes(0, 1))  # (groups, rows, in)
+    return (dyg @ w.swapaxes(1, 2)).swapaxes(0, 1), xg.swapaxes(1, 2) @ dyg
 
 
 # ----------------------------------------------------------------------------------------------- GRU
