@@ -46,9 +46,9 @@ def keep_freed_memory() -> bool:
 
     glibc serves blocks over 32 MB (a DfNet feature map at batch 8 x 500 frames is ~100 MB) with a
     fresh ``mmap`` and unmaps them on free, so every such array's first write page-faults through
-    all of its memory. Measured here, same process: copying a 99 MB array 49 -> 4.9 ms; DFN3's
-    forward at batch 8 x 500 frames ~1250 -> ~750 ms (PyTorch's 690 -> 470 ms: it allocates the
-    same way). The cost: the process keeps its peak heap. Returns whether it was applied (glibc).
+    all of its memory. Measured here: copying a 99 MB array 47 -> 5 ms; DFN3's forward at batch 8 x
+    500 frames 1260 -> 745 ms (PyTorch's, in the same process, 1080 -> 450 ms: it allocates the same
+    way). The cost: the process keeps its peak heap. Returns whether it was applied (glibc).
     """
     if platform.system() != "Linux":
         return False
