@@ -28,8 +28,8 @@ class BatchNorm(nn.BatchNorm):
 
     MLX's compiler fuses element-wise ops on a small broadcast operand into the big kernel, so
     ``(x - mean) * rsqrt(var + eps)`` evaluates ``rsqrt`` once per element of ``x`` instead of once
-    per channel: a compiled conv block at batch 8 x 500 frames took 115 ms instead of 18. A reshape
-    is not fusable: the per-channel scale is computed once, then broadcast.
+    per channel. A reshape is not fusable: the per-channel scale is computed once, then broadcast.
+    DFN3's conv0p block in training at batch 8 x 500 frames, compiled: 115 ms, 8 ms with this.
     """
 
     def __call__(self, x: mx.array) -> mx.array:
@@ -139,9 +139,8 @@ class ConvBlock(nn.Module):
         return not self.depthwise and (time_only or (self.kt == 1 and self.kf > 1))
 
     def _layout(self, dense: mx.array) -> mx.array:
-        """Dense (out, kt, kf, in) -> the eval-mode weight: for a one-axis kernel all taps side by side,
-        (in, taps * out), which ``_conv`` runs as one matmul; else unchanged (``mx.conv2d``'s layout).
-        """
+        """Dense (out, kt, kf, in) -> the weight ``_conv`` uses: for a one-axis kernel all taps side by
+        side, (in, taps * out), run as one matmul; else unchanged (``mx.conv2d``'s layout)."""
         if self._one_axis():
             return dense.reshape(self.out_ch, -1, self.in_ch).transpose(2, 1, 0).reshape(self.in_ch, -1)
         return dense
@@ -220,11 +219,11 @@ class ConvBlock(nn.Module):
                 term = x[:, i : i + t, j : j + (f_out - 1) * s + 1 : s, :] * wn
                 y = term if y is None else y + term
             return y
-        if w.ndim == 2:  # eval mode, one-axis kernel (``_layout``)
+        if w.ndim == 2:  # one-axis kernel (``_layout``)
             # One matmul for every tap, then the (smaller) outputs shifted and summed: slicing the input
             # per tap costs a strided copy of it. DFN3's df_convp, (5, 1), at batch 8 x 500 frames: 316
             # vs 50 ms against mx.conv2d (0.22 vs 0.10 ms per streaming hop); conv0_out, (1, 3) to one
-            # channel: 89 vs 8 ms.
+            # channel: 89 vs 22 ms.
             o, z = self.out_ch, x @ w
             y = None
             for i in range(max(self.kt, self.kf)):

@@ -479,9 +479,9 @@ class Trainer:
                 _assign(self.opt.state, k, v)
             pos = _broadcast(mx.array([self.step, self.epoch, self.batch]), self.group).tolist()
             self.step, self.epoch, self.batch = (int(v) for v in pos)
-            # Evaluated here, not lazily inside the first step's graph: there, ops read the all_sum's
-            # output before the ring backend had written it (MLX 0.32 CPU) -- NaN losses, or finite wrong
-            # gradients under mx.compile, depending on the graph.
+            # Evaluated here, not lazily inside the first step's graph: there (MLX 0.32 CPU, ring backend)
+            # the broadcast weights fed NaN losses, or finite wrong gradients under mx.compile, depending
+            # on the model's ops; evaluated first, every variant matched one process.
             mx.eval(self.model.parameters(), self.opt.state)
 
     # --- records, checkpoints, validation ---
