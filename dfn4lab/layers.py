@@ -50,6 +50,21 @@ class BatchNorm(nn.BatchNorm):
         return x + self.bias if "weight" in self else x
 
 
+@mx.compile
+def _tap_sum(
+    x: mx.array, taps: tuple[mx.array, ...], starts: tuple[tuple[int, int], ...], t: int, n: int, s: int
+) -> mx.array:
+    """Sum over taps of ``x[:, i : i + t, j : j + (n - 1) * s + 1 : s] * tap`` for each tap's start
+    (i, j): a depthwise conv (or one phase of a transposed one) on ``x`` (batch, time, freq, ch) with
+    taps (ch,) -> (batch, t, n, ch). Compiled: one fused pass over strided views, no temporaries
+    (DFN3's df_conv1 at batch 8 x 500 frames: 24 -> 8 ms)."""
+    y = None
+    for (i, j), w in zip(starts, taps, strict=True):
+        term = x[:, i : i + t, j : j + (n - 1) * s + 1 : s, :] * w
+        y = term if y is None else y + term
+    return y
+
+
 @dataclass(frozen=True, eq=False)
 class EvalConstants:
     """Inference constants a module derives from its parameters once, in ``eval()``.
@@ -211,14 +226,9 @@ class ConvBlock(nn.Module):
     def _conv(self, x: mx.array, t: int, f_out: int, w: mx.array | list[mx.array]) -> mx.array:
         """Grouped conv over padded ``x`` (batch, t + kt - 1, padded freq, in) -> (batch, t, f_out, out)."""
         s = self.fstride
-        if self.depthwise:
-            # A few element-wise taps (strided slices) beat a grouped conv2d here.
-            y = None
-            for n, wn in enumerate(w):
-                i, j = divmod(n, self.kf)
-                term = x[:, i : i + t, j : j + (f_out - 1) * s + 1 : s, :] * wn
-                y = term if y is None else y + term
-            return y
+        if self.depthwise:  # a few element-wise taps (strided slices) beat a grouped conv2d here
+            starts = tuple(divmod(n, self.kf) for n in range(len(w)))
+            return _tap_sum(x, tuple(w), starts, t, f_out, s)
         if w.ndim == 2:  # one-axis kernel (``_layout``)
             # One matmul for every tap, then the (smaller) outputs shifted and summed: slicing the input
             # per tap costs a strided copy of it. DFN3's df_convp, (5, 1), at batch 8 x 500 frames: 316
@@ -255,13 +265,10 @@ class ConvBlock(nn.Module):
         shifts = [d for phase in taps for _, d in phase]
         lo, hi = max(0, -min(shifts)), max(0, n - f + max(shifts))
         xp = mx.pad(x, [(0, 0), (0, 0), (lo, hi), (0, 0)]) if lo or hi else x
-        phases = []
-        for phase in taps:
-            y = None
-            for k, d in phase:
-                term = xp[:, :, lo + d : lo + d + n, :] * w[k]
-                y = term if y is None else y + term
-            phases.append(y)
+        phases = [
+            _tap_sum(xp, tuple(w[k] for k, _ in phase), tuple((0, lo + d) for _, d in phase), t, n, 1)
+            for phase in taps
+        ]
         if s == 1:
             return phases[0][:, :, :f_out]
         return mx.stack(phases, axis=3).reshape(b, t, n * s, c)[:, :, :f_out]
