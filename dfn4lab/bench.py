@@ -197,6 +197,10 @@ def backbones(
         batch, frames, repeats = min(batch, 2), min(frames, 40), min(repeats, 3)
     from dfn4lab.inference import build
 
+    # First, in a fresh process: with the cases below run and alive, the same eager MLX forward took
+    # 1071 instead of 684 ms (not page faults, not the GC; 829 once they were freed). PyTorch's
+    # measured 474 there against 455 ms fresh. Compare frameworks, not the residue of other cases.
+    torch_cmp = _mlx_vs_torch(base, quick)
     target = param_count(build(base))
     variants = [("gru", "matched", base)]
     for kind in ("mamba", "attention"):
@@ -229,7 +233,6 @@ def backbones(
     sweep = _length_sweep(base, matched, quick)
     for r in rows:
         r.pop("cfg")
-    torch_cmp = _mlx_vs_torch(base, quick)
     result = {
         "cases": [
             {k: r[k] for k in ("backbone", "params", "fwd_ms", "fwdbwd_ms", "step_ms", "peak_mb")}
