@@ -20,7 +20,7 @@ def test_values_match_float64(name, tol, fuse):
     y = np.array(getattr(act, name)(mx.array(X), fuse=fuse))
     err = np.abs(y - _ref(name, X))
     assert err.max() < tol, (X[err.argmax()], err.max())
-    # odd/symmetric and bounded as the functions are
+    # bounded as the functions are
     lo, hi = (-1.0, 1.0) if name == "tanh" else (0.0, 1.0)
     assert y.min() >= lo and y.max() <= hi
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dfn4lab  # noqa: F401
 from dfn4lab import inference
-from dfn4lab.layers import ConvBlock, deep_filter
+from dfn4lab.layers import BatchNorm, ConvBlock, deep_filter
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -92,8 +92,6 @@ def test_conv_block_matches_torch(in_ch, out_ch, kernel, fstride):
 
 @pytest.mark.parametrize("affine", [True, False])
 def test_batch_norm_is_mlx_batch_norm(affine):
-    from dfn4lab.layers import BatchNorm
-
     x = mx.array((np.random.default_rng(5).standard_normal((3, 7, 5, 6)) * 2 + 1).astype(np.float32))
     ours, ref = BatchNorm(6, affine=affine), nn.BatchNorm(6, affine=affine)
     if affine:
