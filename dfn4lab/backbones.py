@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from dfn4lab import kernels
 from dfn4lab.activations import sigmoid, tanh
 from dfn4lab.config import BackboneConfig
 from dfn4lab.layers import EvalConstants
@@ -125,15 +126,37 @@ def _gru_recur_back(
 def gru_recurrence(xi: mx.array, h: mx.array, w_hh: mx.array, b_hh: mx.array) -> mx.array:
     """All hidden states ``(batch, time, H)`` of a GRU from input projections ``xi`` (batch, time, 3H).
 
-    Hand-written backward: autograd would build a (3H, H) weight gradient and a zero-padded copy
-    of ``xi`` per frame; here the per-frame work is one matmul and the weight gradient is a single
-    matmul over all frames (measured ~2x faster forward+backward at batch 8 on CPU).
+    On the CPU in float32 the time loops run in :mod:`dfn4lab.kernels` (fused C++ primitives; one
+    layer at batch 8 x 500 frames: forward 73 -> 25 ms, backward ~1.1 s -> 38 ms); elsewhere in MLX
+    ops, frame by frame. Hand-written backward either way: autograd would build a (3H, H) weight
+    gradient and a zero-padded copy of ``xi`` per frame; here the per-frame work is one matmul and
+    the weight gradient is a single matmul over all frames.
     """
+    if kernels.usable(xi, h, w_hh, b_hh):
+        return kernels.gru_forward(xi, h, w_hh, b_hh)
+    return gru_forward_loop(xi, h, w_hh, b_hh)
+
+
+def gru_forward_loop(xi: mx.array, h: mx.array, w_hh: mx.array, b_hh: mx.array) -> mx.array:
+    """:func:`gru_recurrence`'s forward in MLX ops, one frame at a time (GPU, other dtypes)."""
     ys = []
     for t in range(xi.shape[1]):
         h = _gru_recur(xi[:, t], h, w_hh, b_hh)
         ys.append(h)
     return mx.stack(ys, axis=1)
+
+
+def gru_backward_loop(
+    dy: mx.array, xi: mx.array, gh: mx.array, h_prev: mx.array, w_hh: mx.array
+) -> tuple[mx.array, mx.array, mx.array]:
+    """``(d xi, d gh, d h0)`` in MLX ops, one frame at a time; as :func:`dfn4lab.kernels.gru_backward`."""
+    dh = mx.zeros_like(h_prev[:, 0])
+    dxis, dghs = [], []
+    for t in reversed(range(xi.shape[1])):
+        dh, dxi, dgh = _gru_recur_back(dh + dy[:, t], h_prev[:, t], xi[:, t], gh[:, t], w_hh)
+        dxis.append(dxi)
+        dghs.append(dgh)
+    return mx.stack(dxis[::-1], axis=1), mx.stack(dghs[::-1], axis=1), dh
 
 
 def _gru_recurrence_vjp(
@@ -142,13 +165,8 @@ def _gru_recurrence_vjp(
     xi, h0, w_hh, b_hh = primals
     h_prev = mx.concatenate([h0[:, None], ys[:, :-1]], axis=1)
     gh = mx.addmm(b_hh, h_prev, w_hh.T)  # the recurrent projections of all frames at once
-    dh = mx.zeros_like(h0)
-    dxis, dghs = [], []
-    for t in reversed(range(xi.shape[1])):
-        dh, dxi, dgh = _gru_recur_back(dh + dy[:, t], h_prev[:, t], xi[:, t], gh[:, t], w_hh)
-        dxis.append(dxi)
-        dghs.append(dgh)
-    dxi, dgh = mx.stack(dxis[::-1], axis=1), mx.stack(dghs[::-1], axis=1)
+    backward = kernels.gru_backward if kernels.usable(dy, xi, gh, h_prev, w_hh) else gru_backward_loop
+    dxi, dgh, dh = backward(dy, xi, gh, h_prev, w_hh)
     hid = h0.shape[-1]
     dw = dgh.reshape(-1, 3 * hid).T @ h_prev.reshape(-1, hid)
     return dxi, dh, dw, dgh.sum(axis=(0, 1))

@@ -4,7 +4,8 @@ While ``fn`` builds its lazy graph, the matmul, einsum, convolution and attentio
 ``mlx.core`` are wrapped to add up ``output size x contracted size`` from their operand shapes;
 nothing is evaluated. A ``ConvBlock`` counts as the grouped convolution it computes, not as its
 implementation (a dense block-diagonal conv or element-wise taps). Element-wise work (activations,
-normalisation, the deep filter, scans) is not counted, as in ptflops and thop.
+normalisation, the deep filter, scans) is not counted, as in ptflops and thop. The GRU time loops run
+as MLX ops meanwhile (not :mod:`dfn4lab.kernels`), so their matmuls are seen.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import contextlib
 import math
 from collections.abc import Callable, Iterator, Sequence
 
+from dfn4lab import kernels
 from dfn4lab.layers import ConvBlock
 from dfn4lab.model import DfNet
 
@@ -101,7 +103,9 @@ def _counting(total: list[int]) -> Iterator[None]:
             add(y.size * self.out_ch)
         return y, state
 
-    patches = [(mx, n, matmul) for n in ("matmul",)] + [
+    # the fused GRU loops are one C++ op: run the MLX loops instead, whose per-frame matmuls count
+    patches = [(kernels, "ENABLED", lambda enabled: False)]
+    patches += [(mx, n, matmul) for n in ("matmul",)] + [
         (mx.array, "__matmul__", matmul),
         (mx, "addmm", addmm),
     ]

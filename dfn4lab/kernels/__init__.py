@@ -1,0 +1,49 @@
+"""dfn4lab's CPU kernels: C++ MLX primitives for loops MLX would run op by op (``gru.cpp``).
+
+``make kernels`` (part of ``make setup``) builds them into this package as ``_kernels``; nothing is
+downloaded. They are optional: where they are not built, or on the GPU, or for dtypes other than
+float32, :mod:`dfn4lab.backbones` runs its pure-MLX loops, which are also the tests' reference.
+``DFN4LAB_KERNELS=0`` turns them off, to compare.
+"""
+
+from __future__ import annotations
+
+import os
+
+import mlx.core as mx
+
+try:
+    from dfn4lab.kernels import _kernels
+except ImportError:  # not built here
+    _kernels = None
+
+BUILT = _kernels is not None
+ENABLED = BUILT and os.environ.get("DFN4LAB_KERNELS", "1") != "0"
+
+
+def status() -> str:
+    """The kernels' state for environment reports: on, off (DFN4LAB_KERNELS=0) or not built."""
+    return "on" if ENABLED else ("off (DFN4LAB_KERNELS=0)" if BUILT else "not built")
+
+
+def usable(*arrays: mx.array) -> bool:
+    """Whether the kernels run these arrays: enabled, float32, default device the CPU."""
+    return (
+        ENABLED
+        and mx.default_device().type == mx.DeviceType.cpu
+        and all(a.dtype == mx.float32 for a in arrays)
+    )
+
+
+def gru_forward(xi: mx.array, h0: mx.array, w_hh: mx.array, b_hh: mx.array) -> mx.array:
+    """All hidden states (batch, time, H) of a GRU layer from ``xi = x W_ih^T + b_ih`` (batch, time, 3H)."""
+    return _kernels.gru_forward(xi, h0, w_hh, b_hh)
+
+
+def gru_backward(
+    dy: mx.array, xi: mx.array, gh: mx.array, h_prev: mx.array, w_hh: mx.array
+) -> tuple[mx.array, mx.array, mx.array]:
+    """``(d xi, d gh, d h0)`` of :func:`gru_forward` from ``dy`` (batch, time, H) and the recurrent
+    projections ``gh = h_prev W_hh^T + b_hh`` (batch, time, 3H) of all frames."""
+    dxi, dgh, dh0 = _kernels.gru_backward(dy, xi, gh, h_prev, w_hh)
+    return dxi, dgh, dh0

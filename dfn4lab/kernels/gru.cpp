@@ -1,0 +1,218 @@
+// Fused GRU time loops for MLX on the CPU: one primitive runs all frames of a GRU layer.
+//
+// MLX dispatches each op of a per-frame loop separately, and its BLAS call for the recurrent
+// (batch x H) @ (H x 3H) product runs on all cores, which at batch 8 costs twice the one-thread
+// time in synchronisation. Here each frame is one single-threaded SGEMM plus one pass over the
+// gates, in one scheduler task. Float32 only; other dtypes and the GPU use dfn4lab.backbones'
+// pure-MLX loops, which are also the reference the tests compare against.
+//
+// Layouts are row-major and contiguous: xi, gh, dxi, dgh (batch, time, 3H) with gates r, z, n as
+// in torch.nn.GRU; ys, h_prev, dy (batch, time, H); h0 (batch, H); w_hh (3H, H); b_hh (3H).
+
+#include <dlfcn.h>
+
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/variant.h>
+#include <nanobind/stl/vector.h>
+
+#include "mlx/backend/cpu/encoder.h"
+#include "mlx/mlx.h"
+#include "mlx/primitives.h"
+
+namespace nb = nanobind;
+namespace mx = mlx::core;
+
+extern "C" void cblas_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float alpha,
+                            const float* a, int lda, const float* b, int ldb, float beta, float* c,
+                            int ldc);
+
+namespace {
+
+constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
+
+// The bound BLAS's thread count for the calling thread only (MKL); none elsewhere.
+using SetLocalThreads = int (*)(int);
+SetLocalThreads mkl_set_local() {
+  static auto fn = reinterpret_cast<SetLocalThreads>(dlsym(RTLD_DEFAULT, "MKL_Set_Num_Threads_Local"));
+  return fn;
+}
+
+struct OneBlasThread {  // a (batch x H) GEMM per frame is too small to share between cores
+  int saved = 0;
+  OneBlasThread() { if (auto f = mkl_set_local()) saved = f(1); }
+  ~OneBlasThread() { if (auto f = mkl_set_local()) f(saved); }
+};
+
+// Eigen's float tanh (the same rational form as dfn4lab.activations): max abs error ~3e-7.
+inline float tanh_r(float x) {
+  constexpr float c = 7.90531110763549805f;
+  x = x < -c ? -c : (x > c ? c : x);
+  const float x2 = x * x;
+  float p = -2.76076847742355e-16f;
+  p = p * x2 + 2.00018790482477e-13f;
+  p = p * x2 + -8.60467152213735e-11f;
+  p = p * x2 + 5.12229709037114e-08f;
+  p = p * x2 + 1.48572235717979e-05f;
+  p = p * x2 + 6.37261928875436e-04f;
+  p = p * x2 + 4.89352455891786e-03f;
+  float q = 1.19825839466702e-06f;
+  q = q * x2 + 1.18534705686654e-04f;
+  q = q * x2 + 2.26843463243900e-03f;
+  q = q * x2 + 4.89352518554385e-03f;
+  return x * p / q;
+}
+
+inline float sigmoid_r(float x) { return 0.5f + 0.5f * tanh_r(0.5f * x); }
+
+void check(const mx::array& a, int ndim, const char* what) {
+  if (a.dtype() != mx::float32 || a.ndim() != ndim)
+    throw std::invalid_argument(std::string("gru kernel: ") + what + " must be float32 with " +
+                                std::to_string(ndim) + " dims");
+}
+
+mx::array prepared(const mx::array& a, const mx::Stream& s) { return mx::contiguous(a, false, s); }
+
+// Forward: ys (batch, time, H) from xi (batch, time, 3H), h0, w_hh, b_hh.
+class GRUForward : public mx::Primitive {
+ public:
+  explicit GRUForward(mx::Stream s) : mx::Primitive(s) {}
+
+  void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override {
+    const auto &xi = in[0], &h0 = in[1], &w = in[2], &b = in[3];
+    auto& ys = out[0];
+    ys.set_data(mx::allocator::malloc(ys.nbytes()));
+    auto& enc = mx::cpu::get_command_encoder(stream());
+    for (auto& a : in) enc.set_input_array(a);
+    enc.set_output_array(ys);
+    const int bs = xi.shape(0), T = xi.shape(1), H = h0.shape(1);
+    enc.dispatch([xi = xi.data<float>(), h0 = h0.data<float>(), w = w.data<float>(),
+                  b = b.data<float>(), ys = ys.data<float>(), bs, T, H]() {
+      OneBlasThread one;
+      std::vector<float> gh(size_t(bs) * 3 * H);
+      for (int t = 0; t < T; ++t) {
+        const float* hp = t == 0 ? h0 : ys + size_t(t - 1) * H;
+        const int ldh = t == 0 ? H : T * H;
+        cblas_sgemm(kRowMajor, kNoTrans, kTrans, bs, 3 * H, H, 1.0f, hp, ldh, w, H, 0.0f, gh.data(),
+                    3 * H);
+        for (int i = 0; i < bs; ++i) {
+          const float* x = xi + (size_t(i) * T + t) * 3 * H;
+          const float* g = gh.data() + size_t(i) * 3 * H;
+          const float* h = hp + size_t(i) * ldh;
+          float* y = ys + (size_t(i) * T + t) * H;
+          for (int j = 0; j < H; ++j) {
+            const float r = sigmoid_r(x[j] + g[j] + b[j]);
+            const float z = sigmoid_r(x[H + j] + g[H + j] + b[H + j]);
+            const float n = tanh_r(x[2 * H + j] + r * (g[2 * H + j] + b[2 * H + j]));
+            y[j] = n + z * (h[j] - n);
+          }
+        }
+      }
+    });
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("GRUForward runs on the CPU only");
+  }
+  const char* name() const override { return "GRUForward"; }
+};
+
+// Backward: from dy, xi, gh (= h_prev w_hh^T + b_hh, all frames), h_prev, w_hh to dxi, dgh
+// (both (batch, time, 3H)) and dh0 (batch, H). The weight gradient is one matmul outside.
+class GRUBackward : public mx::Primitive {
+ public:
+  explicit GRUBackward(mx::Stream s) : mx::Primitive(s) {}
+
+  void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override {
+    const auto &dy = in[0], &xi = in[1], &gh = in[2], &hp = in[3], &w = in[4];
+    auto &dxi = out[0], &dgh = out[1], &dh0 = out[2];
+    auto& enc = mx::cpu::get_command_encoder(stream());
+    for (auto& a : in) enc.set_input_array(a);
+    for (auto& a : out) {
+      a.set_data(mx::allocator::malloc(a.nbytes()));
+      enc.set_output_array(a);
+    }
+    const int bs = xi.shape(0), T = xi.shape(1), H = hp.shape(2);
+    enc.dispatch([dy = dy.data<float>(), xi = xi.data<float>(), gh = gh.data<float>(),
+                  hp = hp.data<float>(), w = w.data<float>(), dxi = dxi.data<float>(),
+                  dgh = dgh.data<float>(), dh = dh0.data<float>(), bs, T, H]() {
+      OneBlasThread one;
+      std::fill(dh, dh + size_t(bs) * H, 0.0f);
+      for (int t = T - 1; t >= 0; --t) {
+        for (int i = 0; i < bs; ++i) {
+          const size_t row = size_t(i) * T + t;
+          const float *x = xi + row * 3 * H, *g = gh + row * 3 * H, *h = hp + row * H;
+          const float* d = dy + row * H;
+          float *ox = dxi + row * 3 * H, *og = dgh + row * 3 * H, *c = dh + size_t(i) * H;
+          for (int j = 0; j < H; ++j) {
+            const float r = sigmoid_r(x[j] + g[j]), z = sigmoid_r(x[H + j] + g[H + j]);
+            const float hn = g[2 * H + j], n = tanh_r(x[2 * H + j] + r * hn);
+            const float gd = c[j] + d[j];  // dL/dh_t
+            const float dn = gd * (1 - z) * (1 - n * n);
+            const float dz = gd * (h[j] - n) * z * (1 - z);
+            const float dr = dn * hn * r * (1 - r);
+            ox[j] = og[j] = dr;
+            ox[H + j] = og[H + j] = dz;
+            ox[2 * H + j] = dn;
+            og[2 * H + j] = dn * r;
+            c[j] = gd * z;
+          }
+        }
+        // dh_{t-1} += dgh_t w_hh over the batch rows of frame t
+        cblas_sgemm(kRowMajor, kNoTrans, kNoTrans, bs, H, 3 * H, 1.0f, dgh + size_t(t) * 3 * H,
+                    T * 3 * H, w, H, 1.0f, dh, H);
+      }
+    });
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("GRUBackward runs on the CPU only");
+  }
+  const char* name() const override { return "GRUBackward"; }
+};
+
+mx::array gru_forward(const mx::array& xi, const mx::array& h0, const mx::array& w_hh,
+                      const mx::array& b_hh, mx::StreamOrDevice s) {
+  check(xi, 3, "xi");
+  check(h0, 2, "h0");
+  check(w_hh, 2, "w_hh");
+  check(b_hh, 1, "b_hh");
+  const int bs = xi.shape(0), T = xi.shape(1), H = h0.shape(1);
+  if (h0.shape(0) != bs || xi.shape(2) != 3 * H || w_hh.shape(0) != 3 * H || w_hh.shape(1) != H ||
+      b_hh.shape(0) != 3 * H)
+    throw std::invalid_argument("gru_forward: shapes do not match (batch, time, 3H), (batch, H)");
+  auto st = mx::to_stream(s);
+  return mx::array({bs, T, H}, mx::float32, std::make_shared<GRUForward>(st),
+                   {prepared(xi, st), prepared(h0, st), prepared(w_hh, st), prepared(b_hh, st)});
+}
+
+std::vector<mx::array> gru_backward(const mx::array& dy, const mx::array& xi, const mx::array& gh,
+                                    const mx::array& h_prev, const mx::array& w_hh,
+                                    mx::StreamOrDevice s) {
+  check(dy, 3, "dy");
+  check(xi, 3, "xi");
+  check(gh, 3, "gh");
+  check(h_prev, 3, "h_prev");
+  check(w_hh, 2, "w_hh");
+  const int bs = xi.shape(0), T = xi.shape(1), H = h_prev.shape(2);
+  if (dy.shape() != h_prev.shape() || gh.shape() != xi.shape() || xi.shape(2) != 3 * H ||
+      h_prev.shape(0) != bs || h_prev.shape(1) != T || w_hh.shape(0) != 3 * H)
+    throw std::invalid_argument("gru_backward: shapes do not match");
+  auto st = mx::to_stream(s);
+  return mx::array::make_arrays({{bs, T, 3 * H}, {bs, T, 3 * H}, {bs, H}},
+                                {mx::float32, mx::float32, mx::float32},
+                                std::make_shared<GRUBackward>(st),
+                                {prepared(dy, st), prepared(xi, st), prepared(gh, st),
+                                 prepared(h_prev, st), prepared(w_hh, st)});
+}
+
+}  // namespace
+
+NB_MODULE(_kernels, m) {
+  m.doc() = "Fused GRU time loops for MLX on the CPU (see dfn4lab/kernels/gru.cpp).";
+  m.def("gru_forward", &gru_forward, nb::arg("xi"), nb::arg("h0"), nb::arg("w_hh"),
+        nb::arg("b_hh"), nb::kw_only(), nb::arg("stream") = nb::none(),
+        "All hidden states (batch, time, H) of a GRU layer from its input projections xi.");
+  m.def("gru_backward", &gru_backward, nb::arg("dy"), nb::arg("xi"), nb::arg("gh"),
+        nb::arg("h_prev"), nb::arg("w_hh"), nb::kw_only(), nb::arg("stream") = nb::none(),
+        "(dxi, dgh, dh0) of gru_forward, given the recurrent projections gh of all frames.");
+}

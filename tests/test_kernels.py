@@ -1,0 +1,98 @@
+"""dfn4lab.kernels: the fused C++ GRU loops against the pure-MLX loops and torch.nn.GRU."""
+
+from __future__ import annotations
+
+import platform
+
+import dfn4lab  # noqa: F401  (binds BLAS before mlx.core)
+from dfn4lab import backbones, kernels
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+
+needs_kernels = pytest.mark.skipif(not kernels.BUILT, reason="dfn4lab.kernels not built (make kernels)")
+
+
+def test_kernels_are_built_on_linux():
+    """`make setup` builds them; on Linux (where CI runs) a missing build must fail, not fall back."""
+    if platform.system() != "Linux":
+        pytest.skip("the build is only required on Linux")
+    assert kernels.BUILT, "dfn4lab/kernels/_kernels is missing: see .venv/kernels-build.log"
+
+
+def _gru_inputs(batch: int, frames: int, hidden: int, seed: int):
+    mx.random.seed(seed)
+    k = 1 / np.sqrt(hidden)
+    xi = mx.random.normal((batch, frames, 3 * hidden))
+    h0 = 0.5 * mx.random.normal((batch, hidden))
+    w = mx.random.uniform(-k, k, (3 * hidden, hidden))
+    b = mx.random.uniform(-k, k, (3 * hidden,))
+    return xi, h0, w, b
+
+
+@needs_kernels
+@pytest.mark.parametrize("batch,frames,hidden", [(1, 1, 4), (3, 7, 16), (8, 60, 64)])
+def test_gru_forward_and_backward_match_mlx_loops(batch, frames, hidden):
+    xi, h0, w, b = _gru_inputs(batch, frames, hidden, seed=frames)
+    ys = kernels.gru_forward(xi, h0, w, b)
+    ref = backbones.gru_forward_loop(xi, h0, w, b)
+    np.testing.assert_allclose(np.array(ys), np.array(ref), atol=1e-5)
+    dy = mx.random.normal(ys.shape)
+    h_prev = mx.concatenate([h0[:, None], ref[:, :-1]], axis=1)
+    gh = mx.addmm(b, h_prev, w.T)
+    got = kernels.gru_backward(dy, xi, gh, h_prev, w)
+    want = backbones.gru_backward_loop(dy, xi, gh, h_prev, w)
+    for name, g, r in zip(("dxi", "dgh", "dh0"), got, want, strict=True):
+        assert g.shape == r.shape, name
+        np.testing.assert_allclose(np.array(g), np.array(r), atol=1e-5, err_msg=name)
+
+
+@needs_kernels
+def test_gru_kernel_takes_strided_inputs_and_compiles():
+    xi, h0, w, b = _gru_inputs(2, 9, 8, seed=1)
+    xi_t = mx.contiguous(xi.swapaxes(0, 1)).swapaxes(0, 1)  # same values, not row-contiguous
+    ref = backbones.gru_forward_loop(xi, h0, w, b)
+    np.testing.assert_allclose(np.array(kernels.gru_forward(xi_t, h0, w, b)), np.array(ref), atol=1e-5)
+    compiled = mx.compile(lambda *a: kernels.gru_forward(*a) * 2)
+    np.testing.assert_allclose(np.array(compiled(xi, h0, w, b)), 2 * np.array(ref), atol=1e-5)
+
+
+@needs_kernels
+def test_gru_kernel_rejects_bad_input_in_one_line():
+    xi, h0, w, b = _gru_inputs(2, 5, 8, seed=2)
+    with pytest.raises(ValueError, match="float32"):
+        kernels.gru_forward(xi.astype(mx.float16), h0, w, b)
+    with pytest.raises(ValueError, match="shapes"):
+        kernels.gru_forward(xi, h0[:, :4], w, b)
+    assert not kernels.usable(xi.astype(mx.bfloat16))  # other dtypes take the MLX loops
+
+
+@pytest.mark.parametrize("use_kernels", [True, False], ids=["kernels", "mlx-loops"])
+def test_gru_recurrence_matches_torch_both_ways(use_kernels, monkeypatch):
+    """Forward and all gradients of a GRU layer against torch.nn.GRU, through either implementation."""
+    if use_kernels and not kernels.BUILT:
+        pytest.skip("dfn4lab.kernels not built")
+    monkeypatch.setattr(kernels, "ENABLED", use_kernels)
+    torch.manual_seed(0)
+    gru = torch.nn.GRU(12, 12, batch_first=True)
+    x, h0 = torch.randn(3, 11, 12, requires_grad=True), torch.randn(1, 3, 12, requires_grad=True)
+    wy = torch.randn(3, 11, 12)
+    ref, _ = gru(x, h0)
+    (ref * wy).sum().backward()
+    p = {
+        n: mx.array(getattr(gru, f"{n}_l0").detach().numpy())
+        for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+    }
+
+    def loss(xm, hm, w_ih, w_hh, b_ih, b_hh):
+        ys = backbones.gru_recurrence(mx.addmm(b_ih, xm, w_ih.T), hm, w_hh, b_hh)
+        return (ys * mx.array(wy.numpy())).sum(), ys
+
+    args = (mx.array(x.detach().numpy()), mx.array(h0[0].detach().numpy()), *p.values())
+    (_, ys), grads = mx.value_and_grad(loss, argnums=tuple(range(6)))(*args)
+    np.testing.assert_allclose(np.array(ys), ref.detach().numpy(), atol=1e-5)
+    want = [x.grad, h0.grad[0]] + [getattr(gru, f"{n}_l0").grad for n in p]
+    for name, g, w in zip(["x", "h0", *p], grads, want, strict=True):
+        np.testing.assert_allclose(np.array(g), w.numpy(), atol=1e-4, err_msg=name)
