@@ -10,6 +10,10 @@
 // in torch.nn.GRU; ys, h_prev, dy (batch, time, H); h0 (batch, H); w_hh (3H, H); b_hh (3H).
 
 #include <dlfcn.h>
+#include <sched.h>
+
+#include <algorithm>
+#include <thread>
 
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/variant.h>
@@ -72,6 +76,84 @@ void check(const mx::array& a, int ndim, const char* what) {
 
 mx::array prepared(const mx::array& a, const mx::Stream& s) { return mx::contiguous(a, false, s); }
 
+// Rows of the batch are independent sequences: each worker thread runs all frames of its block of
+// rows (one thread per core, at most one per row), so both cores work on every frame.
+template <class F>
+void for_row_blocks(int rows, F&& fn) {
+  int n = std::thread::hardware_concurrency();
+#ifdef __linux__
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof set, &set) == 0) n = CPU_COUNT(&set);  // cores this process may use
+#endif
+  n = std::max(1, std::min(n, rows));
+  std::vector<std::thread> pool;
+  for (int k = 1; k < n; ++k)
+    pool.emplace_back([&fn, rows, n, k] { fn(rows * k / n, rows * (k + 1) / n); });
+  fn(0, rows / n);
+  for (auto& t : pool) t.join();
+}
+
+// ys for rows [r0, r1): ys_t = GRU(xi_t, ys_{t-1}), ys_{-1} = h0.
+void forward_rows(const float* xi, const float* h0, const float* w, const float* b, float* ys,
+                  int r0, int r1, int T, int H) {
+  OneBlasThread one;
+  const int rows = r1 - r0;
+  xi += size_t(r0) * T * 3 * H, h0 += size_t(r0) * H, ys += size_t(r0) * T * H;
+  std::vector<float> gh(size_t(rows) * 3 * H);
+  for (int t = 0; t < T; ++t) {
+    const float* hp = t == 0 ? h0 : ys + size_t(t - 1) * H;
+    const int ldh = t == 0 ? H : T * H;
+    cblas_sgemm(kRowMajor, kNoTrans, kTrans, rows, 3 * H, H, 1.0f, hp, ldh, w, H, 0.0f, gh.data(),
+                3 * H);
+    for (int i = 0; i < rows; ++i) {
+      const float* x = xi + (size_t(i) * T + t) * 3 * H;
+      const float* g = gh.data() + size_t(i) * 3 * H;
+      const float* h = hp + size_t(i) * ldh;
+      float* y = ys + (size_t(i) * T + t) * H;
+      for (int j = 0; j < H; ++j) {
+        const float r = sigmoid_r(x[j] + g[j] + b[j]);
+        const float z = sigmoid_r(x[H + j] + g[H + j] + b[H + j]);
+        const float n = tanh_r(x[2 * H + j] + r * (g[2 * H + j] + b[2 * H + j]));
+        y[j] = n + z * (h[j] - n);
+      }
+    }
+  }
+}
+
+// dxi, dgh and dh (= dh0 at the end) for rows [r0, r1), frames in reverse.
+void backward_rows(const float* dy, const float* xi, const float* gh, const float* hp,
+                   const float* w, float* dxi, float* dgh, float* dh, int r0, int r1, int T, int H) {
+  OneBlasThread one;
+  const int rows = r1 - r0;
+  const size_t o3 = size_t(r0) * T * 3 * H, o1 = size_t(r0) * T * H;
+  dy += o1, hp += o1, xi += o3, gh += o3, dxi += o3, dgh += o3, dh += size_t(r0) * H;
+  std::fill(dh, dh + size_t(rows) * H, 0.0f);
+  for (int t = T - 1; t >= 0; --t) {
+    for (int i = 0; i < rows; ++i) {
+      const size_t row = size_t(i) * T + t;
+      const float *x = xi + row * 3 * H, *g = gh + row * 3 * H, *h = hp + row * H;
+      const float* d = dy + row * H;
+      float *ox = dxi + row * 3 * H, *og = dgh + row * 3 * H, *c = dh + size_t(i) * H;
+      for (int j = 0; j < H; ++j) {
+        const float r = sigmoid_r(x[j] + g[j]), z = sigmoid_r(x[H + j] + g[H + j]);
+        const float hn = g[2 * H + j], n = tanh_r(x[2 * H + j] + r * hn);
+        const float gd = c[j] + d[j];  // dL/dh_t
+        const float dn = gd * (1 - z) * (1 - n * n);
+        const float dz = gd * (h[j] - n) * z * (1 - z);
+        const float dr = dn * hn * r * (1 - r);
+        ox[j] = og[j] = dr;
+        ox[H + j] = og[H + j] = dz;
+        ox[2 * H + j] = dn;
+        og[2 * H + j] = dn * r;
+        c[j] = gd * z;
+      }
+    }
+    // dh_{t-1} += dgh_t w_hh over this block's rows of frame t
+    cblas_sgemm(kRowMajor, kNoTrans, kNoTrans, rows, H, 3 * H, 1.0f, dgh + size_t(t) * 3 * H,
+                T * 3 * H, w, H, 1.0f, dh, H);
+  }
+}
+
 // Forward: ys (batch, time, H) from xi (batch, time, 3H), h0, w_hh, b_hh.
 class GRUForward : public mx::Primitive {
  public:
@@ -87,26 +169,7 @@ class GRUForward : public mx::Primitive {
     const int bs = xi.shape(0), T = xi.shape(1), H = h0.shape(1);
     enc.dispatch([xi = xi.data<float>(), h0 = h0.data<float>(), w = w.data<float>(),
                   b = b.data<float>(), ys = ys.data<float>(), bs, T, H]() {
-      OneBlasThread one;
-      std::vector<float> gh(size_t(bs) * 3 * H);
-      for (int t = 0; t < T; ++t) {
-        const float* hp = t == 0 ? h0 : ys + size_t(t - 1) * H;
-        const int ldh = t == 0 ? H : T * H;
-        cblas_sgemm(kRowMajor, kNoTrans, kTrans, bs, 3 * H, H, 1.0f, hp, ldh, w, H, 0.0f, gh.data(),
-                    3 * H);
-        for (int i = 0; i < bs; ++i) {
-          const float* x = xi + (size_t(i) * T + t) * 3 * H;
-          const float* g = gh.data() + size_t(i) * 3 * H;
-          const float* h = hp + size_t(i) * ldh;
-          float* y = ys + (size_t(i) * T + t) * H;
-          for (int j = 0; j < H; ++j) {
-            const float r = sigmoid_r(x[j] + g[j] + b[j]);
-            const float z = sigmoid_r(x[H + j] + g[H + j] + b[H + j]);
-            const float n = tanh_r(x[2 * H + j] + r * (g[2 * H + j] + b[2 * H + j]));
-            y[j] = n + z * (h[j] - n);
-          }
-        }
-      }
+      for_row_blocks(bs, [=](int r0, int r1) { forward_rows(xi, h0, w, b, ys, r0, r1, T, H); });
     });
   }
 
@@ -135,32 +198,9 @@ class GRUBackward : public mx::Primitive {
     enc.dispatch([dy = dy.data<float>(), xi = xi.data<float>(), gh = gh.data<float>(),
                   hp = hp.data<float>(), w = w.data<float>(), dxi = dxi.data<float>(),
                   dgh = dgh.data<float>(), dh = dh0.data<float>(), bs, T, H]() {
-      OneBlasThread one;
-      std::fill(dh, dh + size_t(bs) * H, 0.0f);
-      for (int t = T - 1; t >= 0; --t) {
-        for (int i = 0; i < bs; ++i) {
-          const size_t row = size_t(i) * T + t;
-          const float *x = xi + row * 3 * H, *g = gh + row * 3 * H, *h = hp + row * H;
-          const float* d = dy + row * H;
-          float *ox = dxi + row * 3 * H, *og = dgh + row * 3 * H, *c = dh + size_t(i) * H;
-          for (int j = 0; j < H; ++j) {
-            const float r = sigmoid_r(x[j] + g[j]), z = sigmoid_r(x[H + j] + g[H + j]);
-            const float hn = g[2 * H + j], n = tanh_r(x[2 * H + j] + r * hn);
-            const float gd = c[j] + d[j];  // dL/dh_t
-            const float dn = gd * (1 - z) * (1 - n * n);
-            const float dz = gd * (h[j] - n) * z * (1 - z);
-            const float dr = dn * hn * r * (1 - r);
-            ox[j] = og[j] = dr;
-            ox[H + j] = og[H + j] = dz;
-            ox[2 * H + j] = dn;
-            og[2 * H + j] = dn * r;
-            c[j] = gd * z;
-          }
-        }
-        // dh_{t-1} += dgh_t w_hh over the batch rows of frame t
-        cblas_sgemm(kRowMajor, kNoTrans, kNoTrans, bs, H, 3 * H, 1.0f, dgh + size_t(t) * 3 * H,
-                    T * 3 * H, w, H, 1.0f, dh, H);
-      }
+      for_row_blocks(bs, [=](int r0, int r1) {
+        backward_rows(dy, xi, gh, hp, w, dxi, dgh, dh, r0, r1, T, H);
+      });
     });
   }
 
