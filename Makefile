@@ -49,18 +49,13 @@ $(STAMP): pyproject.toml $(CONSTRAINTS) | $(PY)
 
 install: $(STAMP)
 
-# dfn4lab's C++ CPU kernels (dfn4lab/kernels, ~10 s): optional at run time, so a failed build says so
-# and the pure-MLX loops run instead; the unit tests require them on Linux, where CI runs.
+# dfn4lab's C++ CPU kernels (python -m dfn4lab.kernels, ~10 s): optional at run time, so a failed build
+# says so and the pure-MLX loops run instead; the unit tests require them on Linux, where CI runs.
 KERNELS := $(VENV)/.kernels
 kernels: $(KERNELS)
 
-$(KERNELS): $(STAMP) dfn4lab/kernels/gru.cpp dfn4lab/kernels/CMakeLists.txt
-	@rm -f dfn4lab/kernels/_kernels*.so
-	@if $(VENV)/bin/cmake -S dfn4lab/kernels -B $(VENV)/kernels-build -DPython_EXECUTABLE=$(abspath $(PY)) \
-	    >$(VENV)/kernels-build.log 2>&1 && \
-	  $(VENV)/bin/cmake --build $(VENV)/kernels-build --parallel >>$(VENV)/kernels-build.log 2>&1; then \
-	  touch $@; \
-	else echo "make kernels: build failed (log: $(VENV)/kernels-build.log); the pure-MLX loops run instead"; fi
+$(KERNELS): $(STAMP) dfn4lab/kernels/recurrences.cpp dfn4lab/kernels/CMakeLists.txt dfn4lab/kernels/__main__.py
+	@$(PY) -m dfn4lab.kernels && touch $@ || true
 
 ipykernel: install
 	@$(PY) -m ipykernel install --sys-prefix --name dfn4lab --display-name "dfn4lab (.venv)" >/dev/null

@@ -249,10 +249,38 @@ def _linear_recurrence_vjp(
 linear_recurrence.vjp(_linear_recurrence_vjp)
 
 
+def selective_scan(
+    u: mx.array, delta: mx.array, a: mx.array, b: mx.array, c: mx.array, h: mx.array, block: int = 32
+) -> tuple[mx.array, mx.array]:
+    """Mamba's selective scan, frame by frame: :func:`selective_scan_sequential`'s result.
+
+    On the CPU in float32 it runs in :mod:`dfn4lab.kernels` (one fused C++ loop, forward and
+    backward; hidden 256, batch 8 x 500 frames: forward 155 -> 25 ms, backward ~350 -> 63 ms);
+    elsewhere as :func:`selective_scan_sequential`'s MLX ops.
+    """
+    if kernels.usable(u, delta, a, b, c, h):
+        return _selective_scan_fused(u, delta, a, b, c, h)
+    return selective_scan_sequential(u, delta, a, b, c, h, block)
+
+
+@mx.custom_function
+def _selective_scan_fused(
+    u: mx.array, delta: mx.array, a: mx.array, b: mx.array, c: mx.array, h: mx.array
+) -> tuple[mx.array, mx.array]:
+    return kernels.scan_forward(u, delta, a, b, c, h)
+
+
+@_selective_scan_fused.vjp
+def _selective_scan_fused_vjp(
+    primals: tuple[mx.array, ...], cotangents: tuple[mx.array, mx.array], outputs: tuple[mx.array, mx.array]
+) -> tuple[mx.array, ...]:
+    return kernels.scan_backward(*primals, *cotangents)
+
+
 def selective_scan_sequential(
     u: mx.array, delta: mx.array, a: mx.array, b: mx.array, c: mx.array, h: mx.array, block: int = 32
 ) -> tuple[mx.array, mx.array]:
-    """The selective-scan recurrence, one frame at a time (the default scan, and the reference).
+    """The selective-scan recurrence in MLX ops, one frame at a time (the reference; GPU, other dtypes).
 
     ``u``, ``delta``: (batch, time, d_inner); ``a``: (d_inner, d_state), non-positive;
     ``b``, ``c``: (batch, time, d_state); ``h``: (batch, d_inner, d_state).
@@ -418,7 +446,7 @@ class MambaBlock(nn.Module):
         delta = nn.softplus(self.dt_proj(dt_in))
         a = -mx.exp(self.A_log)
         if self.scan == "sequential":
-            y, h = selective_scan_sequential(u, delta, a, bm, cm, h, self.chunk)
+            y, h = selective_scan(u, delta, a, bm, cm, h, self.chunk)
         else:
             y, h = selective_scan_chunked(u, delta, a, bm, cm, h, self.chunk)
         y = (y + self.D * u) * nn.silu(z)

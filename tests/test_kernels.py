@@ -96,3 +96,53 @@ def test_gru_recurrence_matches_torch_both_ways(use_kernels, monkeypatch):
     want = [x.grad, h0.grad[0]] + [getattr(gru, f"{n}_l0").grad for n in p]
     for name, g, w in zip(["x", "h0", *p], grads, want, strict=True):
         np.testing.assert_allclose(np.array(g), w.numpy(), atol=1e-4, err_msg=name)
+
+
+def _scan_inputs(batch: int, frames: int, d: int, n: int, seed: int):
+    mx.random.seed(seed)
+    u = mx.random.normal((batch, frames, d))
+    delta = mx.log1p(mx.exp(mx.random.normal((batch, frames, d)) - 1))  # softplus: > 0, some large
+    a = -mx.arange(1, n + 1, dtype=mx.float32)[None] * mx.random.uniform(0.5, 1.5, (d, n))
+    b, c = mx.random.normal((batch, frames, n)), mx.random.normal((batch, frames, n))
+    return u, delta, a, b, c, mx.random.normal((batch, d, n))
+
+
+@needs_kernels
+@pytest.mark.parametrize("batch,frames,d,n", [(1, 1, 4, 3), (3, 9, 12, 5), (2, 70, 32, 16)])
+def test_selective_scan_kernel_matches_mlx_ops(batch, frames, d, n):
+    """Forward and all six gradients (both outputs weighted) against the MLX-op sequential scan."""
+    args = _scan_inputs(batch, frames, d, n, seed=frames)
+    y, h = kernels.scan_forward(*args)
+    ref_y, ref_h = backbones.selective_scan_sequential(*args, block=4)
+    np.testing.assert_allclose(np.array(y), np.array(ref_y), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.array(h), np.array(ref_h), rtol=1e-5, atol=1e-5)
+    wy, wh = mx.random.normal(y.shape), mx.random.normal(h.shape)
+
+    def loss(scan, *a):
+        y, h = scan(*a)
+        return (y * wy).sum() + (h * wh).sum()
+
+    argnums = tuple(range(6))
+    got = mx.grad(lambda *a: loss(backbones.selective_scan, *a), argnums)(*args)
+    want = mx.grad(lambda *a: loss(lambda *b: backbones.selective_scan_sequential(*b, block=4), *a), argnums)(
+        *args
+    )
+    for name, g, w in zip(("u", "delta", "a", "b", "c", "h"), got, want, strict=True):
+        scale = float(mx.abs(w).max()) + 1e-6
+        np.testing.assert_allclose(np.array(g) / scale, np.array(w) / scale, atol=1e-5, err_msg=name)
+
+
+@needs_kernels
+def test_selective_scan_kernel_gradient_with_unused_state():
+    """Only ``y`` feeds the loss (the usual case): the last state's cotangent arrives as zeros."""
+    args = _scan_inputs(2, 6, 8, 4, seed=3)
+    got = mx.grad(lambda u: backbones.selective_scan(u, *args[1:])[0].sum())(args[0])
+    want = mx.grad(lambda u: backbones.selective_scan_sequential(u, *args[1:])[0].sum())(args[0])
+    np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-5, atol=1e-5)
+
+
+@needs_kernels
+def test_selective_scan_kernel_rejects_bad_shapes():
+    u, delta, a, b, c, h = _scan_inputs(2, 5, 8, 4, seed=4)
+    with pytest.raises(ValueError, match="shapes"):
+        kernels.scan_forward(u, delta, a, b[:, :, :3], c, h)

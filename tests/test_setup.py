@@ -23,13 +23,14 @@ def _name(req: str) -> str:
 
 def test_environment_yml_matches_pyproject():
     py = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    declared = {_name(r) for r in py["dependencies"] + py["optional-dependencies"]["test"]}
+    extras = py["optional-dependencies"]
+    declared = {_name(r) for r in py["dependencies"] + extras["test"] + extras["kernels"]}
     lines = (ROOT / "environment.yml").read_text().splitlines()
     pip_start = next(i for i, line in enumerate(lines) if line.strip() == "- pip:")
     env = {_name(line.strip()[2:]) for line in lines[pip_start + 1 :] if line.strip().startswith("- ")}
     env.discard("-e")
     assert declared == env, f"only in pyproject: {declared - env}; only in environment.yml: {env - declared}"
-    assert '-e ".[test]"' in (ROOT / "environment.yml").read_text()
+    assert '-e ".[test,kernels]"' in (ROOT / "environment.yml").read_text()
 
 
 def test_torch_is_pinned_everywhere():

@@ -1,9 +1,10 @@
-"""dfn4lab's CPU kernels: C++ MLX primitives for loops MLX would run op by op (``gru.cpp``).
+"""dfn4lab's CPU kernels: C++ MLX primitives for the time loops MLX would run op by op
+(``recurrences.cpp``: the GRU layer and Mamba's selective scan, forward and backward).
 
-``make kernels`` (part of ``make setup``) builds them into this package as ``_kernels``; nothing is
-downloaded. They are optional: where they are not built, or on the GPU, or for dtypes other than
-float32, :mod:`dfn4lab.backbones` runs its pure-MLX loops, which are also the tests' reference.
-``DFN4LAB_KERNELS=0`` turns them off, to compare.
+``python -m dfn4lab.kernels`` (``make kernels``, part of ``make setup``) builds them into this
+package as ``_kernels`` with CMake and nanobind; nothing is downloaded. They are optional: where
+they are not built, on the GPU, or for dtypes other than float32, :mod:`dfn4lab.backbones` runs its
+pure-MLX loops, which are also the tests' reference. ``DFN4LAB_KERNELS=0`` turns them off, to compare.
 """
 
 from __future__ import annotations
@@ -47,3 +48,28 @@ def gru_backward(
     projections ``gh = h_prev W_hh^T + b_hh`` (batch, time, 3H) of all frames."""
     dxi, dgh, dh0 = _kernels.gru_backward(dy, xi, gh, h_prev, w_hh)
     return dxi, dgh, dh0
+
+
+def scan_forward(
+    u: mx.array, delta: mx.array, a: mx.array, b: mx.array, c: mx.array, h: mx.array
+) -> tuple[mx.array, mx.array]:
+    """Mamba's selective scan: ``(y (batch, time, D), last state (batch, D, N))`` from ``u``, ``delta``
+    (batch, time, D), ``a`` (D, N) <= 0, ``b``, ``c`` (batch, time, N) and the state ``h`` (batch, D, N);
+    as :func:`dfn4lab.backbones.selective_scan_sequential`."""
+    y, h_last = _kernels.scan_forward(u, delta, a, b, c, h)
+    return y, h_last
+
+
+def scan_backward(
+    u: mx.array,
+    delta: mx.array,
+    a: mx.array,
+    b: mx.array,
+    c: mx.array,
+    h: mx.array,
+    dy: mx.array,
+    dh_last: mx.array,
+) -> tuple[mx.array, ...]:
+    """Gradients ``(du, d delta, da, db, dc, dh)`` of :func:`scan_forward` from its outputs' cotangents
+    (the states are recomputed, one batch row at a time)."""
+    return tuple(_kernels.scan_backward(u, delta, a, b, c, h, dy, dh_last))

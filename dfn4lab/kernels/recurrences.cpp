@@ -1,0 +1,483 @@
+// Fused time loops for MLX on the CPU: one primitive runs all frames of a GRU layer or of Mamba's
+// selective scan, forward or backward.
+//
+// MLX dispatches each op of a per-frame loop separately, and its BLAS call for the GRU's recurrent
+// (batch x H) @ (H x 3H) product runs on all cores, which at batch 8 costs twice the one-thread
+// time in synchronisation. Here the batch rows are split over the cores; each frame is one
+// single-threaded SGEMM plus one pass over the gates. Float32 only; other dtypes and the GPU use
+// dfn4lab.backbones' MLX-op loops, which are also the reference the tests compare against.
+//
+// GRU layouts are row-major and contiguous: xi, gh, dxi, dgh (batch, time, 3H) with gates r, z, n
+// as in torch.nn.GRU; ys, h_prev, dy (batch, time, H); h0 (batch, H); w_hh (3H, H); b_hh (3H).
+
+#include <dlfcn.h>
+#include <sched.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <thread>
+
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/variant.h>
+#include <nanobind/stl/vector.h>
+
+#include "mlx/backend/cpu/encoder.h"
+#include "mlx/mlx.h"
+#include "mlx/primitives.h"
+
+namespace nb = nanobind;
+namespace mx = mlx::core;
+
+extern "C" void cblas_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float alpha,
+                            const float* a, int lda, const float* b, int ldb, float beta, float* c,
+                            int ldc);
+
+namespace {
+
+constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
+
+// The bound BLAS's thread count for the calling thread only (MKL); none elsewhere.
+using SetLocalThreads = int (*)(int);
+SetLocalThreads mkl_set_local() {
+  static auto fn = reinterpret_cast<SetLocalThreads>(dlsym(RTLD_DEFAULT, "MKL_Set_Num_Threads_Local"));
+  return fn;
+}
+
+struct OneBlasThread {  // a (batch x H) GEMM per frame is too small to share between cores
+  int saved = 0;
+  OneBlasThread() { if (auto f = mkl_set_local()) saved = f(1); }
+  ~OneBlasThread() { if (auto f = mkl_set_local()) f(saved); }
+};
+
+// Eigen's float tanh (the same rational form as dfn4lab.activations): max abs error ~3e-7.
+inline float tanh_r(float x) {
+  constexpr float c = 7.90531110763549805f;
+  x = x < -c ? -c : (x > c ? c : x);
+  const float x2 = x * x;
+  float p = -2.76076847742355e-16f;
+  p = p * x2 + 2.00018790482477e-13f;
+  p = p * x2 + -8.60467152213735e-11f;
+  p = p * x2 + 5.12229709037114e-08f;
+  p = p * x2 + 1.48572235717979e-05f;
+  p = p * x2 + 6.37261928875436e-04f;
+  p = p * x2 + 4.89352455891786e-03f;
+  float q = 1.19825839466702e-06f;
+  q = q * x2 + 1.18534705686654e-04f;
+  q = q * x2 + 2.26843463243900e-03f;
+  q = q * x2 + 4.89352518554385e-03f;
+  return x * p / q;
+}
+
+inline float sigmoid_r(float x) { return 0.5f + 0.5f * tanh_r(0.5f * x); }
+
+// 2^x for x <= 0 (a decay): 2^floor(x) from the exponent bits times a degree-5 polynomial for the
+// fraction (least squares on [0, 1)); relative error 1.7e-7 in float32. Vectorizes, unlike exp2f.
+inline float exp2_neg(float x) {
+  x = x < -126.0f ? -126.0f : x;
+  const float fl = std::floor(x), f = x - fl;
+  float p = 1.8671965956471165e-3f;
+  p = p * f + 9.016658560384277e-3f;
+  p = p * f + 5.5800467832651274e-2f;
+  p = p * f + 2.401641478173398e-1f;
+  p = p * f + 6.931513633343184e-1f;
+  p = p * f + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(fl) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+void check(const mx::array& a, int ndim, const char* what) {
+  if (a.dtype() != mx::float32 || a.ndim() != ndim)
+    throw std::invalid_argument(std::string("gru kernel: ") + what + " must be float32 with " +
+                                std::to_string(ndim) + " dims");
+}
+
+mx::array prepared(const mx::array& a, const mx::Stream& s) { return mx::contiguous(a, false, s); }
+
+// Rows of the batch are independent sequences: each worker thread runs all frames of its block of
+// rows (one thread per core, at most one per row), so both cores work on every frame.
+template <class F>
+void for_row_blocks(int rows, F&& fn) {
+  int n = std::thread::hardware_concurrency();
+#ifdef __linux__
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof set, &set) == 0) n = CPU_COUNT(&set);  // cores this process may use
+#endif
+  n = std::max(1, std::min(n, rows));
+  std::vector<std::thread> pool;
+  for (int k = 1; k < n; ++k)
+    pool.emplace_back([&fn, rows, n, k] { fn(rows * k / n, rows * (k + 1) / n); });
+  fn(0, rows / n);
+  for (auto& t : pool) t.join();
+}
+
+// ys for rows [r0, r1): ys_t = GRU(xi_t, ys_{t-1}), ys_{-1} = h0.
+void forward_rows(const float* xi, const float* h0, const float* w, const float* b, float* ys,
+                  int r0, int r1, int T, int H) {
+  OneBlasThread one;
+  const int rows = r1 - r0;
+  xi += size_t(r0) * T * 3 * H, h0 += size_t(r0) * H, ys += size_t(r0) * T * H;
+  std::vector<float> gh(size_t(rows) * 3 * H);
+  for (int t = 0; t < T; ++t) {
+    const float* hp = t == 0 ? h0 : ys + size_t(t - 1) * H;
+    const int ldh = t == 0 ? H : T * H;
+    cblas_sgemm(kRowMajor, kNoTrans, kTrans, rows, 3 * H, H, 1.0f, hp, ldh, w, H, 0.0f, gh.data(),
+                3 * H);
+    for (int i = 0; i < rows; ++i) {
+      const float* x = xi + (size_t(i) * T + t) * 3 * H;
+      const float* g = gh.data() + size_t(i) * 3 * H;
+      const float* h = hp + size_t(i) * ldh;
+      float* y = ys + (size_t(i) * T + t) * H;
+      for (int j = 0; j < H; ++j) {
+        const float r = sigmoid_r(x[j] + g[j] + b[j]);
+        const float z = sigmoid_r(x[H + j] + g[H + j] + b[H + j]);
+        const float n = tanh_r(x[2 * H + j] + r * (g[2 * H + j] + b[2 * H + j]));
+        y[j] = n + z * (h[j] - n);
+      }
+    }
+  }
+}
+
+// dxi, dgh and dh (= dh0 at the end) for rows [r0, r1), frames in reverse.
+void backward_rows(const float* dy, const float* xi, const float* gh, const float* hp,
+                   const float* w, float* dxi, float* dgh, float* dh, int r0, int r1, int T, int H) {
+  OneBlasThread one;
+  const int rows = r1 - r0;
+  const size_t o3 = size_t(r0) * T * 3 * H, o1 = size_t(r0) * T * H;
+  dy += o1, hp += o1, xi += o3, gh += o3, dxi += o3, dgh += o3, dh += size_t(r0) * H;
+  std::fill(dh, dh + size_t(rows) * H, 0.0f);
+  for (int t = T - 1; t >= 0; --t) {
+    for (int i = 0; i < rows; ++i) {
+      const size_t row = size_t(i) * T + t;
+      const float *x = xi + row * 3 * H, *g = gh + row * 3 * H, *h = hp + row * H;
+      const float* d = dy + row * H;
+      float *ox = dxi + row * 3 * H, *og = dgh + row * 3 * H, *c = dh + size_t(i) * H;
+      for (int j = 0; j < H; ++j) {
+        const float r = sigmoid_r(x[j] + g[j]), z = sigmoid_r(x[H + j] + g[H + j]);
+        const float hn = g[2 * H + j], n = tanh_r(x[2 * H + j] + r * hn);
+        const float gd = c[j] + d[j];  // dL/dh_t
+        const float dn = gd * (1 - z) * (1 - n * n);
+        const float dz = gd * (h[j] - n) * z * (1 - z);
+        const float dr = dn * hn * r * (1 - r);
+        ox[j] = og[j] = dr;
+        ox[H + j] = og[H + j] = dz;
+        ox[2 * H + j] = dn;
+        og[2 * H + j] = dn * r;
+        c[j] = gd * z;
+      }
+    }
+    // dh_{t-1} += dgh_t w_hh over this block's rows of frame t
+    cblas_sgemm(kRowMajor, kNoTrans, kNoTrans, rows, H, 3 * H, 1.0f, dgh + size_t(t) * 3 * H,
+                T * 3 * H, w, H, 1.0f, dh, H);
+  }
+}
+
+// Forward: ys (batch, time, H) from xi (batch, time, 3H), h0, w_hh, b_hh.
+class GRUForward : public mx::Primitive {
+ public:
+  explicit GRUForward(mx::Stream s) : mx::Primitive(s) {}
+
+  void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override {
+    const auto &xi = in[0], &h0 = in[1], &w = in[2], &b = in[3];
+    auto& ys = out[0];
+    ys.set_data(mx::allocator::malloc(ys.nbytes()));
+    auto& enc = mx::cpu::get_command_encoder(stream());
+    for (auto& a : in) enc.set_input_array(a);
+    enc.set_output_array(ys);
+    const int bs = xi.shape(0), T = xi.shape(1), H = h0.shape(1);
+    enc.dispatch([xi = xi.data<float>(), h0 = h0.data<float>(), w = w.data<float>(),
+                  b = b.data<float>(), ys = ys.data<float>(), bs, T, H]() {
+      for_row_blocks(bs, [=](int r0, int r1) { forward_rows(xi, h0, w, b, ys, r0, r1, T, H); });
+    });
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("GRUForward runs on the CPU only");
+  }
+  const char* name() const override { return "GRUForward"; }
+};
+
+// Backward: from dy, xi, gh (= h_prev w_hh^T + b_hh, all frames), h_prev, w_hh to dxi, dgh
+// (both (batch, time, 3H)) and dh0 (batch, H). The weight gradient is one matmul outside.
+class GRUBackward : public mx::Primitive {
+ public:
+  explicit GRUBackward(mx::Stream s) : mx::Primitive(s) {}
+
+  void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override {
+    const auto &dy = in[0], &xi = in[1], &gh = in[2], &hp = in[3], &w = in[4];
+    auto &dxi = out[0], &dgh = out[1], &dh0 = out[2];
+    auto& enc = mx::cpu::get_command_encoder(stream());
+    for (auto& a : in) enc.set_input_array(a);
+    for (auto& a : out) {
+      a.set_data(mx::allocator::malloc(a.nbytes()));
+      enc.set_output_array(a);
+    }
+    const int bs = xi.shape(0), T = xi.shape(1), H = hp.shape(2);
+    enc.dispatch([dy = dy.data<float>(), xi = xi.data<float>(), gh = gh.data<float>(),
+                  hp = hp.data<float>(), w = w.data<float>(), dxi = dxi.data<float>(),
+                  dgh = dgh.data<float>(), dh = dh0.data<float>(), bs, T, H]() {
+      for_row_blocks(bs, [=](int r0, int r1) {
+        backward_rows(dy, xi, gh, hp, w, dxi, dgh, dh, r0, r1, T, H);
+      });
+    });
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("GRUBackward runs on the CPU only");
+  }
+  const char* name() const override { return "GRUBackward"; }
+};
+
+// ------------------------------------------------------------------------------ selective scan
+//
+// Mamba's h_t = exp(delta_t A) h_{t-1} + delta_t u_t B_t, y_t = C_t . h_t per channel d, over
+// u, delta (batch, time, D), A (D, N) <= 0, B, C (batch, time, N), h (batch, D, N).
+
+constexpr float kLog2e = 1.4426950408889634f;
+
+// y and the last state for rows [r0, r1); h doubles as the running state.
+void scan_forward_rows(const float* u, const float* dl, const float* a, const float* b,
+                       const float* c, const float* h0, float* y, float* h, int r0, int r1, int T,
+                       int D, int N) {
+  std::vector<float> a2(size_t(D) * N);
+  for (size_t k = 0; k < a2.size(); ++k) a2[k] = a[k] * kLog2e;
+  for (int i = r0; i < r1; ++i) {
+    float* hi = h + size_t(i) * D * N;
+    std::copy(h0 + size_t(i) * D * N, h0 + size_t(i + 1) * D * N, hi);
+    for (int t = 0; t < T; ++t) {
+      const size_t row = size_t(i) * T + t;
+      const float *ut = u + row * D, *dt = dl + row * D, *bt = b + row * N, *ct = c + row * N;
+      float* yt = y + row * D;
+      for (int d = 0; d < D; ++d) {
+        const float del = dt[d], x = del * ut[d];
+        const float* ad = a2.data() + size_t(d) * N;
+        float* hd = hi + size_t(d) * N;
+        float acc = 0.0f;
+        for (int n = 0; n < N; ++n) {
+          hd[n] = exp2_neg(del * ad[n]) * hd[n] + x * bt[n];
+          acc += ct[n] * hd[n];
+        }
+        yt[d] = acc;
+      }
+    }
+  }
+}
+
+// Gradients for rows [r0, r1): the forward is rerun into `hist` (time + 1 states of the row),
+// then the reverse pass. dA is accumulated per row (dA_rows (batch, D, N)), summed by the caller.
+void scan_backward_rows(const float* u, const float* dl, const float* a, const float* b,
+                        const float* c, const float* h0, const float* dy, const float* dhT,
+                        float* du, float* ddl, float* dA_rows, float* db, float* dc, float* dh0,
+                        int r0, int r1, int T, int D, int N) {
+  const size_t DN = size_t(D) * N;
+  std::vector<float> a2(DN), hist((size_t(T) + 1) * DN);
+  for (size_t k = 0; k < DN; ++k) a2[k] = a[k] * kLog2e;
+  for (int i = r0; i < r1; ++i) {
+    std::copy(h0 + i * DN, h0 + (i + 1) * DN, hist.data());
+    for (int t = 0; t < T; ++t) {
+      const size_t row = size_t(i) * T + t;
+      const float *ut = u + row * D, *dt = dl + row * D, *bt = b + row * N;
+      const float* hp = hist.data() + size_t(t) * DN;
+      float* hn = hist.data() + size_t(t + 1) * DN;
+      for (int d = 0; d < D; ++d) {
+        const float del = dt[d], x = del * ut[d];
+        for (int n = 0; n < N; ++n)
+          hn[d * N + n] = exp2_neg(del * a2[d * N + n]) * hp[d * N + n] + x * bt[n];
+      }
+    }
+    float* g = dh0 + i * DN;  // dL/dh_t, carried backwards; ends as dL/dh0
+    std::copy(dhT + i * DN, dhT + (i + 1) * DN, g);
+    float* dAi = dA_rows + i * DN;
+    std::fill(dAi, dAi + DN, 0.0f);
+    for (int t = T - 1; t >= 0; --t) {
+      const size_t row = size_t(i) * T + t;
+      const float *ut = u + row * D, *dt = dl + row * D, *bt = b + row * N, *ct = c + row * N;
+      const float* dyt = dy + row * D;
+      const float *hp = hist.data() + size_t(t) * DN, *hc = hist.data() + size_t(t + 1) * DN;
+      float *dbt = db + row * N, *dct = dc + row * N;
+      std::fill(dbt, dbt + N, 0.0f);
+      std::fill(dct, dct + N, 0.0f);
+      for (int d = 0; d < D; ++d) {
+        const float del = dt[d], ud = ut[d], gy = dyt[d];
+        const float *ad = a2.data() + size_t(d) * N, *an = a + size_t(d) * N;
+        const float *hpd = hp + size_t(d) * N, *hcd = hc + size_t(d) * N;
+        float *gd = g + size_t(d) * N, *dAd = dAi + size_t(d) * N;
+        float sdl = 0.0f, su = 0.0f;
+        for (int n = 0; n < N; ++n) {
+          dct[n] += gy * hcd[n];
+          const float gn = gd[n] + gy * ct[n];  // dL/dh_t
+          const float decay = exp2_neg(del * ad[n]);
+          const float dd = gn * hpd[n] * decay;  // dL/d(delta A) through the decay
+          sdl += dd * an[n] + gn * ud * bt[n];
+          dAd[n] += dd * del;
+          dbt[n] += gn * del * ud;
+          su += gn * del * bt[n];
+          gd[n] = gn * decay;
+        }
+        ddl[row * D + d] = sdl;
+        du[row * D + d] = su;
+      }
+    }
+  }
+}
+
+class ScanForward : public mx::Primitive {
+ public:
+  explicit ScanForward(mx::Stream s) : mx::Primitive(s) {}
+
+  void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override {
+    auto& enc = mx::cpu::get_command_encoder(stream());
+    for (auto& a : in) enc.set_input_array(a);
+    for (auto& a : out) {
+      a.set_data(mx::allocator::malloc(a.nbytes()));
+      enc.set_output_array(a);
+    }
+    const int bs = in[0].shape(0), T = in[0].shape(1), D = in[0].shape(2), N = in[2].shape(1);
+    enc.dispatch([u = in[0].data<float>(), dl = in[1].data<float>(), a = in[2].data<float>(),
+                  b = in[3].data<float>(), c = in[4].data<float>(), h0 = in[5].data<float>(),
+                  y = out[0].data<float>(), h = out[1].data<float>(), bs, T, D, N]() {
+      for_row_blocks(bs, [=](int r0, int r1) {
+        scan_forward_rows(u, dl, a, b, c, h0, y, h, r0, r1, T, D, N);
+      });
+    });
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("ScanForward runs on the CPU only");
+  }
+  const char* name() const override { return "ScanForward"; }
+};
+
+class ScanBackward : public mx::Primitive {
+ public:
+  explicit ScanBackward(mx::Stream s) : mx::Primitive(s) {}
+
+  void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override {
+    auto& enc = mx::cpu::get_command_encoder(stream());
+    for (auto& a : in) enc.set_input_array(a);
+    for (auto& a : out) {
+      a.set_data(mx::allocator::malloc(a.nbytes()));
+      enc.set_output_array(a);
+    }
+    const int bs = in[0].shape(0), T = in[0].shape(1), D = in[0].shape(2), N = in[2].shape(1);
+    enc.dispatch([u = in[0].data<float>(), dl = in[1].data<float>(), a = in[2].data<float>(),
+                  b = in[3].data<float>(), c = in[4].data<float>(), h0 = in[5].data<float>(),
+                  dy = in[6].data<float>(), dhT = in[7].data<float>(), du = out[0].data<float>(),
+                  ddl = out[1].data<float>(), dA = out[2].data<float>(), db = out[3].data<float>(),
+                  dc = out[4].data<float>(), dh0 = out[5].data<float>(), bs, T, D, N]() {
+      const size_t DN = size_t(D) * N;
+      std::vector<float> dA_rows(size_t(bs) * DN);
+      for_row_blocks(bs, [&, u, dl, a, b, c, h0, dy, dhT, du, ddl, db, dc, dh0](int r0, int r1) {
+        scan_backward_rows(u, dl, a, b, c, h0, dy, dhT, du, ddl, dA_rows.data(), db, dc, dh0, r0,
+                           r1, T, D, N);
+      });
+      std::fill(dA, dA + DN, 0.0f);
+      for (int i = 0; i < bs; ++i)
+        for (size_t k = 0; k < DN; ++k) dA[k] += dA_rows[i * DN + k];
+    });
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("ScanBackward runs on the CPU only");
+  }
+  const char* name() const override { return "ScanBackward"; }
+};
+
+mx::array gru_forward(const mx::array& xi, const mx::array& h0, const mx::array& w_hh,
+                      const mx::array& b_hh, mx::StreamOrDevice s) {
+  check(xi, 3, "xi");
+  check(h0, 2, "h0");
+  check(w_hh, 2, "w_hh");
+  check(b_hh, 1, "b_hh");
+  const int bs = xi.shape(0), T = xi.shape(1), H = h0.shape(1);
+  if (h0.shape(0) != bs || xi.shape(2) != 3 * H || w_hh.shape(0) != 3 * H || w_hh.shape(1) != H ||
+      b_hh.shape(0) != 3 * H)
+    throw std::invalid_argument("gru_forward: shapes do not match (batch, time, 3H), (batch, H)");
+  auto st = mx::to_stream(s);
+  return mx::array({bs, T, H}, mx::float32, std::make_shared<GRUForward>(st),
+                   {prepared(xi, st), prepared(h0, st), prepared(w_hh, st), prepared(b_hh, st)});
+}
+
+std::vector<mx::array> gru_backward(const mx::array& dy, const mx::array& xi, const mx::array& gh,
+                                    const mx::array& h_prev, const mx::array& w_hh,
+                                    mx::StreamOrDevice s) {
+  check(dy, 3, "dy");
+  check(xi, 3, "xi");
+  check(gh, 3, "gh");
+  check(h_prev, 3, "h_prev");
+  check(w_hh, 2, "w_hh");
+  const int bs = xi.shape(0), T = xi.shape(1), H = h_prev.shape(2);
+  if (dy.shape() != h_prev.shape() || gh.shape() != xi.shape() || xi.shape(2) != 3 * H ||
+      h_prev.shape(0) != bs || h_prev.shape(1) != T || w_hh.shape(0) != 3 * H)
+    throw std::invalid_argument("gru_backward: shapes do not match");
+  auto st = mx::to_stream(s);
+  return mx::array::make_arrays({{bs, T, 3 * H}, {bs, T, 3 * H}, {bs, H}},
+                                {mx::float32, mx::float32, mx::float32},
+                                std::make_shared<GRUBackward>(st),
+                                {prepared(dy, st), prepared(xi, st), prepared(gh, st),
+                                 prepared(h_prev, st), prepared(w_hh, st)});
+}
+
+void check_scan(const mx::array& u, const mx::array& dl, const mx::array& a, const mx::array& b,
+                const mx::array& c, const mx::array& h) {
+  check(u, 3, "u");
+  check(dl, 3, "delta");
+  check(a, 2, "a");
+  check(b, 3, "b");
+  check(c, 3, "c");
+  check(h, 3, "h");
+  const int bs = u.shape(0), T = u.shape(1), D = u.shape(2), N = a.shape(1);
+  if (dl.shape() != u.shape() || a.shape(0) != D || b.shape() != mx::Shape{bs, T, N} ||
+      c.shape() != b.shape() || h.shape() != mx::Shape{bs, D, N})
+    throw std::invalid_argument(
+        "selective scan: shapes do not match u (batch, time, D), a (D, N), b (batch, time, N)");
+}
+
+std::vector<mx::array> scan_forward(const mx::array& u, const mx::array& dl, const mx::array& a,
+                                    const mx::array& b, const mx::array& c, const mx::array& h,
+                                    mx::StreamOrDevice s) {
+  check_scan(u, dl, a, b, c, h);
+  auto st = mx::to_stream(s);
+  std::vector<mx::array> in;
+  for (auto* x : {&u, &dl, &a, &b, &c, &h}) in.push_back(prepared(*x, st));
+  return mx::array::make_arrays({u.shape(), h.shape()}, {mx::float32, mx::float32},
+                                std::make_shared<ScanForward>(st), in);
+}
+
+std::vector<mx::array> scan_backward(const mx::array& u, const mx::array& dl, const mx::array& a,
+                                     const mx::array& b, const mx::array& c, const mx::array& h,
+                                     const mx::array& dy, const mx::array& dh_last,
+                                     mx::StreamOrDevice s) {
+  check_scan(u, dl, a, b, c, h);
+  check(dy, 3, "dy");
+  check(dh_last, 3, "dh_last");
+  if (dy.shape() != u.shape() || dh_last.shape() != h.shape())
+    throw std::invalid_argument("selective scan: cotangent shapes do not match the outputs");
+  auto st = mx::to_stream(s);
+  std::vector<mx::array> in;
+  for (auto* x : {&u, &dl, &a, &b, &c, &h, &dy, &dh_last}) in.push_back(prepared(*x, st));
+  return mx::array::make_arrays(
+      {u.shape(), u.shape(), a.shape(), b.shape(), c.shape(), h.shape()},
+      std::vector<mx::Dtype>(6, mx::float32), std::make_shared<ScanBackward>(st), in);
+}
+
+}  // namespace
+
+NB_MODULE(_kernels, m) {
+  m.doc() = "Fused GRU and selective-scan loops for MLX on the CPU (recurrences.cpp).";
+  m.def("gru_forward", &gru_forward, nb::arg("xi"), nb::arg("h0"), nb::arg("w_hh"),
+        nb::arg("b_hh"), nb::kw_only(), nb::arg("stream") = nb::none(),
+        "All hidden states (batch, time, H) of a GRU layer from its input projections xi.");
+  m.def("gru_backward", &gru_backward, nb::arg("dy"), nb::arg("xi"), nb::arg("gh"),
+        nb::arg("h_prev"), nb::arg("w_hh"), nb::kw_only(), nb::arg("stream") = nb::none(),
+        "(dxi, dgh, dh0) of gru_forward, given the recurrent projections gh of all frames.");
+  m.def("scan_forward", &scan_forward, nb::arg("u"), nb::arg("delta"), nb::arg("a"), nb::arg("b"),
+        nb::arg("c"), nb::arg("h"), nb::kw_only(), nb::arg("stream") = nb::none(),
+        "(y (batch, time, D), last state (batch, D, N)) of Mamba's selective scan.");
+  m.def("scan_backward", &scan_backward, nb::arg("u"), nb::arg("delta"), nb::arg("a"),
+        nb::arg("b"), nb::arg("c"), nb::arg("h"), nb::arg("dy"), nb::arg("dh_last"), nb::kw_only(),
+        nb::arg("stream") = nb::none(), "(du, ddelta, da, db, dc, dh) of scan_forward.");
+}
