@@ -94,3 +94,8 @@ def sigmoid(x: mx.array, fuse: bool = False) -> mx.array:
     if x.size < SMALL:
         return mx.sigmoid(x)
     return _rational_sigmoid(x) if fuse else _sigmoid(x)
+
+
+def silu(x: mx.array) -> mx.array:
+    """x * sigmoid(x) (Mamba's gates), with the rational sigmoid."""
+    return x * sigmoid(x)

@@ -21,7 +21,7 @@ import math
 from typing import Any
 
 from dfn4lab import kernels
-from dfn4lab.activations import sigmoid, tanh
+from dfn4lab.activations import sigmoid, silu, tanh
 from dfn4lab.config import BackboneConfig
 from dfn4lab.layers import EvalConstants
 
@@ -361,11 +361,11 @@ def _mamba_step(
     d_state, dt_rank = h.shape[-1], w_dt.shape[1]
     xs, z = mx.split(mx.fast.rms_norm(x, norm, _NORM_EPS) @ w_in.T, 2, axis=-1)
     xp = mx.concatenate([conv_buf, xs[:, None]], axis=1)  # (batch, d_conv, d_inner)
-    u = nn.silu(conv_b + (xp * conv_w.T).sum(axis=1))
+    u = silu(conv_b + (xp * conv_w.T).sum(axis=1))
     dt_in, bm, cm = mx.split(u @ w_x.T, [dt_rank, dt_rank + d_state], axis=-1)
     delta = nn.softplus(mx.addmm(b_dt, dt_in, w_dt.T))
     h = mx.power(2.0, delta[..., None] * a2) * h + (delta * u)[..., None] * bm[:, None]
-    y = ((h @ cm[..., None])[..., 0] + d * u) * nn.silu(z)
+    y = ((h @ cm[..., None])[..., 0] + d * u) * silu(z)
     return x + y @ w_out.T, xp[:, 1:], h
 
 
@@ -441,7 +441,7 @@ class MambaBlock(nn.Module):
         u = self.conv_bias
         for j in range(self.d_conv):
             u = u + xp[:, j : j + t] * self.conv_weight[:, j]
-        u = nn.silu(u)
+        u = silu(u)
         dt_in, bm, cm = mx.split(self.x_proj(u), [self.dt_rank, self.dt_rank + self.d_state], axis=-1)
         delta = nn.softplus(self.dt_proj(dt_in))
         a = -mx.exp(self.A_log)
@@ -449,7 +449,7 @@ class MambaBlock(nn.Module):
             y, h = selective_scan(u, delta, a, bm, cm, h, self.chunk)
         else:
             y, h = selective_scan_chunked(u, delta, a, bm, cm, h, self.chunk)
-        y = (y + self.D * u) * nn.silu(z)
+        y = (y + self.D * u) * silu(z)
         return x + self.out_proj(y), (xp[:, xp.shape[1] - (self.d_conv - 1) :], h)
 
 
