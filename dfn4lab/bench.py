@@ -18,7 +18,7 @@ from functools import partial
 from pathlib import Path
 
 import dfn4lab  # noqa: F401  (binds the BLAS before mlx.core)
-from dfn4lab import paths
+from dfn4lab import kernels, paths
 from dfn4lab.config import ModelConfig, preset
 from dfn4lab.data.bench import run as data_bench
 from dfn4lab.paths import atomic_write
@@ -173,6 +173,17 @@ def _mlx_case(cfg: ModelConfig, batch: int, frames: int):
     return model, {"fwd": fwd, "fwdbwd": fwdbwd, "step": step}
 
 
+MLX_OPS = "mlx-ops"  # the variant run without dfn4lab.kernels
+
+
+def _without_kernels(fn: Callable[[], object]) -> Callable[[], object]:
+    def run():
+        with kernels.disabled():
+            return fn()
+
+    return run
+
+
 def _peak_mb(fn: Callable[[], object]) -> float:
     mx.reset_peak_memory()
     fn()
@@ -206,9 +217,13 @@ def backbones(
     for kind in ("mamba", "attention"):
         variants.append((kind, "matched", matched_config(kind, target, base)))
         variants.append((kind, "same-width", base.replace(backbone=kind)))
+    if kernels.ENABLED:  # the fused CPU loops (GRU, Mamba's scan) against MLX ops, as on a GPU
+        variants += [(kind, MLX_OPS, cfg) for kind, v, cfg in variants[:3] if kind != "attention"]
     cases = {}
     for kind, variant, cfg in variants:
         model, fns = _mlx_case(cfg, batch, frames)
+        if variant == MLX_OPS:
+            fns = {k: _without_kernels(fn) for k, fn in fns.items()}
         cases[(kind, variant)] = {"cfg": cfg, "model": model, "fns": fns, "times": {k: [] for k in fns}}
     for _ in range(repeats):  # interleaved: every case sees the same machine load
         for case in cases.values():
@@ -230,6 +245,7 @@ def backbones(
             }
         )
     matched = {r["backbone"]: r for r in rows if r["variant"] == "matched"}
+    ops = {**matched, **{r["backbone"]: r for r in rows if r["variant"] == MLX_OPS}}
     sweep = _length_sweep(base, matched, quick)
     for r in rows:
         r.pop("cfg")
@@ -241,6 +257,10 @@ def backbones(
         "mamba_vs_gru_step": round(matched["mamba"]["step_ms"] / matched["gru"]["step_ms"], 3),
         "attention_vs_gru_step": round(matched["attention"]["step_ms"] / matched["gru"]["step_ms"], 3),
         **torch_cmp["ratios"],
+        # every backbone in MLX ops (as on Metal): the architectures' cost at equal footing
+        "mamba_vs_gru_step_mlx_ops": round(ops["mamba"]["step_ms"] / ops["gru"]["step_ms"], 3),
+        "attention_vs_gru_step_mlx_ops": round(ops["attention"]["step_ms"] / ops["gru"]["step_ms"], 3),
+        "kernels": kernels.status(),
     }
     _write(
         Path(out_dir) if out_dir is not None else _out_dir(quick),
@@ -294,21 +314,27 @@ def _mlx_vs_torch(base: ModelConfig, quick: bool) -> dict:
 
     frames = 40 if quick else 500
     model, fns = _mlx_case(base, 2 if quick else 8, frames)
+    # the same in MLX ops only, where dfn4lab.kernels would run (as on a GPU)
+    ops_fns = {k: _without_kernels(f) for k, f in _mlx_case(base, 2 if quick else 8, frames)[1].items()}
     tmodel = torch_ref.from_mlx(model)
     rows = []
-    for b in (1, 2) if quick else (1, 4, 8):
+    batches = (1, 2) if quick else (1, 4, 8)
+    for b in batches:
         x = _batch(base, b, frames)
         tx = [torch.from_numpy(np.array(a)) for a in x]
         model.eval()
         tmodel.eval()
-        m_t, t_t = [], []
+        m_t, t_t, o_t = [], [], []
         for _ in range(3):  # eager, as `enhance` runs (compiling the 500-frame graph measured slower)
             m_t += timeit(lambda: mx.eval(model(*x)[0]), repeats=1)  # noqa: B023
             with torch.inference_mode():
                 t_t += timeit(lambda: tmodel(*tx)[0], repeats=1)  # noqa: B023
+            if b == batches[-1]:
+                o_t += timeit(_without_kernels(lambda: mx.eval(model(*x)[0])), repeats=1)  # noqa: B023
         rows.append(
             {"batch": b, "mlx_ms": stats(m_t)["median"] * 1e3, "torch_ms": stats(t_t)["median"] * 1e3}
         )
+    rows[-1]["mlx_ops_ms"] = stats(o_t)["median"] * 1e3
     model.train()
     tmodel.train()
     tx = [torch.from_numpy(np.array(a)) for a in _batch(base, 2 if quick else 8, frames)]
@@ -320,11 +346,12 @@ def _mlx_vs_torch(base: ModelConfig, quick: bool) -> dict:
         loss.backward()
         opt.step()
 
-    m_s, t_s = [], []
+    m_s, t_s, o_s = [], [], []
     for _ in range(3):
         m_s += timeit(fns["step"], repeats=1)
         t_s += timeit(torch_step, repeats=1)
-    step = {"mlx_ms": stats(m_s)["median"] * 1e3, "torch_ms": stats(t_s)["median"] * 1e3}
+        o_s += timeit(ops_fns["step"], repeats=1)
+    step = {k: stats(v)["median"] * 1e3 for k, v in (("mlx_ms", m_s), ("torch_ms", t_s), ("mlx_ops_ms", o_s))}
     infer = rows[-1]
     return {
         "infer": rows,
@@ -332,6 +359,8 @@ def _mlx_vs_torch(base: ModelConfig, quick: bool) -> dict:
         "ratios": {
             "mlx_vs_torch_infer": round(infer["mlx_ms"] / infer["torch_ms"], 3),
             "mlx_vs_torch_step": round(step["mlx_ms"] / step["torch_ms"], 3),
+            "mlx_ops_vs_torch_infer": round(infer["mlx_ops_ms"] / infer["torch_ms"], 3),
+            "mlx_ops_vs_torch_step": round(step["mlx_ops_ms"] / step["torch_ms"], 3),
         },
     }
 

@@ -49,11 +49,17 @@ def bench_table(figures: Path) -> list[str]:
     if bb:
         s = bb["summary"]
         steps = ", ".join(f"{c['backbone']} {c['step_ms'] / 1e3:.2f} s" for c in s["cases"])
+        ops = (
+            f"; MLX ops only (no `dfn4lab.kernels`, as on Metal): Mamba/GRU "
+            f"{s['mamba_vs_gru_step_mlx_ops']:.2f}, attention/GRU "
+            f"{s['attention_vs_gru_step_mlx_ops']:.2f}, MLX/PyTorch "
+            f"{s['mlx_ops_vs_torch_infer']:.2f} / {s['mlx_ops_vs_torch_step']:.2f}"
+        )
         rows.append(
             f"| `backbones` (dfn3 topology, batch {bb['batch']}, {bb['frames']} frames, matched params) | "
             f"step: {steps}; Mamba/GRU {s['mamba_vs_gru_step']:.2f}, attention/GRU "
             f"{s['attention_vs_gru_step']:.2f}; MLX/PyTorch inference {s['mlx_vs_torch_infer']:.2f}, "
-            f"training step {s['mlx_vs_torch_step']:.2f} |"
+            f"training step {s['mlx_vs_torch_step']:.2f}{ops} |"
         )
     if not rows:
         return ["No benchmark results in `figures/` yet."]

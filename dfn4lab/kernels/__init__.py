@@ -9,7 +9,9 @@ pure-MLX loops, which are also the tests' reference. ``DFN4LAB_KERNELS=0`` turns
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 import mlx.core as mx
 
@@ -20,6 +22,18 @@ except ImportError:  # not built here
 
 BUILT = _kernels is not None
 ENABLED = BUILT and os.environ.get("DFN4LAB_KERNELS", "1") != "0"
+
+
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """Run the MLX-op loops inside the block (comparisons, MAC counting). Functions compiled inside
+    keep the choice made when they were traced."""
+    global ENABLED
+    saved, ENABLED = ENABLED, False
+    try:
+        yield
+    finally:
+        ENABLED = saved
 
 
 def status() -> str:
