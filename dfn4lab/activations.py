@@ -1,4 +1,5 @@
-"""tanh and sigmoid as rational functions: float32-accurate and several times faster than MLX's on CPU.
+"""tanh and sigmoid as rational functions, softplus in base 2: float32-accurate and several times
+faster than MLX's on CPU.
 
 MLX's CPU ``tanh``, ``sigmoid`` and ``exp`` cost 10-15 ns per element here (x86_64, MLX 0.32), a
 hundred times an addition, eager or compiled. DfNet applies them to every GRU gate of every frame
@@ -14,7 +15,10 @@ needs no autodiff through them (the GRU step and its hand-written backward). Sma
 
 from __future__ import annotations
 
+import math
+
 import mlx.core as mx
+import mlx.nn as nn
 
 # Eigen's float tanh (generic_fast_tanh_float): odd numerator, even denominator in x^2, on [-c, c].
 # Arrays made once and shared by every traced call (a Python float is a new constant each time).
@@ -36,6 +40,7 @@ _DEN = [
 ]
 _CLAMP = mx.array(7.90531110763549805)  # |x| beyond it: tanh within 3e-7 of +-1, inside the error bound
 _HALF = mx.array(0.5)
+_LN2, _LOG2E = mx.array(math.log(2.0)), mx.array(math.log2(math.e))
 # Below this many elements MLX's own is faster: each of the form's 15 constants costs ~0.4 us per
 # compiled call, which outweighs ~12 ns saved per element (a batch-1 GRU gate: 44 vs 65 us per step).
 SMALL = 512
@@ -81,6 +86,24 @@ def _sigmoid_vjp(primals: tuple[mx.array], cotangent: mx.array, y: mx.array) -> 
     return (cotangent * y * (1 - y),)
 
 
+@mx.compile
+def _base2_softplus(x: mx.array) -> mx.array:
+    # log(1 + e^x) = max(x, 0) + log(1 + e^-|x|), in base 2: MLX's CPU exp and log1p cost ~9 ns per
+    # element, power(2, .) and log2 ~3 and ~2 (Mamba's delta at batch 8 x 500 x 512: 44 -> 14 ms)
+    e = mx.power(2.0, -mx.abs(x) * _LOG2E)
+    return (mx.maximum(x, 0) + _LN2 * mx.log2(1 + e)).astype(x.dtype)
+
+
+@mx.custom_function
+def _softplus(x: mx.array) -> mx.array:
+    return _base2_softplus(x)
+
+
+@_softplus.vjp
+def _softplus_vjp(x: mx.array, cotangent: mx.array, y: mx.array) -> tuple[mx.array]:
+    return (cotangent * _rational_sigmoid(x),)  # a single primal arrives as the array itself
+
+
 def tanh(x: mx.array, fuse: bool = False) -> mx.array:
     """tanh(x), element-wise. ``fuse``: plain ops that fuse with their neighbours under ``mx.compile``
     (for code that needs no gradient through it); otherwise the exact derivative is its VJP."""
@@ -94,6 +117,13 @@ def sigmoid(x: mx.array, fuse: bool = False) -> mx.array:
     if x.size < SMALL:
         return mx.sigmoid(x)
     return _rational_sigmoid(x) if fuse else _sigmoid(x)
+
+
+def softplus(x: mx.array) -> mx.array:
+    """log(1 + exp(x)), element-wise (Mamba's step sizes); its derivative, the sigmoid, is the VJP."""
+    if x.size < SMALL:
+        return nn.softplus(x)
+    return _softplus(x)
 
 
 def silu(x: mx.array) -> mx.array:

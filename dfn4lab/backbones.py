@@ -21,7 +21,7 @@ import math
 from typing import Any
 
 from dfn4lab import kernels
-from dfn4lab.activations import sigmoid, silu, tanh
+from dfn4lab.activations import sigmoid, silu, softplus, tanh
 from dfn4lab.config import BackboneConfig
 from dfn4lab.layers import EvalConstants
 
@@ -363,7 +363,7 @@ def _mamba_step(
     xp = mx.concatenate([conv_buf, xs[:, None]], axis=1)  # (batch, d_conv, d_inner)
     u = silu(conv_b + (xp * conv_w.T).sum(axis=1))
     dt_in, bm, cm = mx.split(u @ w_x.T, [dt_rank, dt_rank + d_state], axis=-1)
-    delta = nn.softplus(mx.addmm(b_dt, dt_in, w_dt.T))
+    delta = softplus(mx.addmm(b_dt, dt_in, w_dt.T))
     h = mx.power(2.0, delta[..., None] * a2) * h + (delta * u)[..., None] * bm[:, None]
     y = ((h @ cm[..., None])[..., 0] + d * u) * silu(z)
     return x + y @ w_out.T, xp[:, 1:], h
@@ -443,7 +443,7 @@ class MambaBlock(nn.Module):
             u = u + xp[:, j : j + t] * self.conv_weight[:, j]
         u = silu(u)
         dt_in, bm, cm = mx.split(self.x_proj(u), [self.dt_rank, self.dt_rank + self.d_state], axis=-1)
-        delta = nn.softplus(self.dt_proj(dt_in))
+        delta = softplus(self.dt_proj(dt_in))
         a = -mx.exp(self.A_log)
         if self.scan == "sequential":
             y, h = selective_scan(u, delta, a, bm, cm, h, self.chunk)

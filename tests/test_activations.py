@@ -1,4 +1,5 @@
-"""The rational tanh and sigmoid against float64 references: values, derivatives, dtypes."""
+"""The rational tanh and sigmoid and the base-2 softplus against float64 references: values,
+derivatives, dtypes."""
 
 from dfn4lab import activations as act
 
@@ -53,3 +54,14 @@ def test_small_arrays_use_mlx_own():
     x = mx.array(X[: act.SMALL - 1])
     np.testing.assert_array_equal(np.array(act.tanh(x)), np.array(mx.tanh(x)))
     np.testing.assert_array_equal(np.array(act.sigmoid(x)), np.array(mx.sigmoid(x)))
+
+
+def test_softplus_matches_float64_with_the_sigmoid_as_derivative():
+    x = X[::3]
+    ref = np.logaddexp(x.astype(np.float64), 0.0)
+    y = np.array(act.softplus(mx.array(x)))
+    assert np.all(np.abs(y - ref) <= 2e-6 * np.maximum(1.0, np.abs(ref)))
+    g = np.array(mx.grad(lambda v: act.softplus(v).sum())(mx.array(x)))
+    np.testing.assert_allclose(g, _ref("sigmoid", x), atol=1e-6)
+    half = act.softplus(mx.array(x[::50]).astype(mx.float16))
+    assert half.dtype == mx.float16
