@@ -17,6 +17,8 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <functional>
+#include <string>
 #include <thread>
 
 #include <nanobind/nanobind.h>
@@ -90,7 +92,7 @@ inline float exp2_neg(float x) {
 }
 
 void check(const mx::array& a, int ndim, const char* what) {
-  if (a.dtype() != mx::float32 || a.ndim() != ndim)
+  if (a.dtype() != mx::float32 || a.ndim() != size_t(ndim))
     throw std::invalid_argument(std::string("gru kernel: ") + what + " must be float32 with " +
                                 std::to_string(ndim) + " dims");
 }
@@ -175,60 +177,66 @@ void backward_rows(const float* dy, const float* xi, const float* gh, const floa
   }
 }
 
-// Forward: ys (batch, time, H) from xi (batch, time, 3H), h0, w_hh, b_hh.
-class GRUForward : public mx::Primitive {
+// A primitive whose work is one CPU task: the outputs are allocated here, and `task` returns the
+// work as a closure over data pointers and sizes only (it runs on MLX's CPU stream after eval_cpu
+// has returned; MLX keeps the buffers alive until then).
+class CpuLoop : public mx::Primitive {
  public:
-  explicit GRUForward(mx::Stream s) : mx::Primitive(s) {}
+  using Task = std::function<void()>;
+  explicit CpuLoop(mx::Stream s) : mx::Primitive(s) {}
 
   void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override {
-    const auto &xi = in[0], &h0 = in[1], &w = in[2], &b = in[3];
-    auto& ys = out[0];
-    ys.set_data(mx::allocator::malloc(ys.nbytes()));
-    auto& enc = mx::cpu::get_command_encoder(stream());
-    for (auto& a : in) enc.set_input_array(a);
-    enc.set_output_array(ys);
-    const int bs = xi.shape(0), T = xi.shape(1), H = h0.shape(1);
-    enc.dispatch([xi = xi.data<float>(), h0 = h0.data<float>(), w = w.data<float>(),
-                  b = b.data<float>(), ys = ys.data<float>(), bs, T, H]() {
-      for_row_blocks(bs, [=](int r0, int r1) { forward_rows(xi, h0, w, b, ys, r0, r1, T, H); });
-    });
-  }
-
-  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
-    throw std::runtime_error("GRUForward runs on the CPU only");
-  }
-  const char* name() const override { return "GRUForward"; }
-};
-
-// Backward: from dy, xi, gh (= h_prev w_hh^T + b_hh, all frames), h_prev, w_hh to dxi, dgh
-// (both (batch, time, 3H)) and dh0 (batch, H). The weight gradient is one matmul outside.
-class GRUBackward : public mx::Primitive {
- public:
-  explicit GRUBackward(mx::Stream s) : mx::Primitive(s) {}
-
-  void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override {
-    const auto &dy = in[0], &xi = in[1], &gh = in[2], &hp = in[3], &w = in[4];
-    auto &dxi = out[0], &dgh = out[1], &dh0 = out[2];
     auto& enc = mx::cpu::get_command_encoder(stream());
     for (auto& a : in) enc.set_input_array(a);
     for (auto& a : out) {
       a.set_data(mx::allocator::malloc(a.nbytes()));
       enc.set_output_array(a);
     }
-    const int bs = xi.shape(0), T = xi.shape(1), H = hp.shape(2);
-    enc.dispatch([dy = dy.data<float>(), xi = xi.data<float>(), gh = gh.data<float>(),
-                  hp = hp.data<float>(), w = w.data<float>(), dxi = dxi.data<float>(),
-                  dgh = dgh.data<float>(), dh = dh0.data<float>(), bs, T, H]() {
-      for_row_blocks(bs, [=](int r0, int r1) {
-        backward_rows(dy, xi, gh, hp, w, dxi, dgh, dh, r0, r1, T, H);
-      });
-    });
+    enc.dispatch(task(in, out));
   }
 
   void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
-    throw std::runtime_error("GRUBackward runs on the CPU only");
+    throw std::runtime_error(std::string(name()) + " runs on the CPU only");
   }
+
+ protected:
+  virtual Task task(const std::vector<mx::array>& in, std::vector<mx::array>& out) = 0;
+};
+
+// Forward: ys (batch, time, H) from xi (batch, time, 3H), h0, w_hh, b_hh.
+class GRUForward : public CpuLoop {
+ public:
+  using CpuLoop::CpuLoop;
+  const char* name() const override { return "GRUForward"; }
+
+ protected:
+  Task task(const std::vector<mx::array>& in, std::vector<mx::array>& out) override {
+    const int bs = in[0].shape(0), T = in[0].shape(1), H = in[1].shape(1);
+    return [xi = in[0].data<float>(), h0 = in[1].data<float>(), w = in[2].data<float>(),
+            b = in[3].data<float>(), ys = out[0].data<float>(), bs, T, H]() {
+      for_row_blocks(bs, [=](int r0, int r1) { forward_rows(xi, h0, w, b, ys, r0, r1, T, H); });
+    };
+  }
+};
+
+// Backward: from dy, xi, gh (= h_prev w_hh^T + b_hh, all frames), h_prev, w_hh to dxi, dgh
+// (both (batch, time, 3H)) and dh0 (batch, H). The weight gradient is one matmul outside.
+class GRUBackward : public CpuLoop {
+ public:
+  using CpuLoop::CpuLoop;
   const char* name() const override { return "GRUBackward"; }
+
+ protected:
+  Task task(const std::vector<mx::array>& in, std::vector<mx::array>& out) override {
+    const int bs = in[1].shape(0), T = in[1].shape(1), H = in[3].shape(2);
+    return [dy = in[0].data<float>(), xi = in[1].data<float>(), gh = in[2].data<float>(),
+            hp = in[3].data<float>(), w = in[4].data<float>(), dxi = out[0].data<float>(),
+            dgh = out[1].data<float>(), dh = out[2].data<float>(), bs, T, H]() {
+      for_row_blocks(bs, [=](int r0, int r1) {
+        backward_rows(dy, xi, gh, hp, w, dxi, dgh, dh, r0, r1, T, H);
+      });
+    };
+  }
 };
 
 // ------------------------------------------------------------------------------ selective scan
@@ -324,52 +332,39 @@ void scan_backward_rows(const float* u, const float* dl, const float* a, const f
   }
 }
 
-class ScanForward : public mx::Primitive {
+class ScanForward : public CpuLoop {
  public:
-  explicit ScanForward(mx::Stream s) : mx::Primitive(s) {}
+  using CpuLoop::CpuLoop;
+  const char* name() const override { return "ScanForward"; }
 
-  void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override {
-    auto& enc = mx::cpu::get_command_encoder(stream());
-    for (auto& a : in) enc.set_input_array(a);
-    for (auto& a : out) {
-      a.set_data(mx::allocator::malloc(a.nbytes()));
-      enc.set_output_array(a);
-    }
+ protected:
+  Task task(const std::vector<mx::array>& in, std::vector<mx::array>& out) override {
     const int bs = in[0].shape(0), T = in[0].shape(1), D = in[0].shape(2), N = in[2].shape(1);
-    enc.dispatch([u = in[0].data<float>(), dl = in[1].data<float>(), a = in[2].data<float>(),
-                  b = in[3].data<float>(), c = in[4].data<float>(), h0 = in[5].data<float>(),
-                  y = out[0].data<float>(), h = out[1].data<float>(), bs, T, D, N]() {
+    return [u = in[0].data<float>(), dl = in[1].data<float>(), a = in[2].data<float>(),
+            b = in[3].data<float>(), c = in[4].data<float>(), h0 = in[5].data<float>(),
+            y = out[0].data<float>(), h = out[1].data<float>(), bs, T, D, N]() {
       for_row_blocks(bs, [=](int r0, int r1) {
         scan_forward_rows(u, dl, a, b, c, h0, y, h, r0, r1, T, D, N);
       });
-    });
+    };
   }
-
-  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
-    throw std::runtime_error("ScanForward runs on the CPU only");
-  }
-  const char* name() const override { return "ScanForward"; }
 };
 
-class ScanBackward : public mx::Primitive {
+class ScanBackward : public CpuLoop {
  public:
-  explicit ScanBackward(mx::Stream s) : mx::Primitive(s) {}
+  using CpuLoop::CpuLoop;
+  const char* name() const override { return "ScanBackward"; }
 
-  void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override {
-    auto& enc = mx::cpu::get_command_encoder(stream());
-    for (auto& a : in) enc.set_input_array(a);
-    for (auto& a : out) {
-      a.set_data(mx::allocator::malloc(a.nbytes()));
-      enc.set_output_array(a);
-    }
+ protected:
+  Task task(const std::vector<mx::array>& in, std::vector<mx::array>& out) override {
     const int bs = in[0].shape(0), T = in[0].shape(1), D = in[0].shape(2), N = in[2].shape(1);
-    enc.dispatch([u = in[0].data<float>(), dl = in[1].data<float>(), a = in[2].data<float>(),
-                  b = in[3].data<float>(), c = in[4].data<float>(), h0 = in[5].data<float>(),
-                  dy = in[6].data<float>(), dhT = in[7].data<float>(), du = out[0].data<float>(),
-                  ddl = out[1].data<float>(), dA = out[2].data<float>(), db = out[3].data<float>(),
-                  dc = out[4].data<float>(), dh0 = out[5].data<float>(), bs, T, D, N]() {
+    return [u = in[0].data<float>(), dl = in[1].data<float>(), a = in[2].data<float>(),
+            b = in[3].data<float>(), c = in[4].data<float>(), h0 = in[5].data<float>(),
+            dy = in[6].data<float>(), dhT = in[7].data<float>(), du = out[0].data<float>(),
+            ddl = out[1].data<float>(), dA = out[2].data<float>(), db = out[3].data<float>(),
+            dc = out[4].data<float>(), dh0 = out[5].data<float>(), bs, T, D, N]() {
       const size_t DN = size_t(D) * N;
-      std::vector<float> dA_rows(size_t(bs) * DN);
+      std::vector<float> dA_rows(size_t(bs) * DN);  // per batch row, summed below: no shared writes
       for_row_blocks(bs, [&, u, dl, a, b, c, h0, dy, dhT, du, ddl, db, dc, dh0](int r0, int r1) {
         scan_backward_rows(u, dl, a, b, c, h0, dy, dhT, du, ddl, dA_rows.data(), db, dc, dh0, r0,
                            r1, T, D, N);
@@ -377,13 +372,8 @@ class ScanBackward : public mx::Primitive {
       std::fill(dA, dA + DN, 0.0f);
       for (int i = 0; i < bs; ++i)
         for (size_t k = 0; k < DN; ++k) dA[k] += dA_rows[i * DN + k];
-    });
+    };
   }
-
-  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
-    throw std::runtime_error("ScanBackward runs on the CPU only");
-  }
-  const char* name() const override { return "ScanBackward"; }
 };
 
 mx::array gru_forward(const mx::array& xi, const mx::array& h0, const mx::array& w_hh,
