@@ -28,13 +28,14 @@ setup: system install kernels ipykernel data
 CORPUS_PKGS := espeak-ng festival festvox-us-slt-hts klettres-data ktuberling-data \
   asterisk-core-sounds-en-wav sonic-pi-samples minetest-data
 
-# Debian as root: an optimized BLAS for MLX, alsa-utils' spoken prompts (real speech for tests and
-# benchmarks), Chromium for the browser test (Playwright drives it; it never downloads a browser).
+# Debian as root: an optimized BLAS for MLX, a C++ compiler for dfn4lab/kernels, alsa-utils' spoken
+# prompts (real speech for tests and benchmarks), Chromium for the browser test (Playwright drives it;
+# it never downloads a browser).
 # Elsewhere this is skipped: MLX binds MKL from PyPI (Linux x86_64) or Accelerate (macOS), and the
 # tests that need these say so and skip.
 system:
 	@if [ "$$(uname)" = Linux ] && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
-	  pkgs=""; for p in libopenblas0-pthread alsa-utils chromium $(CORPUS_PKGS); do \
+	  pkgs=""; for p in libopenblas0-pthread g++ alsa-utils chromium $(CORPUS_PKGS); do \
 	    dpkg -s $$p >/dev/null 2>&1 || pkgs="$$pkgs $$p"; done; \
 	  if [ -n "$$pkgs" ]; then (apt-get update -qq || true) && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$pkgs; fi; \
 	else echo "make system: not Debian as root; skipping system packages"; fi
