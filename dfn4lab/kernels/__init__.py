@@ -11,15 +11,27 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections.abc import Iterator
 
 import mlx.core as mx
 
-try:
-    from dfn4lab.kernels import _kernels
-except ImportError:  # not built here
-    _kernels = None
 
+def _load():
+    """The built module, or None (not built, or built against another MLX: its arrays don't convert)."""
+    try:
+        from dfn4lab.kernels import _kernels as module
+    except ImportError:
+        return None
+    try:  # builds a graph node only; nothing is evaluated
+        module.gru_forward(mx.zeros((1, 1, 3)), mx.zeros((1, 1)), mx.zeros((3, 1)), mx.zeros((3,)))
+    except TypeError:
+        warnings.warn("dfn4lab.kernels was built against another MLX: run `make kernels`", stacklevel=2)
+        return None
+    return module
+
+
+_kernels = _load()
 BUILT = _kernels is not None
 ENABLED = BUILT and os.environ.get("DFN4LAB_KERNELS", "1") != "0"
 
