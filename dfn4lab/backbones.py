@@ -516,6 +516,24 @@ def _attention_out(
     return x + mx.addmm(b_ffn, f, w_ffn.T)
 
 
+def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array | None) -> mx.array:
+    """Softmax attention: q (batch, heads, tq, d), k, v (batch, heads, tk, d), boolean ``mask`` (tq, tk)
+    or None (every row must keep a key) -> (batch, heads, tq, d).
+
+    On the CPU MLX's fused attention falls back to matmuls and a softmax whose ``exp`` costs ~10 ns
+    per element; the same softmax in base 2 (``power(2, .)``) measured 94 -> 51 ms forward and
+    154 -> 109 ms compiled forward+backward (batch 8, 4 heads, 500 frames, causal). A single query
+    (streaming) and other devices keep the fused kernel.
+    """
+    if q.shape[2] == 1 or mx.default_device().type != mx.DeviceType.cpu:
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+    s = (q * (scale * LOG2E)) @ k.swapaxes(-1, -2)
+    if mask is not None:
+        s = mx.where(mask, s, -mx.inf)
+    p = mx.power(2.0, s - mx.stop_gradient(s.max(axis=-1, keepdims=True)))
+    return (p / p.sum(axis=-1, keepdims=True)) @ v
+
+
 class AttentionBlock(nn.Module):
     """Pre-norm causal multi-head self-attention with RoPE, then a GELU FFN; both residual.
 
@@ -560,7 +578,7 @@ class AttentionBlock(nn.Module):
         k = mx.concatenate([k_cache, k], axis=2)
         v = mx.concatenate([v_cache, v], axis=2)
         mask = self._mask(x.shape[1], k_cache.shape[2])
-        a = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.head_dim**-0.5, mask=mask)
+        a = attention(q, k, v, self.head_dim**-0.5, mask)
         ffn_in, ffn_out = self.ffn_in, self.ffn_out
         x = _attention_out(
             x, a, self.out.weight, self.norm2.weight, ffn_in.weight, ffn_in.bias, ffn_out.weight, ffn_out.bias

@@ -11,6 +11,7 @@ from dfn4lab.backbones import (
     GRUCore,
     MambaCore,
     SqueezedBackbone,
+    attention,
     make_core,
     param_count,
     selective_scan_chunked,
@@ -403,3 +404,28 @@ def test_make_core_and_param_count():
         make_core(dataclasses.replace(BackboneConfig(), kind="lstm"), 8)
     gru = GRUCore(8, num_layers=2)
     assert param_count(gru) == sum(p.numel() for p in torch.nn.GRU(8, 8, num_layers=2).parameters())
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_attention_matches_mlx_fused_values_and_gradients(window):
+    """The base-2 softmax attention (CPU, several queries) against mx.fast's, causal and windowed."""
+    mx.random.seed(0)
+    q, k, v = (mx.random.normal((2, 3, 9, 8)) * 2 for _ in range(3))
+    lag = mx.arange(9)[:, None] - mx.arange(9)[None]
+    mask = (lag >= 0) & (lag < (window or 9))
+    w = mx.random.normal(q.shape)
+
+    def loss(fn, *a):
+        return (fn(*a) * w).sum()
+
+    def fused(q, k, v):
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=8**-0.5, mask=mask)
+
+    def ours(q, k, v):
+        return attention(q, k, v, 8**-0.5, mask)
+
+    np.testing.assert_allclose(m2n(ours(q, k, v)), m2n(fused(q, k, v)), atol=1e-5)
+    got = mx.grad(lambda *a: loss(ours, *a), argnums=(0, 1, 2))(q, k, v)
+    want = mx.grad(lambda *a: loss(fused, *a), argnums=(0, 1, 2))(q, k, v)
+    for g, r in zip(got, want, strict=True):
+        np.testing.assert_allclose(m2n(g), m2n(r), atol=1e-4)
