@@ -534,6 +534,34 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.arra
     return (p / p.sum(axis=-1, keepdims=True)) @ v
 
 
+def windowed_attention(
+    q: mx.array, k: mx.array, v: mx.array, scale: float, window: int, cached: int
+) -> mx.array:
+    """Causal attention over the last ``window`` keys, computed in blocks: O(time x window), not
+    O(time^2) as a masked full attention is.
+
+    ``q`` (batch, heads, t, d) sits at key indices ``cached ..`` of ``k``, ``v`` (batch, heads,
+    cached + t, d); query i sees keys ``cached + i - window < j <= cached + i``. Each block of
+    ``window`` queries meets the ``2 window`` keys that hold all it can see (masked to them).
+    """
+    b, h, t, d = q.shape
+    w = window
+    nb = -(-t // w)
+    qb = mx.pad(q, [(0, 0), (0, 0), (0, nb * w - t), (0, 0)]).reshape(b, h * nb, w, d)
+    # key position p sits at padded index p + w - 1; block j needs positions cached + (j - 1) w + 1 ..
+    pads = [(0, 0), (0, 0), (w - 1, nb * w + 1 - t), (0, 0)]
+
+    def blocks(a: mx.array) -> mx.array:
+        a = mx.pad(a, pads)[:, :, cached : cached + (nb + 1) * w].reshape(b, h, nb + 1, w, d)
+        return mx.concatenate([a[:, :, :-1], a[:, :, 1:]], axis=3).reshape(b, h * nb, 2 * w, d)
+
+    r, c, j = mx.arange(w)[:, None], mx.arange(2 * w)[None], mx.arange(nb)[:, None, None]
+    keep = (c >= r) & (c < r + w) & (cached + (j - 1) * w + 1 + c >= 0)  # (nb, w, 2w)
+    mask = mx.broadcast_to(keep[None], (h, nb, w, 2 * w)).reshape(h * nb, w, 2 * w)
+    out = attention(qb, blocks(k), blocks(v), scale, mask)
+    return out.reshape(b, h, nb * w, d)[:, :, :t]
+
+
 class AttentionBlock(nn.Module):
     """Pre-norm causal multi-head self-attention with RoPE, then a GELU FFN; both residual.
 
@@ -577,8 +605,11 @@ class AttentionBlock(nn.Module):
         q, k, v = _attention_qkv(x, self.norm1.weight, self.qkv.weight, pos, self.heads)
         k = mx.concatenate([k_cache, k], axis=2)
         v = mx.concatenate([v_cache, v], axis=2)
-        mask = self._mask(x.shape[1], k_cache.shape[2])
-        a = attention(q, k, v, self.head_dim**-0.5, mask)
+        t, cached = x.shape[1], k_cache.shape[2]
+        if self.window is not None and t > self.window:
+            a = windowed_attention(q, k, v, self.head_dim**-0.5, self.window, cached)
+        else:
+            a = attention(q, k, v, self.head_dim**-0.5, self._mask(t, cached))
         ffn_in, ffn_out = self.ffn_in, self.ffn_out
         x = _attention_out(
             x, a, self.out.weight, self.norm2.weight, ffn_in.weight, ffn_in.bias, ffn_out.weight, ffn_out.bias

@@ -16,6 +16,7 @@ from dfn4lab.backbones import (
     param_count,
     selective_scan_chunked,
     selective_scan_sequential,
+    windowed_attention,
 )
 from dfn4lab.config import BackboneConfig
 
@@ -429,3 +430,13 @@ def test_attention_matches_mlx_fused_values_and_gradients(window):
     want = mx.grad(lambda *a: loss(fused, *a), argnums=(0, 1, 2))(q, k, v)
     for g, r in zip(got, want, strict=True):
         np.testing.assert_allclose(m2n(g), m2n(r), atol=1e-4)
+
+
+@pytest.mark.parametrize("t,cached,window", [(10, 0, 3), (7, 5, 3), (9, 1, 4), (8, 0, 8), (12, 30, 5)])
+def test_windowed_attention_in_blocks_equals_masked_full(t, cached, window):
+    mx.random.seed(t + cached)
+    q = mx.random.normal((2, 3, t, 8))
+    k, v = (mx.random.normal((2, 3, cached + t, 8)) for _ in range(2))
+    lag = (cached + mx.arange(t))[:, None] - mx.arange(cached + t)[None]
+    full = attention(q, k, v, 0.3, (lag >= 0) & (lag < window))
+    np.testing.assert_allclose(m2n(windowed_attention(q, k, v, 0.3, window, cached)), m2n(full), atol=1e-5)
