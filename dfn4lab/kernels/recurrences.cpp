@@ -93,7 +93,7 @@ inline float exp2_neg(float x) {
 
 void check(const mx::array& a, int ndim, const char* what) {
   if (a.dtype() != mx::float32 || a.ndim() != size_t(ndim))
-    throw std::invalid_argument(std::string("gru kernel: ") + what + " must be float32 with " +
+    throw std::invalid_argument(std::string("dfn4lab kernel: ") + what + " must be float32 with " +
                                 std::to_string(ndim) + " dims");
 }
 
