@@ -12,7 +12,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 lab: setup
 	$(VENV)/bin/jupyter lab --notebook-dir=notebooks
 
-# Every notebook in full mode (~30 min here; figures/, data/runs, data/eval), the benchmarks, then
+# Every notebook in full mode (12 min here once notebook 04's runs exist; figures/, data/runs, data/eval), the benchmarks, then
 # README's result tables (python -m dfn4lab.report).
 run: setup
 	$(PY) -m pytest -q --nbmake --nbmake-timeout=7200 --durations=0 notebooks
