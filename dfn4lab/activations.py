@@ -66,13 +66,14 @@ def _rational_sigmoid(x: mx.array) -> mx.array:
     return (_HALF + _HALF * _rational_tanh(_HALF * x)).astype(x.dtype)
 
 
+# A custom function of one array gets that array as its VJP's primals, not a tuple of it.
 @mx.custom_function
 def _tanh(x: mx.array) -> mx.array:
     return _rational_tanh(x)
 
 
 @_tanh.vjp
-def _tanh_vjp(primals: tuple[mx.array], cotangent: mx.array, y: mx.array) -> tuple[mx.array]:
+def _tanh_vjp(x: mx.array, cotangent: mx.array, y: mx.array) -> tuple[mx.array]:
     return (cotangent * (1 - y * y),)
 
 
@@ -82,7 +83,7 @@ def _sigmoid(x: mx.array) -> mx.array:
 
 
 @_sigmoid.vjp
-def _sigmoid_vjp(primals: tuple[mx.array], cotangent: mx.array, y: mx.array) -> tuple[mx.array]:
+def _sigmoid_vjp(x: mx.array, cotangent: mx.array, y: mx.array) -> tuple[mx.array]:
     return (cotangent * y * (1 - y),)
 
 
@@ -101,7 +102,7 @@ def _softplus(x: mx.array) -> mx.array:
 
 @_softplus.vjp
 def _softplus_vjp(x: mx.array, cotangent: mx.array, y: mx.array) -> tuple[mx.array]:
-    return (cotangent * _rational_sigmoid(x),)  # a single primal arrives as the array itself
+    return (cotangent * _rational_sigmoid(x),)
 
 
 def tanh(x: mx.array, fuse: bool = False) -> mx.array:
