@@ -21,7 +21,7 @@ import math
 from typing import Any
 
 from dfn4lab import kernels
-from dfn4lab.activations import sigmoid, silu, softplus, tanh
+from dfn4lab.activations import gelu, sigmoid, silu, softplus, tanh
 from dfn4lab.config import BackboneConfig
 from dfn4lab.layers import EvalConstants
 
@@ -512,7 +512,7 @@ def _attention_out(
     """Output projection and residual, then the pre-norm GELU FFN and residual; ``a``: (b, heads, t, hd)."""
     b, t, d = x.shape
     x = x + a.transpose(0, 2, 1, 3).reshape(b, t, d) @ w_out.T
-    f = nn.gelu(mx.addmm(b_in, mx.fast.rms_norm(x, norm, _NORM_EPS), w_in.T))
+    f = gelu(mx.addmm(b_in, mx.fast.rms_norm(x, norm, _NORM_EPS), w_in.T))
     return x + mx.addmm(b_ffn, f, w_ffn.T)
 
 

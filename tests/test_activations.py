@@ -1,4 +1,4 @@
-"""The rational tanh and sigmoid and the base-2 softplus against float64 references: values,
+"""The rational tanh, sigmoid and GELU and the base-2 softplus against float64 references: values,
 derivatives, dtypes."""
 
 from dfn4lab import activations as act
@@ -65,3 +65,18 @@ def test_softplus_matches_float64_with_the_sigmoid_as_derivative():
     np.testing.assert_allclose(g, _ref("sigmoid", x), atol=1e-6)
     half = act.softplus(mx.array(x[::50]).astype(mx.float16))
     assert half.dtype == mx.float16
+
+
+def test_gelu_matches_float64_with_its_exact_derivative():
+    from scipy.special import erf
+
+    x = X[::3]
+    x64 = x.astype(np.float64)
+    cdf = 0.5 * (1 + erf(x64 / np.sqrt(2)))
+    y = np.array(act.gelu(mx.array(x)))
+    assert np.all(np.abs(y - x64 * cdf) <= 3e-7 * np.maximum(1.0, np.abs(x64)))
+    want = cdf + x64 * np.exp(-0.5 * x64 * x64) / np.sqrt(2 * np.pi)
+    for grad in (mx.grad(lambda v: act.gelu(v).sum()), mx.compile(mx.grad(lambda v: act.gelu(v).sum()))):
+        np.testing.assert_allclose(np.array(grad(mx.array(x))), want, atol=1e-6)
+    half = act.gelu(mx.array(x[::50]).astype(mx.bfloat16))
+    assert half.dtype == mx.bfloat16
