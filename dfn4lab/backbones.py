@@ -17,7 +17,9 @@ Cores, chosen by ``BackboneConfig.kind``:
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from typing import Any
 
 from dfn4lab import kernels
@@ -562,6 +564,21 @@ def windowed_attention(
     return out.reshape(b, h, nb * w, d)[:, :, :t]
 
 
+@functools.cache
+def _fused_attention(scale: float, window: int) -> Callable[[mx.array, mx.array, mx.array], tuple]:
+    """:mod:`dfn4lab.kernels`' causal attention as a differentiable function of ``(q, k, v)``."""
+
+    @mx.custom_function
+    def fused(q: mx.array, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:
+        return kernels.attention_forward(q, k, v, scale, window)
+
+    @fused.vjp
+    def fused_vjp(primals: tuple, cotangents: tuple, outputs: tuple) -> tuple[mx.array, ...]:
+        return kernels.attention_backward(*primals, outputs[0], outputs[1], cotangents[0], scale, window)
+
+    return fused
+
+
 class AttentionBlock(nn.Module):
     """Pre-norm causal multi-head self-attention with RoPE, then a GELU FFN; both residual.
 
@@ -606,7 +623,9 @@ class AttentionBlock(nn.Module):
         k = mx.concatenate([k_cache, k], axis=2)
         v = mx.concatenate([v_cache, v], axis=2)
         t, cached = x.shape[1], k_cache.shape[2]
-        if self.window is not None and t > self.window:
+        if t > 1 and kernels.usable(q, k, v):
+            a = _fused_attention(self.head_dim**-0.5, self.window or 0)(q, k, v)[0]
+        elif self.window is not None and t > self.window:
             a = windowed_attention(q, k, v, self.head_dim**-0.5, self.window, cached)
         else:
             a = attention(q, k, v, self.head_dim**-0.5, self._mask(t, cached))

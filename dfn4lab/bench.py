@@ -217,8 +217,8 @@ def backbones(
     for kind in ("mamba", "attention"):
         variants.append((kind, "matched", matched_config(kind, target, base)))
         variants.append((kind, "same-width", base.replace(backbone=kind)))
-    if kernels.ENABLED:  # the fused CPU loops (GRU, Mamba's scan) against MLX ops, as on a GPU
-        variants += [(k, MLX_OPS, cfg) for k, v, cfg in variants if v == "matched" and k != "attention"]
+    if kernels.ENABLED:  # the fused CPU kernels (GRU, Mamba's scan, attention) against MLX ops, as on a GPU
+        variants += [(k, MLX_OPS, cfg) for k, v, cfg in variants if v == "matched"]
     cases = {}
     for kind, variant, cfg in variants:
         model, fns = _mlx_case(cfg, batch, frames)

@@ -1,4 +1,5 @@
-"""dfn4lab.kernels: the fused C++ GRU loops against the pure-MLX loops and torch.nn.GRU."""
+"""dfn4lab.kernels: the fused C++ GRU, selective-scan and attention primitives against the MLX-op
+code and torch.nn.GRU."""
 
 from __future__ import annotations
 
@@ -6,11 +7,14 @@ import platform
 
 import dfn4lab  # noqa: F401  (binds BLAS before mlx.core)
 from dfn4lab import backbones, kernels
+from dfn4lab.config import BackboneConfig
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 import torch
+from mlx.utils import tree_flatten
 
 needs_kernels = pytest.mark.skipif(not kernels.BUILT, reason="dfn4lab.kernels not built (make kernels)")
 
@@ -146,3 +150,85 @@ def test_selective_scan_kernel_rejects_bad_shapes():
     u, delta, a, b, c, h = _scan_inputs(2, 5, 8, 4, seed=4)
     with pytest.raises(ValueError, match="shapes"):
         kernels.scan_forward(u, delta, a, b[:, :, :3], c, h)
+
+
+def _attention_inputs(batch: int, heads: int, t: int, cached: int, d: int, seed: int):
+    mx.random.seed(seed)
+    q = 2 * mx.random.normal((batch, heads, t, d))
+    k, v = (2 * mx.random.normal((batch, heads, cached + t, d)) for _ in range(2))
+    return q, k, v
+
+
+def _masked_attention(q, k, v, scale: float, window: int):
+    """The MLX-op reference: full scores, masked to what query i (key index cached + i) may see."""
+    t, s = q.shape[2], k.shape[2]
+    lag = (s - t + mx.arange(t))[:, None] - mx.arange(s)[None]
+    keep = (lag >= 0) & (lag < window) if window else lag >= 0
+    return backbones.attention(q, k, v, scale, keep)
+
+
+@needs_kernels
+@pytest.mark.parametrize(
+    "batch,heads,t,cached,d,window",
+    [
+        (1, 1, 1, 0, 4, 0),
+        (2, 3, 70, 0, 16, 0),
+        (1, 2, 130, 5, 8, 0),
+        (2, 2, 150, 9, 16, 10),
+        (1, 1, 200, 0, 8, 1),
+        (2, 1, 65, 64, 8, 64),
+        (1, 2, 5, 3, 4, 40),
+    ],
+)
+def test_attention_kernel_matches_masked_mlx_attention(batch, heads, t, cached, d, window):
+    """Forward and the three gradients, causal and windowed, with cached keys, over block edges (64)."""
+    q, k, v = _attention_inputs(batch, heads, t, cached, d, seed=t + cached)
+    scale = d**-0.5
+    o, lse = kernels.attention_forward(q, k, v, scale, window)
+    np.testing.assert_allclose(np.array(o), np.array(_masked_attention(q, k, v, scale, window)), atol=1e-5)
+    assert lse.shape == (batch, heads, t)
+    w = mx.random.normal(q.shape)
+    got = mx.grad(lambda *a: (backbones._fused_attention(scale, window)(*a)[0] * w).sum(), (0, 1, 2))(q, k, v)
+    want = mx.grad(lambda *a: (_masked_attention(*a, scale, window) * w).sum(), (0, 1, 2))(q, k, v)
+    for name, g, r in zip("qkv", got, want, strict=True):
+        np.testing.assert_allclose(np.array(g), np.array(r), atol=2e-5, err_msg=name)
+
+
+@needs_kernels
+def test_attention_kernel_takes_strided_inputs_and_compiles():
+    q, k, v = _attention_inputs(2, 2, 20, 0, 8, seed=5)
+    ref = _masked_attention(q, k, v, 0.4, 0)
+    q_t = mx.contiguous(q.swapaxes(1, 2)).swapaxes(1, 2)  # same values, heads and time strided
+    np.testing.assert_allclose(
+        np.array(kernels.attention_forward(q_t, k, v, 0.4, 0)[0]), np.array(ref), atol=1e-5
+    )
+    grad = mx.compile(mx.grad(lambda q: backbones._fused_attention(0.4, 0)(q, k, v)[0].sum()))
+    want = mx.grad(lambda q: _masked_attention(q, k, v, 0.4, 0).sum())(q)
+    np.testing.assert_allclose(np.array(grad(q)), np.array(want), atol=2e-5)
+
+
+@needs_kernels
+def test_attention_kernel_rejects_bad_input_in_one_line():
+    q, k, v = _attention_inputs(1, 2, 6, 2, 4, seed=6)
+    with pytest.raises(ValueError, match="float32"):
+        kernels.attention_forward(q.astype(mx.float16), k, v, 0.5, 0)
+    with pytest.raises(ValueError, match="shapes"):
+        kernels.attention_forward(q, k[:, :, :3], v[:, :, :3], 0.5, 0)  # fewer keys than queries
+
+
+@needs_kernels
+@pytest.mark.parametrize("window", [None, 3])
+def test_attention_core_same_with_and_without_kernels(window):
+    """The whole attention core, forward and every parameter's gradient: kernel vs MLX ops."""
+    core = backbones.AttentionCore(BackboneConfig(kind="attention", heads=2, window=window), 16, num_layers=2)
+    x = mx.random.normal((2, 40, 16))
+
+    def run():
+        return nn.value_and_grad(core, lambda x: (core(x)[0] ** 2).mean())(x)
+
+    (y1, g1) = run()
+    with kernels.disabled():
+        (y2, g2) = run()
+    np.testing.assert_allclose(np.array(y1), np.array(y2), rtol=1e-5)
+    for (name, a), (_, b) in zip(tree_flatten(g1), tree_flatten(g2), strict=True):
+        np.testing.assert_allclose(np.array(a), np.array(b), atol=1e-6, err_msg=name)

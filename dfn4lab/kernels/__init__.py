@@ -1,5 +1,6 @@
-"""dfn4lab's CPU kernels: C++ MLX primitives for the time loops MLX would run op by op
-(``recurrences.cpp``: the GRU layer and Mamba's selective scan, forward and backward).
+"""dfn4lab's CPU kernels: C++ MLX primitives for work MLX would run op by op (``recurrences.cpp``:
+the GRU layer's and Mamba's selective scan's time loops; ``attention.cpp``: causal softmax
+attention; each forward and backward).
 
 ``python -m dfn4lab.kernels`` (``make kernels``, part of ``make setup``) builds them into this
 package as ``_kernels`` with CMake and nanobind; nothing is downloaded. They are optional: where
@@ -99,3 +100,21 @@ def scan_backward(
     """Gradients ``(du, d delta, da, db, dc, dh)`` of :func:`scan_forward` from its outputs' cotangents
     (the states are recomputed, one batch row at a time)."""
     return tuple(_kernels.scan_backward(u, delta, a, b, c, h, dy, dh_last))
+
+
+def attention_forward(
+    q: mx.array, k: mx.array, v: mx.array, scale: float, window: int
+) -> tuple[mx.array, mx.array]:
+    """Causal softmax attention: ``(o (batch, heads, T, d), lse (batch, heads, T))`` from ``q``
+    (batch, heads, T, d) and ``k``, ``v`` (batch, heads, S, d), the queries being the last T of the S
+    keys; ``window`` > 0 keeps the last ``window`` keys of each query. ``lse``: base-2 log-sum-exp."""
+    o, lse = _kernels.attention_forward(q, k, v, scale, window)
+    return o, lse
+
+
+def attention_backward(
+    q: mx.array, k: mx.array, v: mx.array, o: mx.array, lse: mx.array, do: mx.array, scale: float, window: int
+) -> tuple[mx.array, mx.array, mx.array]:
+    """``(dq, dk, dv)`` of :func:`attention_forward` from its output's cotangent ``do``."""
+    dq, dk, dv = _kernels.attention_backward(q, k, v, o, lse, do, scale, window)
+    return dq, dk, dv

@@ -1,8 +1,8 @@
 """Build dfn4lab's CPU kernels into this package: ``python -m dfn4lab.kernels`` (``make kernels``).
 
-CMake compiles ``recurrences.cpp`` against the MLX installed in this environment (its headers and
-``libmlx``) with nanobind (the ``kernels`` extra); ~10 s. Exits 1 with one line naming the log when
-it cannot build: the pure-MLX loops then run instead.
+CMake compiles ``recurrences.cpp`` and ``attention.cpp`` against the MLX installed in this
+environment (its headers and ``libmlx``) with nanobind (the ``kernels`` extra); ~15 s. Exits 1 with
+one line naming the log when it cannot build: the pure-MLX code then runs instead.
 """
 
 from __future__ import annotations

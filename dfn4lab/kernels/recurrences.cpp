@@ -10,48 +10,10 @@
 // GRU layouts are row-major and contiguous: xi, gh, dxi, dgh (batch, time, 3H) with gates r, z, n
 // as in torch.nn.GRU; ys, h_prev, dy (batch, time, H); h0 (batch, H); w_hh (3H, H); b_hh (3H).
 
-#include <dlfcn.h>
-#include <sched.h>
+#include "common.h"
 
-#include <algorithm>
-#include <cmath>
-#include <cstdint>
-#include <cstring>
-#include <functional>
-#include <string>
-#include <thread>
-
-#include <nanobind/nanobind.h>
-#include <nanobind/stl/variant.h>
-#include <nanobind/stl/vector.h>
-
-#include "mlx/backend/cpu/encoder.h"
-#include "mlx/mlx.h"
-#include "mlx/primitives.h"
-
-namespace nb = nanobind;
-namespace mx = mlx::core;
-
-extern "C" void cblas_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float alpha,
-                            const float* a, int lda, const float* b, int ldb, float beta, float* c,
-                            int ldc);
-
+namespace dfn4lab_kernels {
 namespace {
-
-constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
-
-// The bound BLAS's thread count for the calling thread only (MKL); none elsewhere.
-using SetLocalThreads = int (*)(int);
-SetLocalThreads mkl_set_local() {
-  static auto fn = reinterpret_cast<SetLocalThreads>(dlsym(RTLD_DEFAULT, "MKL_Set_Num_Threads_Local"));
-  return fn;
-}
-
-struct OneBlasThread {  // a (batch x H) GEMM per frame is too small to share between cores
-  int saved = 0;
-  OneBlasThread() { if (auto f = mkl_set_local()) saved = f(1); }
-  ~OneBlasThread() { if (auto f = mkl_set_local()) f(saved); }
-};
 
 // Eigen's float tanh (the same rational form as dfn4lab.activations): max abs error ~3e-7.
 inline float tanh_r(float x) {
@@ -73,48 +35,6 @@ inline float tanh_r(float x) {
 }
 
 inline float sigmoid_r(float x) { return 0.5f + 0.5f * tanh_r(0.5f * x); }
-
-// 2^x for x <= 0 (a decay): 2^floor(x) from the exponent bits times a degree-5 polynomial for the
-// fraction (least squares on [0, 1)); relative error 1.7e-7 in float32. Vectorizes, unlike exp2f.
-inline float exp2_neg(float x) {
-  x = x < -126.0f ? -126.0f : x;
-  const float fl = std::floor(x), f = x - fl;
-  float p = 1.8671965956471165e-3f;
-  p = p * f + 9.016658560384277e-3f;
-  p = p * f + 5.5800467832651274e-2f;
-  p = p * f + 2.401641478173398e-1f;
-  p = p * f + 6.931513633343184e-1f;
-  p = p * f + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(fl) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return p * scale;
-}
-
-void check(const mx::array& a, int ndim, const char* what) {
-  if (a.dtype() != mx::float32 || a.ndim() != size_t(ndim))
-    throw std::invalid_argument(std::string("dfn4lab kernel: ") + what + " must be float32 with " +
-                                std::to_string(ndim) + " dims");
-}
-
-mx::array prepared(const mx::array& a, const mx::Stream& s) { return mx::contiguous(a, false, s); }
-
-// Rows of the batch are independent sequences: each worker thread runs all frames of its block of
-// rows (one thread per core, at most one per row), so both cores work on every frame.
-template <class F>
-void for_row_blocks(int rows, F&& fn) {
-  int n = std::thread::hardware_concurrency();
-#ifdef __linux__
-  cpu_set_t set;
-  if (sched_getaffinity(0, sizeof set, &set) == 0) n = CPU_COUNT(&set);  // cores this process may use
-#endif
-  n = std::max(1, std::min(n, rows));
-  std::vector<std::thread> pool;
-  for (int k = 1; k < n; ++k)
-    pool.emplace_back([&fn, rows, n, k] { fn(rows * k / n, rows * (k + 1) / n); });
-  fn(0, rows / n);
-  for (auto& t : pool) t.join();
-}
 
 // ys for rows [r0, r1): ys_t = GRU(xi_t, ys_{t-1}), ys_{-1} = h0.
 void forward_rows(const float* xi, const float* h0, const float* w, const float* b, float* ys,
@@ -177,32 +97,6 @@ void backward_rows(const float* dy, const float* xi, const float* gh, const floa
   }
 }
 
-// A primitive whose work is one CPU task: the outputs are allocated here, and `task` returns the
-// work as a closure over data pointers and sizes only (it runs on MLX's CPU stream after eval_cpu
-// has returned; MLX keeps the buffers alive until then).
-class CpuLoop : public mx::Primitive {
- public:
-  using Task = std::function<void()>;
-  explicit CpuLoop(mx::Stream s) : mx::Primitive(s) {}
-
-  void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override {
-    auto& enc = mx::cpu::get_command_encoder(stream());
-    for (auto& a : in) enc.set_input_array(a);
-    for (auto& a : out) {
-      a.set_data(mx::allocator::malloc(a.nbytes()));
-      enc.set_output_array(a);
-    }
-    enc.dispatch(task(in, out));
-  }
-
-  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
-    throw std::runtime_error(std::string(name()) + " runs on the CPU only");
-  }
-
- protected:
-  virtual Task task(const std::vector<mx::array>& in, std::vector<mx::array>& out) = 0;
-};
-
 // Forward: ys (batch, time, H) from xi (batch, time, 3H), h0, w_hh, b_hh.
 class GRUForward : public CpuLoop {
  public:
@@ -243,8 +137,6 @@ class GRUBackward : public CpuLoop {
 //
 // Mamba's h_t = exp(delta_t A) h_{t-1} + delta_t u_t B_t, y_t = C_t . h_t per channel d, over
 // u, delta (batch, time, D), A (D, N) <= 0, B, C (batch, time, N), h (batch, D, N).
-
-constexpr float kLog2e = 1.4426950408889634f;
 
 // y and the last state for rows [r0, r1); h doubles as the running state.
 void scan_forward_rows(const float* u, const float* dl, const float* a, const float* b,
@@ -456,8 +348,7 @@ std::vector<mx::array> scan_backward(const mx::array& u, const mx::array& dl, co
 
 }  // namespace
 
-NB_MODULE(_kernels, m) {
-  m.doc() = "Fused GRU and selective-scan loops for MLX on the CPU (recurrences.cpp).";
+void register_recurrences(nb::module_& m) {
   m.def("gru_forward", &gru_forward, nb::arg("xi"), nb::arg("h0"), nb::arg("w_hh"),
         nb::arg("b_hh"), nb::kw_only(), nb::arg("stream") = nb::none(),
         "All hidden states (batch, time, H) of a GRU layer from its input projections xi.");
@@ -471,3 +362,5 @@ NB_MODULE(_kernels, m) {
         nb::arg("b"), nb::arg("c"), nb::arg("h"), nb::arg("dy"), nb::arg("dh_last"), nb::kw_only(),
         nb::arg("stream") = nb::none(), "(du, ddelta, da, db, dc, dh) of scan_forward.");
 }
+
+}  // namespace dfn4lab_kernels

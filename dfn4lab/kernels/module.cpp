@@ -1,0 +1,14 @@
+// The Python module dfn4lab.kernels._kernels: the recurrences (GRU, selective scan) and attention.
+
+#include "common.h"
+
+namespace dfn4lab_kernels {
+void register_recurrences(nb::module_& m);
+void register_attention(nb::module_& m);
+}  // namespace dfn4lab_kernels
+
+NB_MODULE(_kernels, m) {
+  m.doc() = "dfn4lab's fused CPU primitives for MLX (recurrences.cpp, attention.cpp).";
+  dfn4lab_kernels::register_recurrences(m);
+  dfn4lab_kernels::register_attention(m);
+}
