@@ -583,6 +583,9 @@ class AttentionBlock(nn.Module):
     """Pre-norm causal multi-head self-attention with RoPE, then a GELU FFN; both residual.
 
     State: the rotated keys and values ``(batch, heads, cached, head_dim)`` of past frames.
+    Several frames at once on the CPU in float32 run :mod:`dfn4lab.kernels`' attention (batch 8,
+    4 heads, 500 frames, causal: forward 49 -> 9 ms, forward+backward 98 -> 27 ms); a single frame
+    (streaming) and other devices run MLX ops.
     """
 
     def __init__(self, d_model: int, heads: int = 4, window: int | None = None, ffn_mult: int = 2):
