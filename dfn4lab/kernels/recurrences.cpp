@@ -36,6 +36,39 @@ inline float tanh_r(float x) {
 
 inline float sigmoid_r(float x) { return 0.5f + 0.5f * tanh_r(0.5f * x); }
 
+// The gates of one row and frame: y = GRU(x, h) with g = h w_hh^T. The gate loops are functions of
+// restrict-qualified pointers so that GCC vectorizes them (with possible aliasing it did not).
+inline void gates_forward(const float* __restrict x, const float* __restrict g,
+                          const float* __restrict b, const float* __restrict h, float* __restrict y,
+                          int H) {
+  for (int j = 0; j < H; ++j) {
+    const float r = sigmoid_r(x[j] + g[j] + b[j]);
+    const float z = sigmoid_r(x[H + j] + g[H + j] + b[H + j]);
+    const float n = tanh_r(x[2 * H + j] + r * (g[2 * H + j] + b[2 * H + j]));
+    y[j] = n + z * (h[j] - n);
+  }
+}
+
+// Its backward: dxi (ox) and dgh (og) of the frame from d = dL/dy plus the carried dL/dh (c), which
+// becomes the carry for the frame before. Here g includes b_hh.
+inline void gates_backward(const float* __restrict x, const float* __restrict g,
+                           const float* __restrict h, const float* __restrict d,
+                           float* __restrict ox, float* __restrict og, float* __restrict c, int H) {
+  for (int j = 0; j < H; ++j) {
+    const float r = sigmoid_r(x[j] + g[j]), z = sigmoid_r(x[H + j] + g[H + j]);
+    const float hn = g[2 * H + j], n = tanh_r(x[2 * H + j] + r * hn);
+    const float gd = c[j] + d[j];  // dL/dh_t
+    const float dn = gd * (1 - z) * (1 - n * n);
+    const float dz = gd * (h[j] - n) * z * (1 - z);
+    const float dr = dn * hn * r * (1 - r);
+    ox[j] = og[j] = dr;
+    ox[H + j] = og[H + j] = dz;
+    ox[2 * H + j] = dn;
+    og[2 * H + j] = dn * r;
+    c[j] = gd * z;
+  }
+}
+
 // ys for rows [r0, r1): ys_t = GRU(xi_t, ys_{t-1}), ys_{-1} = h0.
 void forward_rows(const float* xi, const float* h0, const float* w, const float* b, float* ys,
                   int r0, int r1, int T, int H) {
@@ -52,13 +85,7 @@ void forward_rows(const float* xi, const float* h0, const float* w, const float*
       const float* x = xi + (size_t(i) * T + t) * 3 * H;
       const float* g = gh.data() + size_t(i) * 3 * H;
       const float* h = hp + size_t(i) * ldh;
-      float* y = ys + (size_t(i) * T + t) * H;
-      for (int j = 0; j < H; ++j) {
-        const float r = sigmoid_r(x[j] + g[j] + b[j]);
-        const float z = sigmoid_r(x[H + j] + g[H + j] + b[H + j]);
-        const float n = tanh_r(x[2 * H + j] + r * (g[2 * H + j] + b[2 * H + j]));
-        y[j] = n + z * (h[j] - n);
-      }
+      gates_forward(x, g, b, h, ys + (size_t(i) * T + t) * H, H);
     }
   }
 }
@@ -76,20 +103,7 @@ void backward_rows(const float* dy, const float* xi, const float* gh, const floa
       const size_t row = size_t(i) * T + t;
       const float *x = xi + row * 3 * H, *g = gh + row * 3 * H, *h = hp + row * H;
       const float* d = dy + row * H;
-      float *ox = dxi + row * 3 * H, *og = dgh + row * 3 * H, *c = dh + size_t(i) * H;
-      for (int j = 0; j < H; ++j) {
-        const float r = sigmoid_r(x[j] + g[j]), z = sigmoid_r(x[H + j] + g[H + j]);
-        const float hn = g[2 * H + j], n = tanh_r(x[2 * H + j] + r * hn);
-        const float gd = c[j] + d[j];  // dL/dh_t
-        const float dn = gd * (1 - z) * (1 - n * n);
-        const float dz = gd * (h[j] - n) * z * (1 - z);
-        const float dr = dn * hn * r * (1 - r);
-        ox[j] = og[j] = dr;
-        ox[H + j] = og[H + j] = dz;
-        ox[2 * H + j] = dn;
-        og[2 * H + j] = dn * r;
-        c[j] = gd * z;
-      }
+      gates_backward(x, g, h, d, dxi + row * 3 * H, dgh + row * 3 * H, dh + size_t(i) * H, H);
     }
     // dh_{t-1} += dgh_t w_hh over this block's rows of frame t
     cblas_sgemm(kRowMajor, kNoTrans, kNoTrans, rows, H, 3 * H, 1.0f, dgh + size_t(t) * 3 * H,
@@ -138,31 +152,50 @@ class GRUBackward : public CpuLoop {
 // Mamba's h_t = exp(delta_t A) h_{t-1} + delta_t u_t B_t, y_t = C_t . h_t per channel d, over
 // u, delta (batch, time, D), A (D, N) <= 0, B, C (batch, time, N), h (batch, D, N).
 
-// y and the last state for rows [r0, r1); h doubles as the running state.
+// Inside a row the states are held as (N, D), transposed from the API's (D, N): state n of all
+// channels is contiguous, so each update runs down D channels as one vector loop with no
+// horizontal sums (with N = 16 a (D, N) loop is one short vector per channel plus a reduction).
+void to_nd(const float* dn, float* nd, int D, int N) {
+  for (int d = 0; d < D; ++d)
+    for (int n = 0; n < N; ++n) nd[size_t(n) * D + d] = dn[size_t(d) * N + n];
+}
+
+void to_dn(const float* nd, float* dn, int D, int N) {
+  for (int d = 0; d < D; ++d)
+    for (int n = 0; n < N; ++n) dn[size_t(d) * N + n] = nd[size_t(n) * D + d];
+}
+
+// State n of all channels, one frame: s = 2^(delta a2) s + x b_n; y += c_n s. Restrict-qualified:
+// with possible aliasing GCC keeps a scalar copy of the loop and ran it.
+inline void scan_state(float* __restrict s, float* __restrict y, const float* __restrict dt,
+                       const float* __restrict a2, const float* __restrict x, float bn, float cn,
+                       int D) {
+  for (int d = 0; d < D; ++d) {
+    s[d] = exp2_neg(dt[d] * a2[d]) * s[d] + x[d] * bn;
+    y[d] += cn * s[d];
+  }
+}
+
+// y and the last state h for rows [r0, r1).
 void scan_forward_rows(const float* u, const float* dl, const float* a, const float* b,
                        const float* c, const float* h0, float* y, float* h, int r0, int r1, int T,
                        int D, int N) {
-  std::vector<float> a2(size_t(D) * N);
-  for (size_t k = 0; k < a2.size(); ++k) a2[k] = a[k] * kLog2e;
+  const size_t DN = size_t(D) * N;
+  std::vector<float> a2(DN), s(DN), x(D);
+  to_nd(a, a2.data(), D, N);
+  for (float& v : a2) v *= kLog2e;
   for (int i = r0; i < r1; ++i) {
-    float* hi = h + size_t(i) * D * N;
-    std::copy(h0 + size_t(i) * D * N, h0 + size_t(i + 1) * D * N, hi);
+    to_nd(h0 + i * DN, s.data(), D, N);
     for (int t = 0; t < T; ++t) {
       const size_t row = size_t(i) * T + t;
       const float *ut = u + row * D, *dt = dl + row * D, *bt = b + row * N, *ct = c + row * N;
       float* yt = y + row * D;
-      for (int d = 0; d < D; ++d) {
-        const float del = dt[d], x = del * ut[d];
-        const float* ad = a2.data() + size_t(d) * N;
-        float* hd = hi + size_t(d) * N;
-        float acc = 0.0f;
-        for (int n = 0; n < N; ++n) {
-          hd[n] = exp2_neg(del * ad[n]) * hd[n] + x * bt[n];
-          acc += ct[n] * hd[n];
-        }
-        yt[d] = acc;
-      }
+      for (int d = 0; d < D; ++d) x[d] = dt[d] * ut[d], yt[d] = 0.0f;
+      for (int n = 0; n < N; ++n)
+        scan_state(s.data() + size_t(n) * D, yt, dt, a2.data() + size_t(n) * D, x.data(), bt[n],
+                   ct[n], D);
     }
+    to_dn(s.data(), h + i * DN, D, N);
   }
 }
 
@@ -173,54 +206,59 @@ void scan_backward_rows(const float* u, const float* dl, const float* a, const f
                         float* du, float* ddl, float* dA_rows, float* db, float* dc, float* dh0,
                         int r0, int r1, int T, int D, int N) {
   const size_t DN = size_t(D) * N;
-  std::vector<float> a2(DN), hist((size_t(T) + 1) * DN);
-  for (size_t k = 0; k < DN; ++k) a2[k] = a[k] * kLog2e;
+  std::vector<float> an(DN), a2(DN), hist((size_t(T) + 1) * DN), g(DN), dA(DN), x(D), sdl(D),
+      su(D);
+  to_nd(a, an.data(), D, N);
+  for (size_t k = 0; k < DN; ++k) a2[k] = an[k] * kLog2e;
   for (int i = r0; i < r1; ++i) {
-    std::copy(h0 + i * DN, h0 + (i + 1) * DN, hist.data());
+    to_nd(h0 + i * DN, hist.data(), D, N);
     for (int t = 0; t < T; ++t) {
       const size_t row = size_t(i) * T + t;
       const float *ut = u + row * D, *dt = dl + row * D, *bt = b + row * N;
-      const float* hp = hist.data() + size_t(t) * DN;
-      float* hn = hist.data() + size_t(t + 1) * DN;
-      for (int d = 0; d < D; ++d) {
-        const float del = dt[d], x = del * ut[d];
-        for (int n = 0; n < N; ++n)
-          hn[d * N + n] = exp2_neg(del * a2[d * N + n]) * hp[d * N + n] + x * bt[n];
+      for (int d = 0; d < D; ++d) x[d] = dt[d] * ut[d];
+      for (int n = 0; n < N; ++n) {
+        const size_t o = size_t(n) * D;
+        const float *hp = hist.data() + size_t(t) * DN + o, *ad = a2.data() + o;
+        float* hn = hist.data() + size_t(t + 1) * DN + o;
+#pragma omp simd
+        for (int d = 0; d < D; ++d) hn[d] = exp2_neg(dt[d] * ad[d]) * hp[d] + x[d] * bt[n];
       }
     }
-    float* g = dh0 + i * DN;  // dL/dh_t, carried backwards; ends as dL/dh0
-    std::copy(dhT + i * DN, dhT + (i + 1) * DN, g);
-    float* dAi = dA_rows + i * DN;
-    std::fill(dAi, dAi + DN, 0.0f);
+    to_nd(dhT + i * DN, g.data(), D, N);  // dL/dh_t, carried backwards; ends as dL/dh0
+    std::fill(dA.begin(), dA.end(), 0.0f);
     for (int t = T - 1; t >= 0; --t) {
       const size_t row = size_t(i) * T + t;
       const float *ut = u + row * D, *dt = dl + row * D, *bt = b + row * N, *ct = c + row * N;
-      const float* dyt = dy + row * D;
-      const float *hp = hist.data() + size_t(t) * DN, *hc = hist.data() + size_t(t + 1) * DN;
-      float *dbt = db + row * N, *dct = dc + row * N;
-      std::fill(dbt, dbt + N, 0.0f);
-      std::fill(dct, dct + N, 0.0f);
-      for (int d = 0; d < D; ++d) {
-        const float del = dt[d], ud = ut[d], gy = dyt[d];
-        const float *ad = a2.data() + size_t(d) * N, *an = a + size_t(d) * N;
-        const float *hpd = hp + size_t(d) * N, *hcd = hc + size_t(d) * N;
-        float *gd = g + size_t(d) * N, *dAd = dAi + size_t(d) * N;
-        float sdl = 0.0f, su = 0.0f;
-        for (int n = 0; n < N; ++n) {
-          dct[n] += gy * hcd[n];
-          const float gn = gd[n] + gy * ct[n];  // dL/dh_t
-          const float decay = exp2_neg(del * ad[n]);
-          const float dd = gn * hpd[n] * decay;  // dL/d(delta A) through the decay
-          sdl += dd * an[n] + gn * ud * bt[n];
-          dAd[n] += dd * del;
-          dbt[n] += gn * del * ud;
-          su += gn * del * bt[n];
-          gd[n] = gn * decay;
+      const float* gy = dy + row * D;
+      std::fill(sdl.begin(), sdl.end(), 0.0f);
+      std::fill(su.begin(), su.end(), 0.0f);
+      for (int n = 0; n < N; ++n) {
+        const size_t o = size_t(n) * D;
+        const float *hp = hist.data() + size_t(t) * DN + o, *hc = hist.data() + size_t(t + 1) * DN + o;
+        const float *ad = a2.data() + o, *aa = an.data() + o;
+        float *gn_ = g.data() + o, *dAn = dA.data() + o;
+        const float bn = bt[n], cn = ct[n];
+        float sc = 0.0f, sb = 0.0f;
+#pragma omp simd reduction(+ : sc, sb)
+        for (int d = 0; d < D; ++d) {
+          sc += gy[d] * hc[d];
+          const float gn = gn_[d] + gy[d] * cn;  // dL/dh_t
+          const float decay = exp2_neg(dt[d] * ad[d]);
+          const float dd = gn * hp[d] * decay;  // dL/d(delta A) through the decay
+          sdl[d] += dd * aa[d] + gn * ut[d] * bn;
+          dAn[d] += dd * dt[d];
+          sb += gn * dt[d] * ut[d];
+          su[d] += gn * dt[d] * bn;
+          gn_[d] = gn * decay;
         }
-        ddl[row * D + d] = sdl;
-        du[row * D + d] = su;
+        dc[row * N + n] = sc;
+        db[row * N + n] = sb;
       }
+      std::copy(sdl.begin(), sdl.end(), ddl + row * D);
+      std::copy(su.begin(), su.end(), du + row * D);
     }
+    to_dn(g.data(), dh0 + i * DN, D, N);
+    to_dn(dA.data(), dA_rows + i * DN, D, N);
   }
 }
 
