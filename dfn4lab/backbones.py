@@ -257,8 +257,8 @@ def selective_scan(
     """Mamba's selective scan, frame by frame: :func:`selective_scan_sequential`'s result.
 
     On the CPU in float32 it runs in :mod:`dfn4lab.kernels` (one fused C++ loop, forward and
-    backward; 512 channels x 16 states, batch 8 x 500 frames: forward 168 -> 25 ms, compiled
-    forward+backward 344 -> 64 ms); elsewhere as :func:`selective_scan_sequential`'s MLX ops.
+    backward; 512 channels x 16 states, batch 8 x 500 frames: forward 160 -> 4 ms, compiled
+    forward+backward 344 -> 19 ms); elsewhere as :func:`selective_scan_sequential`'s MLX ops.
     """
     if kernels.usable(u, delta, a, b, c, h):
         return _selective_scan_fused(u, delta, a, b, c, h)
@@ -584,8 +584,8 @@ class AttentionBlock(nn.Module):
 
     State: the rotated keys and values ``(batch, heads, cached, head_dim)`` of past frames.
     Several frames at once on the CPU in float32 run :mod:`dfn4lab.kernels`' attention (batch 8,
-    4 heads, 500 frames, causal: forward 49 -> 9 ms, forward+backward 98 -> 27 ms); a single frame
-    (streaming) and other devices run MLX ops.
+    4 heads, 500 frames, causal: forward 50 -> 7.5 ms, forward+backward 100 -> 23 ms); a single
+    frame (streaming) and other devices run MLX ops.
     """
 
     def __init__(self, d_model: int, heads: int = 4, window: int | None = None, ffn_mult: int = 2):
