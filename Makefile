@@ -55,7 +55,7 @@ install: $(STAMP)
 KERNELS := $(VENV)/.kernels
 kernels: $(KERNELS)
 
-$(KERNELS): $(STAMP) dfn4lab/kernels/recurrences.cpp dfn4lab/kernels/CMakeLists.txt dfn4lab/kernels/__main__.py
+$(KERNELS): $(STAMP) $(wildcard dfn4lab/kernels/*.cpp dfn4lab/kernels/*.h) dfn4lab/kernels/CMakeLists.txt dfn4lab/kernels/__main__.py
 	@$(PY) -m dfn4lab.kernels && touch $@ || true
 
 ipykernel: install
