@@ -92,21 +92,23 @@ def _rational_sigmoid(x: mx.array) -> mx.array:
     return (_HALF + _HALF * _rational_tanh(_HALF * x)).astype(x.dtype)
 
 
+def _erf_scaled(x: mx.array) -> mx.array:
+    """erf(x / sqrt 2) with the rational erf (traced into the two compiled functions below)."""
+    y = mx.clip(x * _SQRT1_2, -_ERF_CLAMP, _ERF_CLAMP)
+    y2 = y * y
+    return y * _horner(_ERF_NUM, y2) / _horner(_ERF_DEN, y2)
+
+
 @mx.compile
 def _rational_gelu(x: mx.array) -> mx.array:
     # x Phi(x) = x (1 + erf(x / sqrt 2)) / 2
-    y = mx.clip(x * _SQRT1_2, -_ERF_CLAMP, _ERF_CLAMP)
-    y2 = y * y
-    return (_HALF * x * (1 + y * _horner(_ERF_NUM, y2) / _horner(_ERF_DEN, y2))).astype(x.dtype)
+    return (_HALF * x * (1 + _erf_scaled(x))).astype(x.dtype)
 
 
 @mx.compile
 def _gelu_grad(x: mx.array) -> mx.array:
     # Phi(x) + x phi(x), phi(x) = exp(-x^2 / 2) / sqrt(2 pi), in base 2 as for softplus
-    y = mx.clip(x * _SQRT1_2, -_ERF_CLAMP, _ERF_CLAMP)
-    y2 = y * y
-    cdf = _HALF * (1 + y * _horner(_ERF_NUM, y2) / _horner(_ERF_DEN, y2))
-    return cdf + x * _INV_SQRT_2PI * mx.power(2.0, -_HALF * _LOG2E * x * x)
+    return _HALF * (1 + _erf_scaled(x)) + x * _INV_SQRT_2PI * mx.power(2.0, -_HALF * _LOG2E * x * x)
 
 
 # A custom function of one array gets that array as its VJP's primals, not a tuple of it.

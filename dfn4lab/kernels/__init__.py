@@ -4,8 +4,8 @@ attention; each forward and backward).
 
 ``python -m dfn4lab.kernels`` (``make kernels``, part of ``make setup``) builds them into this
 package as ``_kernels`` with CMake and nanobind; nothing is downloaded. They are optional: where
-they are not built, on the GPU, or for dtypes other than float32, :mod:`dfn4lab.backbones` runs its
-pure-MLX loops, which are also the tests' reference. ``DFN4LAB_KERNELS=0`` turns them off, to compare.
+they are not built, on the GPU, or for dtypes other than float32, :mod:`dfn4lab.backbones` runs the
+same work in MLX ops, which are also the tests' reference. ``DFN4LAB_KERNELS=0`` turns them off, to compare.
 """
 
 from __future__ import annotations
