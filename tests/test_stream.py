@@ -1,4 +1,5 @@
-"""StreamingEnhancer == offline ``inference.enhance`` for every preset and backbone; the stream CLI."""
+"""StreamingEnhancer == offline ``inference.enhance`` for every preset, backbone and engine (the C++
+hop against the MLX hop as well); the stream CLI."""
 
 from __future__ import annotations
 
@@ -6,11 +7,11 @@ import contextlib
 import sys
 
 import dfn4lab  # noqa: F401
-from dfn4lab import audio, data, inference
+from dfn4lab import audio, data, inference, kernels
 from dfn4lab.__main__ import main
 from dfn4lab.audio import AudioError
 from dfn4lab.config import preset
-from dfn4lab.stream import StreamingEnhancer, microphone
+from dfn4lab.stream import StreamingEnhancer, microphone, native_unsupported
 
 import mlx.core as mx
 import numpy as np
@@ -53,11 +54,23 @@ def dfn3():
     return inference.load_pretrained("dfn3")
 
 
-@pytest.mark.parametrize("chunks", [[480], [173], [1000, 7, 2400, 1]])
-def test_dfn3_official_weights_match_offline(dfn3, chunks):
+needs_native = pytest.mark.skipif(not kernels.ENABLED, reason="dfn4lab.kernels not built or disabled")
+
+
+@pytest.mark.parametrize(
+    "chunks, engine",
+    [
+        ([480], "auto"),
+        ([173], "auto"),
+        ([1000, 7, 2400, 1], "auto"),
+        ([173], "compiled"),
+        pytest.param([1000, 7, 2400, 1], "native", marks=needs_native),
+    ],
+)
+def test_dfn3_official_weights_match_offline(dfn3, chunks, engine):
     x = _speechlike(48000 - 137)  # not whole hops: flush pads the last one
     ref = inference.enhance(x, 48000, dfn3)
-    enh = StreamingEnhancer(dfn3)
+    enh = StreamingEnhancer(dfn3, engine=engine)
     y = _stream(enh, x, chunks)
     assert y.shape == x.shape
     assert np.abs(y - ref).max() < TOL
@@ -65,39 +78,67 @@ def test_dfn3_official_weights_match_offline(dfn3, chunks):
 
 
 @pytest.mark.parametrize(
-    "cfg",
+    "cfg, engine",
     [
-        tiny_cfg(backbone="gru"),
-        tiny_cfg(backbone="mamba"),
-        tiny_cfg(backbone={"kind": "attention", "window": 8}),
-        tiny_cfg(backbone="attention"),  # unwindowed: stays eager
-        preset("dfn4-lite"),
+        (tiny_cfg(backbone="gru"), "auto"),  # native where the kernels are built
+        (tiny_cfg(backbone="gru"), "compiled"),
+        (tiny_cfg(backbone="mamba"), "auto"),
+        (tiny_cfg(backbone={"kind": "attention", "window": 8}), "auto"),
+        (tiny_cfg(backbone="attention"), "auto"),  # unwindowed: stays eager
+        (preset("dfn4-lite"), "auto"),
     ],
-    ids=["gru", "mamba", "attention-window8", "attention-full", "dfn4-lite"],
+    ids=["gru", "gru-compiled", "mamba", "attention-window8", "attention-full", "dfn4-lite"],
 )
-def test_every_backbone_matches_offline(cfg):
+def test_every_backbone_matches_offline(cfg, engine):
     mx.random.seed(0)
     model = inference.build(cfg)
     x = _speechlike(24000 + 1, seed=1)
     ref = inference.enhance(x, 48000, model)
-    enh = StreamingEnhancer(model)
+    enh = StreamingEnhancer(model, engine=engine)
     y = _stream(enh, x, [311, 1200, 5])
     assert np.abs(y - ref).max() < TOL
     # the same enhancer again: flush reset every state, and the compiled hop is reused
     np.testing.assert_array_equal(_stream(enh, x, [480]), y)
 
 
-def test_compiled_equals_eager_and_engages():
+def test_engines_agree_hop_by_hop():
+    """Every engine gives the eager MLX hop's output, hop by hop (native: the C++ hop, random weights
+    of another size than dfn3's, two channels with different audio, an attenuation limit)."""
     mx.random.seed(0)
     model = inference.build(tiny_cfg())
-    x = _speechlike(9600, seed=2)
-    eager, fast = StreamingEnhancer(model, compile=False), StreamingEnhancer(model)
-    outs_e, outs_c = [], []
-    for i in range(0, x.size, 480):
-        outs_e.append(eager.process(x[i : i + 480]))
-        outs_c.append(fast.process(x[i : i + 480]))
-    assert fast.compiled and not eager.compiled
-    np.testing.assert_allclose(np.concatenate(outs_c), np.concatenate(outs_e), atol=1e-6)
+    x = _speechlike(9600, seed=2, channels=2)
+    engines = ["eager", "compiled"] + (["native"] if kernels.ENABLED else [])
+    enhs = {e: StreamingEnhancer(model, channels=2, atten_lim_db=20.0, engine=e) for e in engines}
+    outs: dict[str, list[np.ndarray]] = {e: [] for e in engines}
+    for i in range(0, x.shape[1], 480):
+        for e, enh in enhs.items():
+            outs[e].append(enh.process(x[:, i : i + 480]))
+    for e, enh in enhs.items():
+        outs[e].append(enh.flush())
+        assert enh.engine == e
+    ref = np.concatenate(outs["eager"], axis=1)
+    assert ref.shape == x.shape and np.abs(ref).max() > 1e-3
+    for e in engines[1:]:  # 1e-5 of full scale: float rounding is ~1e-8; a 0.1 % error in a GRU gate, 7e-7
+        np.testing.assert_allclose(
+            np.concatenate(outs[e], axis=1), ref, atol=1e-5 * np.abs(ref).max(), err_msg=e
+        )
+
+
+def test_engine_choice():
+    mx.random.seed(0)
+    gru, mamba = inference.build(tiny_cfg()), inference.build(tiny_cfg(backbone="mamba"))
+    assert StreamingEnhancer(mamba).engine == "compiled"
+    assert "GRU" in native_unsupported(mamba)
+    assert "topology" in native_unsupported(inference.build(tiny_cfg("dfn4", backbone="gru")))
+    with pytest.raises(ValueError, match="native streaming hop cannot run this model: .*GRU"):
+        StreamingEnhancer(mamba, engine="native")
+    with pytest.raises(ValueError, match="engine must be one of"):
+        StreamingEnhancer(gru, engine="fast")
+    with kernels.disabled():  # DFN4LAB_KERNELS=0, or not built: the MLX hop
+        assert StreamingEnhancer(gru).engine == "compiled"
+        assert "kernels" in native_unsupported(gru)
+    if kernels.ENABLED:
+        assert native_unsupported(gru) is None and StreamingEnhancer(gru).engine == "native"
 
 
 def test_uncompensated_stream_is_delayed_offline(dfn3):

@@ -1,11 +1,12 @@
 """dfn4lab's CPU kernels: C++ MLX primitives for work MLX would run op by op (``recurrences.cpp``:
 the GRU layer's and Mamba's selective scan's time loops; ``attention.cpp``: causal softmax
-attention; each forward and backward).
+attention; each forward and backward; ``stream.cpp``: DeepFilterNet3's whole streaming hop).
 
 ``python -m dfn4lab.kernels`` (``make kernels``, part of ``make setup``) builds them into this
 package as ``_kernels`` with CMake and nanobind; nothing is downloaded. They are optional: where
-they are not built, on the GPU, or for dtypes other than float32, :mod:`dfn4lab.backbones` runs the
-same work in MLX ops, which are also the tests' reference. ``DFN4LAB_KERNELS=0`` turns them off, to compare.
+they are not built, on the GPU, or for dtypes other than float32, :mod:`dfn4lab.backbones` and
+:mod:`dfn4lab.stream` run the same work in MLX ops, which are also the tests' reference.
+``DFN4LAB_KERNELS=0`` turns them off, to compare.
 """
 
 from __future__ import annotations
@@ -118,3 +119,10 @@ def attention_backward(
     """``(dq, dk, dv)`` of :func:`attention_forward` from its output's cotangent ``do``."""
     dq, dk, dv = _kernels.attention_backward(q, k, v, o, lse, do, scale, window)
     return dq, dk, dv
+
+
+def dfn3_stream(cfg: dict, net: dict, channels: int):
+    """DeepFilterNet3's streaming hop for ``channels`` streams, from :func:`dfn4lab.stream.native_net`'s
+    ``(cfg, net)``: ``process(x, out)`` one hop (channels, hop) -> whether ``out`` was written (not
+    while the look-ahead fills), ``flush(out)`` the last look-ahead hops -> how many, ``reset()``."""
+    return _kernels.Dfn3Stream(cfg, net, channels)

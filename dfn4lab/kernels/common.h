@@ -65,6 +65,27 @@ inline float exp2_neg(float x) {
   return p * scale;
 }
 
+// Eigen's float tanh (the same rational form as dfn4lab.activations): max abs error ~3e-7.
+inline float tanh_r(float x) {
+  constexpr float c = 7.90531110763549805f;
+  x = x < -c ? -c : (x > c ? c : x);
+  const float x2 = x * x;
+  float p = -2.76076847742355e-16f;
+  p = p * x2 + 2.00018790482477e-13f;
+  p = p * x2 + -8.60467152213735e-11f;
+  p = p * x2 + 5.12229709037114e-08f;
+  p = p * x2 + 1.48572235717979e-05f;
+  p = p * x2 + 6.37261928875436e-04f;
+  p = p * x2 + 4.89352455891786e-03f;
+  float q = 1.19825839466702e-06f;
+  q = q * x2 + 1.18534705686654e-04f;
+  q = q * x2 + 2.26843463243900e-03f;
+  q = q * x2 + 4.89352518554385e-03f;
+  return x * p / q;
+}
+
+inline float sigmoid_r(float x) { return 0.5f + 0.5f * tanh_r(0.5f * x); }
+
 inline void check(const mx::array& a, int ndim, const char* what) {
   if (a.dtype() != mx::float32 || a.ndim() != size_t(ndim))
     throw std::invalid_argument(std::string("dfn4lab kernel: ") + what + " must be float32 with " +

@@ -1,0 +1,542 @@
+// DeepFilterNet3's whole streaming hop as one C++ call: analysis STFT, features, the network for one
+// frame, ERB mask and deep filter, synthesis. dfn4lab.stream.StreamingEnhancer runs it for the dfn3
+// topology with the GRU backbone on the CPU in float32; everything else runs its compiled MLX hop.
+//
+// Why: the MLX hop is ~300 graph nodes of ~1-10 us of arithmetic each, and on the CPU each node also
+// costs ~2 us of dispatch (a task and a thread wake-up on MLX's CPU stream): 0.9 ms a hop against
+// the official runtime's 0.4 ms. Here the same arithmetic runs as plain loops in one call.
+// It is a second implementation of DfNet.step (one topology, one frame), so the tests hold it to the
+// MLX hop and to offline enhancement with the same weights.
+//
+// Layouts: a frame's feature map is (freq, channels) row-major (dfn4lab.layers is channels-last);
+// spectra are (freq, 2) interleaved (re, im). Weights arrive folded from dfn4lab.stream.native_net:
+// BatchNorm in each conv block's last linear map, as ConvBlock's eval mode.
+
+#include <memory>
+
+#include <nanobind/ndarray.h>
+
+#include "common.h"
+#include "mlx/3rdparty/pocketfft.h"
+
+namespace dfn4lab_kernels {
+namespace {
+
+using Vec = std::vector<float>;
+using In = nb::ndarray<const float, nb::c_contig, nb::device::cpu>;
+
+enum Act { kRelu = 0, kSigmoid = 1, kTanh = 2, kNone = 3 };
+
+Vec vec(nb::handle h) {
+  auto a = nb::cast<In>(h);
+  return Vec(a.data(), a.data() + a.size());
+}
+
+void activate(float* __restrict y, int n, int act) {
+  if (act == kRelu)
+    for (int i = 0; i < n; ++i) y[i] = y[i] > 0.0f ? y[i] : 0.0f;
+  else if (act == kSigmoid)
+    for (int i = 0; i < n; ++i) y[i] = sigmoid_r(y[i]);
+  else if (act == kTanh)
+    for (int i = 0; i < n; ++i) y[i] = tanh_r(y[i]);
+}
+
+inline void axpy(float a, const float* __restrict x, float* __restrict y, int n) {
+  for (int i = 0; i < n; ++i) y[i] += a * x[i];
+}
+
+inline float dot(const float* __restrict a, const float* __restrict b, int n) {
+  float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+  for (int i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// y = W x + b, W (rows, cols) row-major. Eight rows at a time: eight independent FMA chains, so the
+// loads, not the FMA latency, set the pace (batch-1 GRU weights stream from L2/L3 every hop).
+void gemv(const float* __restrict w, const float* __restrict x, const float* __restrict b,
+          float* __restrict y, int rows, int cols) {
+  int r = 0;
+  for (; r + 8 <= rows; r += 8) {
+    const float* v = w + size_t(r) * cols;
+    float a0 = 0, a1 = 0, a2 = 0, a3 = 0, a4 = 0, a5 = 0, a6 = 0, a7 = 0;
+#pragma omp simd reduction(+ : a0, a1, a2, a3, a4, a5, a6, a7)
+    for (int k = 0; k < cols; ++k) {
+      const float xk = x[k];
+      a0 += v[k] * xk, a1 += v[cols + k] * xk, a2 += v[2 * cols + k] * xk;
+      a3 += v[3 * cols + k] * xk, a4 += v[4 * cols + k] * xk, a5 += v[5 * cols + k] * xk;
+      a6 += v[6 * cols + k] * xk, a7 += v[7 * cols + k] * xk;
+    }
+    const float a[8] = {a0, a1, a2, a3, a4, a5, a6, a7};
+    for (int i = 0; i < 8; ++i) y[r + i] = b[r + i] + a[i];
+  }
+  for (; r < rows; ++r) y[r] = b[r] + dot(w + size_t(r) * cols, x, cols);
+}
+
+// A folded ConvBlock for one output frame: causal in time (its kt input frames given oldest first),
+// centred in frequency with stride; depthwise or transposed-depthwise taps (kt*kf, cin) then an
+// optional pointwise (cin, cout); or dense, (cout, kt, kf, cin) for wide inputs and
+// (kt, kf, cin, cout) for narrow ones (the inner loop runs over the longer side).
+struct Conv {
+  bool dense = false, transposed = false;
+  int kt = 1, kf = 1, stride = 1, cin = 0, cout = 0, act = kRelu;
+  Vec w, pw, bias;
+
+  explicit Conv(nb::handle spec) {
+    auto t = nb::cast<nb::tuple>(spec);
+    auto meta = nb::cast<std::vector<int>>(t[0]);
+    dense = meta[0], transposed = meta[1], kt = meta[2], kf = meta[3], stride = meta[4];
+    cin = meta[5], cout = meta[6], act = meta[7];
+    w = vec(t[1]);
+    if (!t[2].is_none()) pw = vec(t[2]);
+    bias = vec(t[3]);
+    const size_t taps = size_t(kt) * kf;
+    if (w.size() != (dense ? taps * cin * cout : taps * cin) || (!dense && cin != cout) ||
+        (!pw.empty() && pw.size() != size_t(cin) * cout) || bias.size() != size_t(cout) ||
+        (transposed && (dense || kt != 1)) || stride < 1)
+      throw std::invalid_argument("dfn4lab stream kernel: a conv block's weights do not fit its shape");
+    if (dense && !wide()) {  // (cout, kt, kf, cin) -> (kt, kf, cin, cout)
+      Vec v(w.size());
+      const int taps = kt * kf;
+      for (int o = 0; o < cout; ++o)
+        for (int k = 0; k < taps; ++k)
+          for (int c = 0; c < cin; ++c) v[(size_t(k) * cin + c) * cout + o] = w[(size_t(o) * taps + k) * cin + c];
+      w = std::move(v);
+    }
+  }
+
+  bool wide() const { return cin >= 8; }
+
+  int out_freq(int f) const {
+    const int p = kf / 2;
+    return transposed ? (f - 1) * stride - 2 * p + kf + (stride > 1 ? p : 0) : (f + 2 * p - kf) / stride + 1;
+  }
+
+  // Input index of output bin fo under tap j, or -1 outside (zero padding / zero insertion).
+  int source(int fo, int j, int f) const {
+    const int p = kf / 2;
+    int i = fo * stride + j - p;
+    if (transposed) {
+      const int u = fo + p - j;  // the zero-inserted input's index
+      i = (u < 0 || u % stride) ? -1 : u / stride;
+    }
+    return i >= 0 && i < f ? i : -1;
+  }
+
+  // x: kt frames (f, cin) oldest first -> y (out_freq(f), cout); tmp holds (out_freq(f), cin).
+  int operator()(const float* const* x, int f, float* y, float* tmp) const {
+    const int fo_n = out_freq(f);
+    if (dense) {
+      for (int fo = 0; fo < fo_n; ++fo) {
+        float* yr = y + size_t(fo) * cout;
+        std::copy(bias.begin(), bias.end(), yr);
+        for (int i = 0; i < kt; ++i)
+          for (int j = 0; j < kf; ++j) {
+            const int s = source(fo, j, f);
+            if (s < 0) continue;
+            const float* xr = x[i] + size_t(s) * cin;
+            const int k = i * kf + j;
+            if (wide())
+              for (int o = 0; o < cout; ++o) yr[o] += dot(w.data() + (size_t(o) * kt * kf + k) * cin, xr, cin);
+            else
+              for (int c = 0; c < cin; ++c) axpy(xr[c], w.data() + (size_t(k) * cin + c) * cout, yr, cout);
+          }
+      }
+    } else {
+      float* z = pw.empty() ? y : tmp;
+      std::fill(z, z + size_t(fo_n) * cin, 0.0f);
+      for (int fo = 0; fo < fo_n; ++fo)
+        for (int i = 0; i < kt; ++i)
+          for (int j = 0; j < kf; ++j) {
+            const int s = source(fo, j, f);
+            if (s < 0) continue;
+            const float* t = w.data() + size_t(i * kf + j) * cin;
+            const float* xr = x[i] + size_t(s) * cin;
+            float* zr = z + size_t(fo) * cin;
+            for (int c = 0; c < cin; ++c) zr[c] += t[c] * xr[c];
+          }
+      for (int fo = 0; fo < fo_n; ++fo) {
+        float* yr = y + size_t(fo) * cout;
+        if (pw.empty()) {
+          for (int c = 0; c < cout; ++c) yr[c] += bias[c];
+        } else {
+          std::copy(bias.begin(), bias.end(), yr);
+          for (int c = 0; c < cin; ++c) axpy(z[size_t(fo) * cin + c], pw.data() + size_t(c) * cout, yr, cout);
+        }
+      }
+    }
+    activate(y, fo_n * cout, act);
+    return fo_n;
+  }
+};
+
+// GroupedLinear: x (groups, in/g) times w (groups, in/g, out/g) per group.
+struct Grouped {
+  int groups = 1, in = 0, out = 0;
+  Vec w;
+  Grouped() = default;
+  explicit Grouped(nb::handle spec) {
+    auto t = nb::cast<nb::tuple>(spec);
+    auto a = nb::cast<In>(t[0]);
+    groups = int(a.shape(0)), in = groups * int(a.shape(1)), out = groups * int(a.shape(2));
+    w = vec(t[0]);
+  }
+  void operator()(const float* x, float* y, int act) const {
+    const int gi = in / groups, go = out / groups;
+    std::fill(y, y + out, 0.0f);
+    for (int g = 0; g < groups; ++g)
+      for (int i = 0; i < gi; ++i)
+        axpy(x[g * gi + i], w.data() + (size_t(g) * gi + i) * go, y + size_t(g) * go, go);
+    activate(y, out, act);
+  }
+};
+
+// One torch.nn.GRU layer step; gate order r, z, n.
+struct Gru {
+  int in = 0, hidden = 0;
+  Vec w_ih, b_ih, w_hh, b_hh;
+  explicit Gru(nb::handle spec) {
+    auto t = nb::cast<nb::tuple>(spec);
+    auto a = nb::cast<In>(t[0]);
+    hidden = int(a.shape(0)) / 3, in = int(a.shape(1));
+    w_ih = vec(t[0]), b_ih = vec(t[1]), w_hh = vec(t[2]), b_hh = vec(t[3]);
+  }
+  void operator()(const float* x, float* h, float* xi, float* gh) const {
+    const int H = hidden;
+    gemv(w_ih.data(), x, b_ih.data(), xi, 3 * H, in);
+    gemv(w_hh.data(), h, b_hh.data(), gh, 3 * H, H);
+    for (int j = 0; j < H; ++j) {
+      const float r = sigmoid_r(xi[j] + gh[j]), z = sigmoid_r(xi[H + j] + gh[H + j]);
+      const float n = tanh_r(xi[2 * H + j] + r * gh[2 * H + j]);
+      h[j] = n + z * (h[j] - n);
+    }
+  }
+};
+
+// SqueezedBackbone with GRU layers: relu(linear_in) -> GRUs -> relu(linear_out) if present.
+struct Squeezed {
+  Grouped linear_in, linear_out;
+  std::vector<Gru> layers;
+  bool has_out = false;
+  explicit Squeezed(nb::handle spec) {
+    auto t = nb::cast<nb::tuple>(spec);
+    linear_in = Grouped(t[0]);
+    for (auto layer : nb::cast<nb::list>(t[1])) layers.emplace_back(layer);
+    has_out = !t[2].is_none();
+    if (has_out) linear_out = Grouped(t[2]);
+  }
+  int hidden() const { return linear_in.out; }
+  int out() const { return has_out ? linear_out.out : hidden(); }
+  // x -> y; h: one hidden state per layer; work: 8 * hidden floats.
+  void operator()(const float* x, float* y, float** h, float* work) const {
+    const int H = hidden();
+    float *a = work, *b = work + H, *xi = work + 2 * H, *gh = work + 5 * H;
+    linear_in(x, a, kRelu);
+    for (size_t l = 0; l < layers.size(); ++l) {
+      layers[l](a, h[l], xi, gh);
+      std::copy(h[l], h[l] + H, b);
+      std::swap(a, b);
+    }
+    if (has_out)
+      linear_out(a, y, kRelu);
+    else
+      std::copy(a, a + H, y);
+  }
+};
+
+struct Weights {
+  int fft, hop, freq, nb_erb, nb_df, la, order, df_history;
+  float alpha, wnorm, lim;  // lim < 0: no attenuation limit
+  std::vector<int> band;    // ERB band of each frequency bin
+  Vec band_scale, window, erb_init, df_init;
+  Conv erb_conv0, erb_conv1, erb_conv2, erb_conv3, df_conv0, df_conv1;
+  Conv conv3p, convt3, conv2p, convt2, conv1p, convt1, conv0p, conv0_out, df_convp;
+  Grouped df_fc_emb, df_skip, df_out;
+  Squeezed enc_gru, erb_gru, df_gru;
+
+  Weights(nb::dict cfg, nb::dict net)
+      : erb_conv0(net["enc.erb_conv0"]), erb_conv1(net["enc.erb_conv1"]),
+        erb_conv2(net["enc.erb_conv2"]), erb_conv3(net["enc.erb_conv3"]),
+        df_conv0(net["enc.df_conv0"]), df_conv1(net["enc.df_conv1"]),
+        conv3p(net["erb_dec.conv3p"]), convt3(net["erb_dec.convt3"]), conv2p(net["erb_dec.conv2p"]),
+        convt2(net["erb_dec.convt2"]), conv1p(net["erb_dec.conv1p"]), convt1(net["erb_dec.convt1"]),
+        conv0p(net["erb_dec.conv0p"]), conv0_out(net["erb_dec.conv0_out"]),
+        df_convp(net["df_dec.df_convp"]), df_fc_emb(net["enc.df_fc_emb"]),
+        df_skip(net["df_dec.df_skip"]), df_out(net["df_dec.df_out"]), enc_gru(net["enc.emb_gru"]),
+        erb_gru(net["erb_dec.emb_gru"]), df_gru(net["df_dec.df_gru"]) {
+    auto i = [&](const char* k) { return nb::cast<int>(cfg[k]); };
+    auto f = [&](const char* k) { return nb::cast<float>(cfg[k]); };
+    fft = i("fft_size"), hop = i("hop_size"), freq = fft / 2 + 1, la = i("conv_lookahead");
+    nb_df = i("nb_df"), order = i("df_order"), df_history = order - 1 - i("df_lookahead");
+    alpha = f("alpha"), wnorm = f("wnorm"), lim = f("lim");
+    window = vec(cfg["window"]), erb_init = vec(cfg["erb_init"]), df_init = vec(cfg["df_init"]);
+    auto widths = nb::cast<std::vector<int>>(cfg["erb_widths"]);
+    nb_erb = int(widths.size());
+    for (int b = 0; b < nb_erb; ++b) {
+      band.insert(band.end(), widths[b], b);
+      band_scale.push_back(1.0f / float(widths[b]));
+    }
+    if (int(band.size()) != freq || fft % 2 || hop > fft || window.size() != size_t(fft))
+      throw std::invalid_argument("dfn4lab stream kernel: inconsistent DSP config");
+    for (const Conv* c : {&erb_conv1, &erb_conv2, &erb_conv3, &df_conv1, &conv3p, &convt3, &conv2p,
+                          &convt2, &conv1p, &convt1, &conv0p, &conv0_out})
+      if (c->kt != 1) throw std::invalid_argument("dfn4lab stream kernel: only the input convs look back in time");
+  }
+};
+
+// One stream's state. Frame histories are rings indexed by the frame counter t, zero at the start
+// as the MLX hop's.
+struct State {
+  Vec ana, syn, erb_norm, df_norm;
+  std::vector<Vec> erb_in, df_in, c0, spec;  // rings: conv inputs (kt), c0 (df_convp's kt), spectra
+  std::vector<Vec> h;                        // every GRU layer's hidden state
+  long t = 0;
+};
+
+std::vector<Vec> ring(int n, size_t size) {
+  return std::vector<Vec>(n, Vec(size, 0.0f));
+}
+
+class Dfn3Stream {
+ public:
+  Dfn3Stream(nb::dict cfg, nb::dict net, int channels)
+      : w_(std::make_shared<const Weights>(cfg, net)), plan_(w_->fft), states_(channels) {
+    const auto& w = *w_;
+    const int ch = w.erb_conv1.cin;
+    size_t big = 0;  // the widest feature map
+    for (const Conv* c : {&w.erb_conv0, &w.df_conv0, &w.df_convp})
+      big = std::max(big, size_t(w.nb_df) * std::max(c->cout, ch));
+    big = std::max({big, size_t(w.nb_erb) * ch, size_t(w.freq) * 2, size_t(w.fft)});
+    for (auto* b : {&e0_, &e1_, &e2_, &e3_, &c1_, &a_, &d_, &tmp_, &coefs_, &p_}) b->assign(big, 0.0f);
+    int hmax = 0;
+    for (const Squeezed* s : {&w.enc_gru, &w.erb_gru, &w.df_gru})
+      hmax = std::max({hmax, s->hidden(), s->out(), s->linear_in.in});
+    work_.assign(8 * size_t(hmax), 0.0f);
+    emb_.assign(hmax, 0.0f), cerb_.assign(hmax, 0.0f), cdf_.assign(hmax, 0.0f), skip_.assign(hmax, 0.0f);
+    feat_erb_.assign(w.nb_erb, 0.0f), feat_df_.assign(2 * size_t(w.nb_df), 0.0f);
+    spec_.assign(2 * size_t(w.freq), 0.0f), out_.assign(2 * size_t(w.freq), 0.0f);
+    buf_.assign(w.fft, 0.0f);
+    reset();
+  }
+
+  int channels() const { return int(states_.size()); }
+  int lookahead() const { return w_->la; }
+
+  void reset() {
+    const auto& w = *w_;
+    for (auto& s : states_) {
+      s.ana.assign(w.fft - w.hop, 0.0f), s.syn.assign(w.fft - w.hop, 0.0f);
+      s.erb_norm = w.erb_init, s.df_norm = w.df_init;
+      s.erb_in = ring(w.erb_conv0.kt, w.nb_erb);
+      s.df_in = ring(w.df_conv0.kt, 2 * size_t(w.nb_df));
+      s.c0 = ring(w.df_convp.kt, size_t(w.nb_df) * w.df_conv0.cout);
+      s.spec = ring(w.df_history + w.la + 1, 2 * size_t(w.freq));
+      s.h.clear();
+      for (const Squeezed* q : {&w.enc_gru, &w.erb_gru, &w.df_gru})
+        for (size_t l = 0; l < q->layers.size(); ++l) s.h.emplace_back(q->hidden(), 0.0f);
+      s.t = 0;
+    }
+  }
+
+  // One hop per channel: x (channels, hop) -> out (channels, hop). False while the look-ahead fills
+  // (the first `la` hops): out is then untouched and the synthesis not advanced, as the MLX hop.
+  bool process(In x, nb::ndarray<float, nb::c_contig, nb::device::cpu> out) {
+    const auto& w = *w_;
+    if (x.ndim() != 2 || out.ndim() != 2 || int(x.shape(0)) != channels() ||
+        int(out.shape(0)) != channels() || int(x.shape(1)) != w.hop || int(out.shape(1)) != w.hop)
+      throw std::invalid_argument("dfn4lab stream kernel: expected (channels, hop) float32 in and out");
+    nb::gil_scoped_release release;
+    bool valid = false;
+    for (int c = 0; c < channels(); ++c) {
+      analysis(states_[c], x.data() + size_t(c) * w.hop);
+      valid = frame(states_[c], false, out.data() + size_t(c) * w.hop);
+    }
+    return valid;
+  }
+
+  // The stream's last `la` frames (zero input past its end, as DfNet.flush): out (channels, la*hop).
+  // Returns how many hops are valid (fewer when the stream had fewer than `la` frames).
+  int flush(nb::ndarray<float, nb::c_contig, nb::device::cpu> out) {
+    const auto& w = *w_;
+    if (out.ndim() != 2 || int(out.shape(0)) != channels() || int(out.shape(1)) != w.la * w.hop)
+      throw std::invalid_argument("dfn4lab stream kernel: expected a (channels, la*hop) float32 out");
+    nb::gil_scoped_release release;
+    int n = 0;
+    for (int c = 0; c < channels(); ++c) {
+      n = 0;
+      for (int k = 0; k < w.la; ++k)
+        if (frame(states_[c], true, out.data() + size_t(c) * w.la * w.hop + size_t(n) * w.hop)) ++n;
+    }
+    return n;
+  }
+
+ private:
+  float* slot(std::vector<Vec>& r, long t) { return r[size_t(t % long(r.size()))].data(); }
+
+  // Frames t-k+1 .. t of a ring, oldest first.
+  std::vector<const float*> last(std::vector<Vec>& r, long t, int k) {
+    std::vector<const float*> p(k);
+    for (int i = 0; i < k; ++i) p[i] = slot(r, t - k + 1 + i + long(r.size()) * 2);
+    return p;
+  }
+
+  // Windowed frame -> spectrum (scaled by wnorm) in spec_, then both features.
+  void analysis(State& s, const float* x) {
+    const auto& w = *w_;
+    const int mem = w.fft - w.hop;
+    std::copy(s.ana.begin(), s.ana.end(), buf_.begin());
+    std::copy(x, x + w.hop, buf_.begin() + mem);
+    std::copy(buf_.begin() + w.hop, buf_.end(), s.ana.begin());
+    for (int n = 0; n < w.fft; ++n) buf_[n] *= w.window[n];
+    plan_.exec(buf_.data(), 1.0f, true);  // halfcomplex: r0, r1, i1, ..., r_{n/2}
+    spec_[0] = buf_[0] * w.wnorm, spec_[1] = 0.0f;
+    for (int k = 1; k < w.freq - 1; ++k)
+      spec_[2 * k] = buf_[2 * k - 1] * w.wnorm, spec_[2 * k + 1] = buf_[2 * k] * w.wnorm;
+    spec_[2 * (w.freq - 1)] = buf_[w.fft - 1] * w.wnorm, spec_[2 * w.freq - 1] = 0.0f;
+
+    const float a = w.alpha, one_a = 1.0f - w.alpha;
+    std::fill(feat_erb_.begin(), feat_erb_.end(), 0.0f);
+    for (int f = 0; f < w.freq; ++f) {
+      const float re = spec_[2 * f], im = spec_[2 * f + 1];
+      feat_erb_[w.band[f]] += (re * re + im * im) * w.band_scale[w.band[f]];
+    }
+    for (int b = 0; b < w.nb_erb; ++b) {
+      const float db = 10.0f * std::log10(feat_erb_[b] + 1e-10f);
+      s.erb_norm[b] = db * one_a + a * s.erb_norm[b];
+      feat_erb_[b] = (db - s.erb_norm[b]) / 40.0f;
+    }
+    for (int f = 0; f < w.nb_df; ++f) {
+      const float re = spec_[2 * f], im = spec_[2 * f + 1];
+      s.df_norm[f] = std::hypot(re, im) * one_a + a * s.df_norm[f];
+      const float r = 1.0f / std::sqrt(s.df_norm[f]);
+      feat_df_[2 * f] = re * r, feat_df_[2 * f + 1] = im * r;
+    }
+  }
+
+  // The network on the analysed frame (or on zeros: flush), then mask, deep filter and synthesis.
+  bool frame(State& s, bool zeros, float* out) {
+    const auto& w = *w_;
+    const long t = s.t++;
+    float* sp = slot(s.spec, t);
+    float* fe = slot(s.erb_in, t);
+    float* fd = slot(s.df_in, t);
+    if (zeros) {
+      std::fill(sp, sp + 2 * w.freq, 0.0f);
+      std::fill(fe, fe + w.nb_erb, 0.0f), std::fill(fd, fd + 2 * w.nb_df, 0.0f);
+    } else {
+      std::copy(spec_.begin(), spec_.end(), sp);
+      std::copy(feat_erb_.begin(), feat_erb_.end(), fe);
+      std::copy(feat_df_.begin(), feat_df_.end(), fd);
+    }
+    // Encoder
+    const float* p;
+    w.erb_conv0(last(s.erb_in, t, w.erb_conv0.kt).data(), w.nb_erb, e0_.data(), tmp_.data());
+    p = e0_.data();
+    const int f1 = w.erb_conv1(&p, w.nb_erb, e1_.data(), tmp_.data());
+    p = e1_.data();
+    const int f2 = w.erb_conv2(&p, f1, e2_.data(), tmp_.data());
+    p = e2_.data();
+    const int f3 = w.erb_conv3(&p, f2, e3_.data(), tmp_.data());
+    float* c0 = slot(s.c0, t);
+    w.df_conv0(last(s.df_in, t, w.df_conv0.kt).data(), w.nb_df, c0, tmp_.data());
+    p = c0;
+    w.df_conv1(&p, w.nb_df, c1_.data(), tmp_.data());
+    w.df_fc_emb(c1_.data(), emb_.data(), kRelu);
+    const int E = w.df_fc_emb.out;
+    for (int i = 0; i < E; ++i) emb_[i] += e3_[i];
+    float** h = hidden(s);
+    w.enc_gru(emb_.data(), emb_.data(), h, work_.data());
+    h += w.enc_gru.layers.size();
+    // ERB decoder
+    w.erb_gru(emb_.data(), cerb_.data(), h, work_.data());
+    h += w.erb_gru.layers.size();
+    const int ch = w.conv3p.cout;
+    auto skip_add = [&](const Conv& c, const float* x, int f, const float* y) {  // a_ = c(x) + y
+      p = x;
+      c(&p, f, a_.data(), tmp_.data());
+      for (int i = 0; i < f * ch; ++i) a_[i] += y[i];
+    };
+    skip_add(w.conv3p, e3_.data(), f3, cerb_.data());
+    p = a_.data();
+    int f = w.convt3(&p, f3, d_.data(), tmp_.data());
+    skip_add(w.conv2p, e2_.data(), f2, d_.data());
+    p = a_.data();
+    f = w.convt2(&p, f, d_.data(), tmp_.data());
+    skip_add(w.conv1p, e1_.data(), f1, d_.data());
+    p = a_.data();
+    f = w.convt1(&p, f, d_.data(), tmp_.data());
+    skip_add(w.conv0p, e0_.data(), w.nb_erb, d_.data());
+    p = a_.data();
+    w.conv0_out(&p, w.nb_erb, d_.data(), tmp_.data());  // the ERB mask (nb_erb,)
+    // DF decoder
+    w.df_gru(emb_.data(), cdf_.data(), h, work_.data());
+    w.df_skip(emb_.data(), skip_.data(), kNone);
+    for (int i = 0; i < w.df_skip.out; ++i) cdf_[i] += skip_[i];
+    w.df_out(cdf_.data(), coefs_.data(), kTanh);
+    w.df_convp(last(s.c0, t, w.df_convp.kt).data(), w.nb_df, p_.data(), tmp_.data());
+    for (int i = 0; i < w.df_out.out; ++i) coefs_[i] += p_[i];
+    if (t < w.la) return false;
+
+    // Output frame t - la: ERB mask above nb_df, deep filter over the order frames below.
+    const auto frames = last(s.spec, t, w.df_history + w.la + 1);
+    const float* noisy = frames[w.df_history];
+    for (int k = w.nb_df; k < w.freq; ++k) {
+      const float g = d_[w.band[k]];
+      out_[2 * k] = noisy[2 * k] * g, out_[2 * k + 1] = noisy[2 * k + 1] * g;
+    }
+    for (int k = 0; k < w.nb_df; ++k) {
+      float re = 0.0f, im = 0.0f;
+      const float* c = coefs_.data() + size_t(k) * 2 * w.order;
+      for (int n = 0; n < w.order; ++n) {
+        const float sr = frames[n][2 * k], si = frames[n][2 * k + 1], cr = c[2 * n], ci = c[2 * n + 1];
+        re += sr * cr - si * ci, im += sr * ci + si * cr;
+      }
+      out_[2 * k] = re, out_[2 * k + 1] = im;
+    }
+    if (w.lim >= 0.0f)
+      for (int k = 0; k < 2 * w.freq; ++k) out_[k] = noisy[k] * w.lim + out_[k] * (1.0f - w.lim);
+    synthesis(s, out);
+    return true;
+  }
+
+  float** hidden(State& s) {
+    hp_.resize(s.h.size());
+    for (size_t i = 0; i < s.h.size(); ++i) hp_[i] = s.h[i].data();
+    return hp_.data();
+  }
+
+  // Unnormalised inverse FFT (libDF's), the window, overlap-add.
+  void synthesis(State& s, float* y) {
+    const auto& w = *w_;
+    buf_[0] = out_[0];
+    for (int k = 1; k < w.freq - 1; ++k) buf_[2 * k - 1] = out_[2 * k], buf_[2 * k] = out_[2 * k + 1];
+    buf_[w.fft - 1] = out_[2 * (w.freq - 1)];
+    plan_.exec(buf_.data(), 1.0f, false);
+    const int mem = w.fft - w.hop;
+    for (int n = 0; n < w.fft; ++n) buf_[n] *= w.window[n];
+    for (int n = 0; n < w.hop; ++n) y[n] = buf_[n] + (n < mem ? s.syn[n] : 0.0f);
+    for (int n = 0; n < mem; ++n) s.syn[n] = (n + w.hop < mem ? s.syn[n + w.hop] : 0.0f) + buf_[w.hop + n];
+  }
+
+  std::shared_ptr<const Weights> w_;
+  pocketfft::detail::pocketfft_r<float> plan_;
+  std::vector<State> states_;
+  Vec e0_, e1_, e2_, e3_, c1_, a_, d_, tmp_, coefs_, p_, work_, emb_, cerb_, cdf_, skip_;
+  Vec feat_erb_, feat_df_, spec_, out_, buf_;
+  std::vector<float*> hp_;
+};
+
+}  // namespace
+
+void register_stream(nb::module_& m) {
+  nb::class_<Dfn3Stream>(m, "Dfn3Stream",
+                         "DeepFilterNet3's streaming hop for `channels` streams (dfn4lab.stream.native_net).")
+      .def(nb::init<nb::dict, nb::dict, int>(), nb::arg("cfg"), nb::arg("net"), nb::arg("channels"))
+      .def("reset", &Dfn3Stream::reset)
+      .def("process", &Dfn3Stream::process, nb::arg("x"), nb::arg("out"))
+      .def("flush", &Dfn3Stream::flush, nb::arg("out"))
+      .def_prop_ro("channels", &Dfn3Stream::channels)
+      .def_prop_ro("lookahead", &Dfn3Stream::lookahead);
+}
+
+}  // namespace dfn4lab_kernels
