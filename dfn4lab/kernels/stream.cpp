@@ -75,8 +75,9 @@ void gemv(const float* __restrict w, const float* __restrict x, const float* __r
 
 // A folded ConvBlock for one output frame: causal in time (its kt input frames given oldest first),
 // centred in frequency with stride; depthwise or transposed-depthwise taps (kt*kf, cin) then an
-// optional pointwise (cin, cout); or dense, (cout, kt, kf, cin) for wide inputs and
-// (kt, kf, cin, cout) for narrow ones (the inner loop runs over the longer side).
+// optional pointwise (cin, cout); or dense: (cout, kt, kf, cin) for wide inputs, one GEMV per output
+// bin over its gathered receptive field (df_convp: 0.236 -> 0.211 ms a hop against a dot per tap), and
+// (kt, kf, cin, cout) for narrow ones (one or two input channels: the inner loop runs over cout).
 struct Conv {
   bool dense = false, transposed = false;
   int kt = 1, kf = 1, stride = 1, cin = 0, cout = 0, act = kRelu;
@@ -126,7 +127,21 @@ struct Conv {
   // x: kt frames (f, cin) oldest first -> y (out_freq(f), cout); tmp holds (out_freq(f), cin).
   int operator()(const float* const* x, int f, float* y, float* tmp) const {
     const int fo_n = out_freq(f);
-    if (dense) {
+    if (dense && wide()) {  // per output bin: its receptive field gathered, one GEMV
+      const int n = kt * kf * cin;
+      for (int fo = 0; fo < fo_n; ++fo) {
+        for (int i = 0; i < kt; ++i)
+          for (int j = 0; j < kf; ++j) {
+            const int s = source(fo, j, f);
+            float* g = tmp + size_t(i * kf + j) * cin;
+            if (s < 0)
+              std::fill(g, g + cin, 0.0f);
+            else
+              std::copy(x[i] + size_t(s) * cin, x[i] + size_t(s + 1) * cin, g);
+          }
+        gemv(w.data(), tmp, bias.data(), y + size_t(fo) * cout, cout, n);
+      }
+    } else if (dense) {
       for (int fo = 0; fo < fo_n; ++fo) {
         float* yr = y + size_t(fo) * cout;
         std::copy(bias.begin(), bias.end(), yr);
@@ -135,11 +150,7 @@ struct Conv {
             const int s = source(fo, j, f);
             if (s < 0) continue;
             const float* xr = x[i] + size_t(s) * cin;
-            const int k = i * kf + j;
-            if (wide())
-              for (int o = 0; o < cout; ++o) yr[o] += dot(w.data() + (size_t(o) * kt * kf + k) * cin, xr, cin);
-            else
-              for (int c = 0; c < cin; ++c) axpy(xr[c], w.data() + (size_t(k) * cin + c) * cout, yr, cout);
+            for (int c = 0; c < cin; ++c) axpy(xr[c], w.data() + (size_t(i * kf + j) * cin + c) * cout, yr, cout);
           }
       }
     } else {
