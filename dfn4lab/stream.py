@@ -14,7 +14,7 @@ and ``flush()`` supplies the tail, so output aligns with input sample for sample
 
 Engines (``StreamingEnhancer.engine``): on the CPU, DeepFilterNet3's topology with the GRU backbone
 runs each hop as one C++ call (``native``: ``kernels/stream.cpp``, the folded weights of
-:func:`native_net`): 0.23 ms a hop here, against 0.38 ms for the official runtime. Everything else
+:func:`native_net`): ~0.2 ms a hop here, half the official runtime's time. Everything else
 runs ``compiled``: once the look-ahead is full (``conv_lookahead + 1`` hops) one hop is a single
 ``mx.compile``d function of (hop, state) -> (hop, state), ~3x faster than eager, with the BLAS on
 one thread (``blas.threads``). MLX traces it once per state shape (once, or ``window`` times for
