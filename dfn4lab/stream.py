@@ -48,13 +48,11 @@ State = dict[str, Any]
 ENGINES = ("auto", "native", "compiled", "eager")
 _DFN4_EXTRAS = ("enc_concat", "running_stats", "hybrid_encoder", "adaptive_order", "complex_gain", "mask_pf")
 # The modules kernels/stream.cpp runs, by upstream name.
-_NATIVE_CONVS = tuple(
-    [f"enc.{n}" for n in ("erb_conv0", "erb_conv1", "erb_conv2", "erb_conv3", "df_conv0", "df_conv1")]
-    + [
-        f"erb_dec.{n}"
-        for n in ("conv3p", "convt3", "conv2p", "convt2", "conv1p", "convt1", "conv0p", "conv0_out")
-    ]
-    + ["df_dec.df_convp"]
+_NATIVE_CONVS = (
+    *(f"enc.{n}" for n in ("erb_conv0", "erb_conv1", "erb_conv2", "erb_conv3", "df_conv0", "df_conv1")),
+    *(f"erb_dec.{n}" for n in ("conv3p", "convt3", "conv2p", "convt2", "conv1p", "convt1", "conv0p")),
+    "erb_dec.conv0_out",
+    "df_dec.df_convp",
 )
 _NATIVE_LINEARS = ("enc.df_fc_emb", "df_dec.df_skip", "df_dec.df_out")
 _NATIVE_BACKBONES = ("enc.emb_gru", "erb_dec.emb_gru", "df_dec.df_gru")
@@ -260,10 +258,8 @@ class StreamingEnhancer:
         with blas.threads(1):  # batch-1 rows: BLAS threads only add wake-up latency
             net = state["net"]
             if self._compiled is not None and net is not None and net["t"] > self.model.cfg.conv_lookahead:
-                t = state["net"]["t"]
-                net = {k: v for k, v in state["net"].items() if k != "t"}
-                out, new = self._compiled(x, {**state, "net": net})
-                new["net"]["t"] = t + 1
+                out, new = self._compiled(x, {**state, "net": {k: v for k, v in net.items() if k != "t"}})
+                new["net"]["t"] = net["t"] + 1
             else:
                 out, new = self._hop(x, state)
             mx.eval(out, new)
