@@ -413,8 +413,9 @@ class MambaBlock(nn.Module):
         super()._set_training_mode(mode)
         self._a2_cache = None if mode else EvalConstants.of((self.A_log,), _base2_decay(self.A_log))
 
-    def _a2(self) -> mx.array:
-        """``A`` in base 2 for :func:`_mamba_step`; computed once per ``eval()`` (it is 8192 exps)."""
+    def a2(self) -> mx.array:
+        """``A`` in base 2 (d_inner, d_state) for the one-frame step (:func:`_mamba_step`, and
+        ``kernels/stream.cpp``); computed once per ``eval()`` (it is 8192 exps)."""
         cache = self._a2_cache
         if not self.training and cache is not None and cache.valid_for((self.A_log,)):
             return cache.value
@@ -433,7 +434,7 @@ class MambaBlock(nn.Module):
         if t == 1:
             y, conv_buf, h = _mamba_step(
                 x[:, 0], conv_buf, h, self.norm.weight, self.in_proj.weight, self.conv_weight,
-                self.conv_bias, self.x_proj.weight, self.dt_proj.weight, self.dt_proj.bias, self._a2(),
+                self.conv_bias, self.x_proj.weight, self.dt_proj.weight, self.dt_proj.bias, self.a2(),
                 self.D, self.out_proj.weight,
             )  # fmt: skip
             return y[:, None], (conv_buf, h)

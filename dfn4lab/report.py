@@ -42,9 +42,11 @@ def bench_table(figures: Path) -> list[str]:
             f"{c['median_ms']:.2f} / {c['p99_ms']:.1f}"
             for c in st["cases"]
         )
-        if "dfn3_compiled" in st:
-            m = st["dfn3_compiled"]
-            cases += f"; dfn3 gru as a compiled MLX hop {m['median_ms']:.2f} / {m['p99_ms']:.1f}"
+        if st.get("compiled"):
+            cases += "; as compiled MLX hops: " + "; ".join(
+                f"{c['model']} {c['backbone']} {c['median_ms']:.2f} / {c['p99_ms']:.1f}"
+                for c in st["compiled"]
+            )
         o = st["official"]
         rows.append(
             f"| `stream` (ms per 10 ms hop, median / p99) | {cases}; official runtime "

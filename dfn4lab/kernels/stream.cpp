@@ -1,12 +1,13 @@
 // DeepFilterNet3's whole streaming hop as one C++ call: analysis STFT, features, the network for one
 // frame, ERB mask and deep filter, synthesis. dfn4lab.stream.StreamingEnhancer runs it for the dfn3
-// topology with the GRU backbone on the CPU in float32; everything else runs its compiled MLX hop.
+// topology with any backbone (GRU, Mamba, attention) on the CPU in float32; everything else (the DFN4
+// extras, the GPU) runs its compiled MLX hop.
 //
 // Why: the MLX hop is ~300 graph nodes of ~1-10 us of arithmetic each, and on the CPU each node also
 // costs ~2 us of dispatch (a task and a thread wake-up on MLX's CPU stream): ~1 ms a hop against
-// the official runtime's 0.4 ms. Here the same arithmetic runs as plain loops in one call: 0.2 ms.
+// the official runtime's 0.4 ms. Here the same arithmetic runs as plain loops in one call: 0.2-0.3 ms.
 // It is a second implementation of DfNet.step (one topology, one frame), so the tests hold it to the
-// MLX hop and to offline enhancement with the same weights.
+// MLX hop and to offline enhancement with the same weights, for every backbone.
 //
 // Layouts: a frame's feature map is (freq, channels) row-major (dfn4lab.layers is channels-last);
 // spectra are (freq, 2) interleaved (re, im). Weights arrive folded from dfn4lab.stream.native_net:
@@ -15,6 +16,7 @@
 #include <memory>
 
 #include <nanobind/ndarray.h>
+#include <nanobind/stl/string.h>
 
 #include "common.h"
 #include "mlx/3rdparty/pocketfft.h"
@@ -52,10 +54,10 @@ inline float dot(const float* __restrict a, const float* __restrict b, int n) {
   return s;
 }
 
-// y = W x + b, W (rows, cols) row-major. Eight rows at a time: eight independent FMA chains, so the
+// y = W x + b (b may be null, or y itself: a residual), W (rows, cols) row-major. Eight rows at a time: eight independent FMA chains, so the
 // loads, not the FMA latency, set the pace (batch-1 GRU weights stream from L2/L3 every hop).
-void gemv(const float* __restrict w, const float* __restrict x, const float* __restrict b,
-          float* __restrict y, int rows, int cols) {
+void gemv(const float* __restrict w, const float* __restrict x, const float* b, float* y, int rows,
+          int cols) {
   int r = 0;
   for (; r + 8 <= rows; r += 8) {
     const float* v = w + size_t(r) * cols;
@@ -68,9 +70,9 @@ void gemv(const float* __restrict w, const float* __restrict x, const float* __r
       a6 += v[6 * cols + k] * xk, a7 += v[7 * cols + k] * xk;
     }
     const float a[8] = {a0, a1, a2, a3, a4, a5, a6, a7};
-    for (int i = 0; i < 8; ++i) y[r + i] = b[r + i] + a[i];
+    for (int i = 0; i < 8; ++i) y[r + i] = (b ? b[r + i] : 0.0f) + a[i];
   }
-  for (; r < rows; ++r) y[r] = b[r] + dot(w + size_t(r) * cols, x, cols);
+  for (; r < rows; ++r) y[r] = (b ? b[r] : 0.0f) + dot(w + size_t(r) * cols, x, cols);
 }
 
 // A folded ConvBlock for one output frame: causal in time (its kt input frames given oldest first),
@@ -202,56 +204,239 @@ struct Grouped {
   }
 };
 
-// One torch.nn.GRU layer step; gate order r, z, n.
-struct Gru {
-  int in = 0, hidden = 0;
-  Vec w_ih, b_ih, w_hh, b_hh;
-  explicit Gru(nb::handle spec) {
-    auto t = nb::cast<nb::tuple>(spec);
-    auto a = nb::cast<In>(t[0]);
-    hidden = int(a.shape(0)) / 3, in = int(a.shape(1));
-    w_ih = vec(t[0]), b_ih = vec(t[1]), w_hh = vec(t[2]), b_hh = vec(t[3]);
+// The temporal core of a SqueezedBackbone for one frame: x (hidden,) in place. Its per-stream state
+// is a few buffers per layer (CoreState); t is the frame's index (attention's RoPE position).
+using CoreState = std::vector<Vec>;
+
+struct Core {
+  virtual ~Core() = default;
+  virtual CoreState init() const = 0;
+  virtual void step(float* x, CoreState& s, long t, Vec& work) const = 0;
+};
+
+inline float silu(float x) { return x * sigmoid_r(x); }
+
+// x * rsqrt(mean(x^2) + eps) * w, as mx.fast.rms_norm.
+void rms_norm(const float* x, const float* w, float* y, int n) {
+  const float r = 1.0f / std::sqrt(dot(x, x, n) / float(n) + 1e-5f);
+  for (int i = 0; i < n; ++i) y[i] = x[i] * r * w[i];
+}
+
+Vec& sized(Vec& v, size_t n) {
+  if (v.size() < n) v.resize(n);
+  return v;
+}
+
+// torch.nn.GRU layers; gate order r, z, n. State: h per layer.
+struct GruCore : Core {
+  struct Layer {
+    int in = 0, hidden = 0;
+    Vec w_ih, b_ih, w_hh, b_hh;
+  };
+  std::vector<Layer> layers;
+
+  explicit GruCore(nb::list spec) {
+    for (auto item : spec) {
+      auto t = nb::cast<nb::tuple>(item);
+      auto a = nb::cast<In>(t[0]);
+      layers.push_back({int(a.shape(1)), int(a.shape(0)) / 3, vec(t[0]), vec(t[1]), vec(t[2]), vec(t[3])});
+    }
   }
-  void operator()(const float* x, float* h, float* xi, float* gh) const {
-    const int H = hidden;
-    gemv(w_ih.data(), x, b_ih.data(), xi, 3 * H, in);
-    gemv(w_hh.data(), h, b_hh.data(), gh, 3 * H, H);
-    for (int j = 0; j < H; ++j) {
-      const float r = sigmoid_r(xi[j] + gh[j]), z = sigmoid_r(xi[H + j] + gh[H + j]);
-      const float n = tanh_r(xi[2 * H + j] + r * gh[2 * H + j]);
-      h[j] = n + z * (h[j] - n);
+  CoreState init() const override {
+    CoreState s;
+    for (auto& l : layers) s.emplace_back(l.hidden, 0.0f);
+    return s;
+  }
+  void step(float* x, CoreState& s, long, Vec& work) const override {
+    for (size_t i = 0; i < layers.size(); ++i) {
+      const auto& l = layers[i];
+      const int H = l.hidden;
+      float *xi = sized(work, 6 * size_t(H)).data(), *gh = xi + 3 * H, *h = s[i].data();
+      gemv(l.w_ih.data(), x, l.b_ih.data(), xi, 3 * H, l.in);
+      gemv(l.w_hh.data(), h, l.b_hh.data(), gh, 3 * H, H);
+      for (int j = 0; j < H; ++j) {
+        const float r = sigmoid_r(xi[j] + gh[j]), z = sigmoid_r(xi[H + j] + gh[H + j]);
+        const float n = tanh_r(xi[2 * H + j] + r * gh[2 * H + j]);
+        h[j] = n + z * (h[j] - n);
+      }
+      std::copy(h, h + H, x);
     }
   }
 };
 
-// SqueezedBackbone with GRU layers: relu(linear_in) -> GRUs -> relu(linear_out) if present.
+// dfn4lab.backbones.MambaBlock's _mamba_step per layer, then the core's RMSNorm.
+// State per layer: the last d_conv - 1 conv inputs (oldest first) and h (d_inner, d_state).
+struct MambaCore : Core {
+  struct Layer {
+    int d, di, ds, dc, dr;
+    Vec norm, w_in, conv_w, conv_b, w_x, w_dt, b_dt, a2, D, w_out;
+  };
+  std::vector<Layer> layers;
+  Vec norm;
+
+  MambaCore(nb::list spec, nb::handle final_norm) : norm(vec(final_norm)) {
+    for (auto item : spec) {
+      auto t = nb::cast<nb::tuple>(item);
+      auto w_in = nb::cast<In>(t[1]), conv = nb::cast<In>(t[2]), w_dt = nb::cast<In>(t[5]);
+      auto a2 = nb::cast<In>(t[7]);
+      layers.push_back({int(w_in.shape(1)), int(conv.shape(0)), int(a2.shape(1)), int(conv.shape(1)),
+                        int(w_dt.shape(1)), vec(t[0]), vec(t[1]), vec(t[2]), vec(t[3]), vec(t[4]),
+                        vec(t[5]), vec(t[6]), vec(t[7]), vec(t[8]), vec(t[9])});
+    }
+  }
+  CoreState init() const override {
+    CoreState s;
+    for (auto& l : layers) {
+      s.emplace_back(size_t(l.dc - 1) * l.di, 0.0f);
+      s.emplace_back(size_t(l.di) * l.ds, 0.0f);
+    }
+    return s;
+  }
+  void step(float* x, CoreState& s, long, Vec& work) const override {
+    for (size_t i = 0; i < layers.size(); ++i) {
+      const auto& l = layers[i];
+      const int di = l.di, ds = l.ds, dc = l.dc, np = l.dr + 2 * ds;
+      float* xn = sized(work, size_t(l.d) + 5 * size_t(di) + np).data();
+      float *xz = xn + l.d, *u = xz + 2 * di, *p = u + di, *delta = p + np, *y = delta + di;
+      float *conv = s[2 * i].data(), *h = s[2 * i + 1].data();
+      rms_norm(x, l.norm.data(), xn, l.d);
+      gemv(l.w_in.data(), xn, nullptr, xz, 2 * di, l.d);
+      for (int c = 0; c < di; ++c) {  // causal depthwise conv, the last tap on this frame
+        float acc = l.conv_b[c] + xz[c] * l.conv_w[size_t(c) * dc + dc - 1];
+        for (int j = 0; j < dc - 1; ++j) acc += conv[size_t(j) * di + c] * l.conv_w[size_t(c) * dc + j];
+        u[c] = silu(acc);
+      }
+      std::copy(conv + di, conv + size_t(dc - 1) * di, conv);
+      std::copy(xz, xz + di, conv + size_t(dc - 2) * di);
+      gemv(l.w_x.data(), u, nullptr, p, np, di);
+      gemv(l.w_dt.data(), p, l.b_dt.data(), delta, di, l.dr);
+      const float *bm = p + l.dr, *cm = bm + ds;
+      for (int c = 0; c < di; ++c) {
+        const float dl = delta[c] > 20.0f ? delta[c] : std::log1p(std::exp(delta[c]));  // softplus
+        const float du = dl * u[c];
+        float* hc = h + size_t(c) * ds;
+        const float* a2 = l.a2.data() + size_t(c) * ds;
+        float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+        for (int n = 0; n < ds; ++n) {  // dl * a2 <= 0: a decay
+          hc[n] = exp2_neg(dl * a2[n]) * hc[n] + du * bm[n];
+          acc += hc[n] * cm[n];
+        }
+        y[c] = (acc + l.D[c] * u[c]) * silu(xz[di + c]);
+      }
+      gemv(l.w_out.data(), y, x, x, l.d, di);  // residual
+    }
+    Vec tmp(x, x + norm.size());
+    rms_norm(tmp.data(), norm.data(), x, int(norm.size()));
+  }
+};
+
+// dfn4lab.backbones.AttentionBlock per layer (pre-norm causal attention with RoPE, GELU FFN), then
+// the core's RMSNorm. State per layer: the rotated keys and values of past frames, (frames, d) rows;
+// with a window, a ring of `window` rows (the softmax does not care about the keys' order).
+struct AttentionCore : Core {
+  struct Layer {
+    Vec norm1, w_qkv, w_out, norm2, w_in, b_in, w_ffn, b_ffn;
+  };
+  std::vector<Layer> layers;
+  Vec norm;
+  int d, heads, window, ffn;
+
+  AttentionCore(nb::list spec, nb::handle final_norm, int heads, int window)
+      : norm(vec(final_norm)), d(int(norm.size())), heads(heads), window(window) {
+    for (auto item : spec) {
+      auto t = nb::cast<nb::tuple>(item);
+      layers.push_back({vec(t[0]), vec(t[1]), vec(t[2]), vec(t[3]), vec(t[4]), vec(t[5]), vec(t[6]), vec(t[7])});
+    }
+    ffn = layers.empty() ? 0 : int(layers[0].b_in.size());
+    if (d % heads || (d / heads) % 2)
+      throw std::invalid_argument("dfn4lab stream kernel: attention needs an even head size");
+  }
+  CoreState init() const override { return CoreState(2 * layers.size()); }
+
+  // MLX's non-traditional RoPE (mx.fast.rope, base 10000): pairs (i, i + hd/2) rotated by t * base^(-2i/hd).
+  void rope(float* v, long t) const {
+    const int hd = d / heads, half = hd / 2;
+    for (int i = 0; i < half; ++i) {
+      const float theta = float(t) * std::exp(-float(i) * std::log(10000.0f) / float(half));
+      const float c = std::cos(theta), s = std::sin(theta);
+      for (int h = 0; h < heads; ++h) {
+        float *a = v + h * hd + i, *b = a + half;
+        const float x1 = *a, x2 = *b;
+        *a = x1 * c - x2 * s, *b = x1 * s + x2 * c;
+      }
+    }
+  }
+
+  void step(float* x, CoreState& s, long t, Vec& work) const override {
+    const int hd = d / heads;
+    const size_t keys = window ? size_t(std::min<long>(t + 1, window)) : size_t(t + 1);
+    const float scale = 1.0f / std::sqrt(float(hd));
+    for (size_t i = 0; i < layers.size(); ++i) {
+      const auto& l = layers[i];
+      float* xn = sized(work, 6 * size_t(d) + ffn + keys).data();
+      float *qkv = xn + d, *att = qkv + 3 * d, *f = att + d, *p = f + ffn;
+      rms_norm(x, l.norm1.data(), xn, d);
+      gemv(l.w_qkv.data(), xn, nullptr, qkv, 3 * d, d);
+      rope(qkv, t), rope(qkv + d, t);
+      Vec &K = s[2 * i], &V = s[2 * i + 1];
+      const size_t slot = window ? size_t(t % window) : size_t(t), rows = window ? size_t(window) : slot + 1;
+      sized(K, rows * d), sized(V, rows * d);
+      std::copy(qkv + d, qkv + 2 * d, K.begin() + slot * d);
+      std::copy(qkv + 2 * d, qkv + 3 * d, V.begin() + slot * d);
+      for (int h = 0; h < heads; ++h) {
+        const float* q = qkv + h * hd;
+        float m = -INFINITY, sum = 0.0f;
+        for (size_t j = 0; j < keys; ++j) m = std::max(m, p[j] = dot(q, K.data() + j * d + h * hd, hd) * scale);
+        for (size_t j = 0; j < keys; ++j) sum += p[j] = std::exp(p[j] - m);
+        float* a = att + h * hd;
+        std::fill(a, a + hd, 0.0f);
+        for (size_t j = 0; j < keys; ++j) axpy(p[j] / sum, V.data() + j * d + h * hd, a, hd);
+      }
+      gemv(l.w_out.data(), att, x, x, d, d);  // residual
+      rms_norm(x, l.norm2.data(), xn, d);
+      gemv(l.w_in.data(), xn, l.b_in.data(), f, ffn, d);
+      for (int k = 0; k < ffn; ++k) f[k] = 0.5f * f[k] * (1.0f + std::erf(f[k] * 0.70710678118654752f));
+      for (int k = 0; k < d; ++k) xn[k] = x[k] + l.b_ffn[k];
+      gemv(l.w_ffn.data(), f, xn, x, d, ffn);  // residual
+    }
+    Vec tmp(x, x + d);
+    rms_norm(tmp.data(), norm.data(), x, d);
+  }
+};
+
+// SqueezedBackbone: relu(linear_in) -> core -> relu(linear_out) if present. The core's spec from
+// dfn4lab.stream.native_net: ("gru", layers) | ("mamba", layers, norm) | ("attention", layers, norm,
+// heads, window or 0).
 struct Squeezed {
   Grouped linear_in, linear_out;
-  std::vector<Gru> layers;
+  std::unique_ptr<Core> core;
   bool has_out = false;
   explicit Squeezed(nb::handle spec) {
     auto t = nb::cast<nb::tuple>(spec);
     linear_in = Grouped(t[0]);
-    for (auto layer : nb::cast<nb::list>(t[1])) layers.emplace_back(layer);
+    auto c = nb::cast<nb::tuple>(t[1]);
+    auto kind = nb::cast<std::string>(c[0]);
+    auto layers = nb::cast<nb::list>(c[1]);
+    if (kind == "gru")
+      core = std::make_unique<GruCore>(layers);
+    else if (kind == "mamba")
+      core = std::make_unique<MambaCore>(layers, c[2]);
+    else
+      core = std::make_unique<AttentionCore>(layers, c[2], nb::cast<int>(c[3]), nb::cast<int>(c[4]));
     has_out = !t[2].is_none();
     if (has_out) linear_out = Grouped(t[2]);
   }
   int hidden() const { return linear_in.out; }
   int out() const { return has_out ? linear_out.out : hidden(); }
-  // x -> y; h: one hidden state per layer; work: 8 * hidden floats.
-  void operator()(const float* x, float* y, float** h, float* work) const {
-    const int H = hidden();
-    float *a = work, *b = work + H, *xi = work + 2 * H, *gh = work + 5 * H;
+  // x -> y (may be the same buffer); a: hidden() floats of scratch.
+  void operator()(const float* x, float* y, CoreState& s, long t, float* a, Vec& work) const {
     linear_in(x, a, kRelu);
-    for (size_t l = 0; l < layers.size(); ++l) {
-      layers[l](a, h[l], xi, gh);
-      std::copy(h[l], h[l] + H, b);
-      std::swap(a, b);
-    }
+    core->step(a, s, t, work);
     if (has_out)
       linear_out(a, y, kRelu);
     else
-      std::copy(a, a + H, y);
+      std::copy(a, a + hidden(), y);
   }
 };
 
@@ -300,7 +485,7 @@ struct Weights {
 struct State {
   Vec ana, syn, erb_norm, df_norm;
   std::vector<Vec> erb_in, df_in, c0, spec;  // rings: conv inputs (kt), c0 (df_convp's kt), spectra
-  std::vector<Vec> h;                        // every GRU layer's hidden state
+  CoreState enc_core, erb_core, df_core;     // the three backbones' states
   long t = 0;
 };
 
@@ -323,7 +508,7 @@ class Dfn3Stream {
     int hmax = 0;
     for (const Squeezed* s : {&w.enc_gru, &w.erb_gru, &w.df_gru})
       hmax = std::max({hmax, s->hidden(), s->out(), s->linear_in.in});
-    work_.assign(8 * size_t(hmax), 0.0f);
+    hid_.assign(hmax, 0.0f);
     emb_.assign(hmax, 0.0f), cerb_.assign(hmax, 0.0f), cdf_.assign(hmax, 0.0f), skip_.assign(hmax, 0.0f);
     feat_erb_.assign(w.nb_erb, 0.0f), feat_df_.assign(2 * size_t(w.nb_df), 0.0f);
     spec_.assign(2 * size_t(w.freq), 0.0f), out_.assign(2 * size_t(w.freq), 0.0f);
@@ -343,9 +528,8 @@ class Dfn3Stream {
       s.df_in = ring(w.df_conv0.kt, 2 * size_t(w.nb_df));
       s.c0 = ring(w.df_convp.kt, size_t(w.nb_df) * w.df_conv0.cout);
       s.spec = ring(w.df_history + w.la + 1, 2 * size_t(w.freq));
-      s.h.clear();
-      for (const Squeezed* q : {&w.enc_gru, &w.erb_gru, &w.df_gru})
-        for (size_t l = 0; l < q->layers.size(); ++l) s.h.emplace_back(q->hidden(), 0.0f);
+      s.enc_core = w.enc_gru.core->init(), s.erb_core = w.erb_gru.core->init();
+      s.df_core = w.df_gru.core->init();
       s.t = 0;
     }
   }
@@ -456,12 +640,9 @@ class Dfn3Stream {
     w.df_fc_emb(c1_.data(), emb_.data(), kRelu);
     const int E = w.df_fc_emb.out;
     for (int i = 0; i < E; ++i) emb_[i] += e3_[i];
-    float** h = hidden(s);
-    w.enc_gru(emb_.data(), emb_.data(), h, work_.data());
-    h += w.enc_gru.layers.size();
+    w.enc_gru(emb_.data(), emb_.data(), s.enc_core, t, hid_.data(), work_);
     // ERB decoder
-    w.erb_gru(emb_.data(), cerb_.data(), h, work_.data());
-    h += w.erb_gru.layers.size();
+    w.erb_gru(emb_.data(), cerb_.data(), s.erb_core, t, hid_.data(), work_);
     const int ch = w.conv3p.cout;
     auto skip_add = [&](const Conv& c, const float* x, int f, const float* y) {  // a_ = c(x) + y
       p = x;
@@ -481,7 +662,7 @@ class Dfn3Stream {
     p = a_.data();
     w.conv0_out(&p, w.nb_erb, d_.data(), tmp_.data());  // the ERB mask (nb_erb,)
     // DF decoder
-    w.df_gru(emb_.data(), cdf_.data(), h, work_.data());
+    w.df_gru(emb_.data(), cdf_.data(), s.df_core, t, hid_.data(), work_);
     w.df_skip(emb_.data(), skip_.data(), kNone);
     for (int i = 0; i < w.df_skip.out; ++i) cdf_[i] += skip_[i];
     w.df_out(cdf_.data(), coefs_.data(), kTanh);
@@ -511,12 +692,6 @@ class Dfn3Stream {
     return true;
   }
 
-  float** hidden(State& s) {
-    hp_.resize(s.h.size());
-    for (size_t i = 0; i < s.h.size(); ++i) hp_[i] = s.h[i].data();
-    return hp_.data();
-  }
-
   // Unnormalised inverse FFT (libDF's), the window, overlap-add.
   void synthesis(State& s, float* y) {
     const auto& w = *w_;
@@ -533,9 +708,8 @@ class Dfn3Stream {
   std::shared_ptr<const Weights> w_;
   pocketfft::detail::pocketfft_r<float> plan_;
   std::vector<State> states_;
-  Vec e0_, e1_, e2_, e3_, c1_, a_, d_, tmp_, coefs_, p_, work_, emb_, cerb_, cdf_, skip_;
+  Vec e0_, e1_, e2_, e3_, c1_, a_, d_, tmp_, coefs_, p_, hid_, work_, emb_, cerb_, cdf_, skip_;
   Vec feat_erb_, feat_df_, spec_, out_, buf_;
-  std::vector<float*> hp_;
 };
 
 }  // namespace
