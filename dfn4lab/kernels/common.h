@@ -1,5 +1,6 @@
-// Shared by dfn4lab's CPU kernels: the BLAS entry point, one-thread BLAS, fast 2^x, argument
-// checks, the split of independent rows over the cores, and the primitive that runs as one task.
+// Shared by dfn4lab's CPU kernels: the BLAS entry point, one-thread BLAS, fast 2^x, the rational
+// activations, vector loops (dot, axpy, a batch-1 GEMV), argument checks, the split of independent
+// rows over the cores, and the primitive that runs as one task.
 
 #pragma once
 
@@ -85,6 +86,39 @@ inline float tanh_r(float x) {
 }
 
 inline float sigmoid_r(float x) { return 0.5f + 0.5f * tanh_r(0.5f * x); }
+
+inline void axpy(float a, const float* __restrict x, float* __restrict y, int n) {
+  for (int i = 0; i < n; ++i) y[i] += a * x[i];
+}
+
+inline float dot(const float* __restrict a, const float* __restrict b, int n) {
+  float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+  for (int i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// y = W x + b (b may be null, or y itself: a residual), W (rows, cols) row-major. Eight rows at a
+// time: eight independent FMA chains, so the loads, not the FMA latency, set the pace (batch-1 weights
+// stream from L2 or L3 every frame).
+inline void gemv(const float* __restrict w, const float* __restrict x, const float* b, float* y,
+                 int rows, int cols) {
+  int r = 0;
+  for (; r + 8 <= rows; r += 8) {
+    const float* v = w + size_t(r) * cols;
+    float a0 = 0, a1 = 0, a2 = 0, a3 = 0, a4 = 0, a5 = 0, a6 = 0, a7 = 0;
+#pragma omp simd reduction(+ : a0, a1, a2, a3, a4, a5, a6, a7)
+    for (int k = 0; k < cols; ++k) {
+      const float xk = x[k];
+      a0 += v[k] * xk, a1 += v[cols + k] * xk, a2 += v[2 * cols + k] * xk;
+      a3 += v[3 * cols + k] * xk, a4 += v[4 * cols + k] * xk, a5 += v[5 * cols + k] * xk;
+      a6 += v[6 * cols + k] * xk, a7 += v[7 * cols + k] * xk;
+    }
+    const float a[8] = {a0, a1, a2, a3, a4, a5, a6, a7};
+    for (int i = 0; i < 8; ++i) y[r + i] = (b ? b[r + i] : 0.0f) + a[i];
+  }
+  for (; r < rows; ++r) y[r] = (b ? b[r] : 0.0f) + dot(w + size_t(r) * cols, x, cols);
+}
 
 inline void check(const mx::array& a, int ndim, const char* what) {
   if (a.dtype() != mx::float32 || a.ndim() != size_t(ndim))

@@ -58,8 +58,11 @@ void forward_rows(const float* xi, const float* h0, const float* w, const float*
   for (int t = 0; t < T; ++t) {
     const float* hp = t == 0 ? h0 : ys + size_t(t - 1) * H;
     const int ldh = t == 0 ? H : T * H;
-    cblas_sgemm(kRowMajor, kNoTrans, kTrans, rows, 3 * H, H, 1.0f, hp, ldh, w, H, 0.0f, gh.data(),
-                3 * H);
+    if (rows == 1)  // batch 1: a GEMV; MKL's one-row SGEMM took 5.3 vs 4.1 ms (500 frames, H 256)
+      gemv(w, hp, nullptr, gh.data(), 3 * H, H);
+    else
+      cblas_sgemm(kRowMajor, kNoTrans, kTrans, rows, 3 * H, H, 1.0f, hp, ldh, w, H, 0.0f, gh.data(),
+                  3 * H);
     for (int i = 0; i < rows; ++i) {
       const float* x = xi + (size_t(i) * T + t) * 3 * H;
       const float* g = gh.data() + size_t(i) * 3 * H;
