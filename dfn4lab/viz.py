@@ -10,6 +10,7 @@ from dfn4lab.paths import FIGURES, atomic_write
 
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.ticker import FormatStrFormatter
 
 
 def _ax(ax=None, figsize=(8, 3)):
@@ -450,5 +451,25 @@ def latency_hist(times_ms: np.ndarray, algorithmic_ms: float, ax=None, bins: int
     p99 = algorithmic_ms + float(np.percentile(times_ms, 99))
     ax.axvline(p99, color="red", ls="--", label=f"p99 {p99:.1f} ms")
     ax.set(xlabel="latency (ms): algorithmic + processing", ylabel="hops", title="latency per hop")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def stream_bench(result: dict, ax=None):
+    """``stream.benchmark``'s result: median time per hop of every case (bar) up to its p99 (whisker),
+    default engines and the compiled MLX hops, against the official runtime's median (line); log scale."""
+    rows = [*result["cases"], *result.get("compiled", [])]
+    labels = [f"{r['model']} {r['backbone']}\n{r['engine']}" for r in rows]
+    med = np.array([r["median_ms"] for r in rows])
+    p99 = np.array([r["p99_ms"] for r in rows])
+    fig, ax = _ax(ax, figsize=(10, 3.5))
+    colors = ["tab:green" if r["engine"] == "native" else "tab:blue" for r in rows]
+    ax.bar(range(len(rows)), med, color=colors, yerr=[np.zeros_like(med), p99 - med], capsize=3)
+    official = result["official"]["median_ms"]
+    ax.axhline(official, color="k", ls=":", label=f"official runtime, median {official:.2f} ms")
+    ax.set_xticks(range(len(rows)), labels, fontsize=7)
+    ax.set(ylabel="ms per 10 ms hop", yscale="log", title="streaming: median per hop, whisker to p99")
+    for axis in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):  # 0.3, not 3x10^-1
+        axis(FormatStrFormatter("%g"))
     ax.legend(fontsize=8)
     return fig
