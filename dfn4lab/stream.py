@@ -225,19 +225,20 @@ class StreamingEnhancer:
     def reset(self) -> None:
         """Start a new stream (all state cleared; compiled traces are kept and reused)."""
         b, cfg = self.channels, self.cfg
-        mem = cfg.fft_size - cfg.hop_size
-        self._state: State = {
-            "analysis": mx.zeros((b, mem)),
-            "synthesis": mx.zeros((b, mem)),
-            "erb": mx.broadcast_to(dsp.erb_norm_init(cfg), (b, cfg.nb_erb)),
-            "df": mx.broadcast_to(dsp.df_norm_init(cfg), (b, cfg.nb_df)),
-            "net": None,
-        }
-        if self._lim is not None:  # the noisy frames of the look-ahead, for mixing back
-            la = self.model.cfg.conv_lookahead
-            self._state["noisy"] = mx.zeros((b, la, cfg.freq_bins), mx.complex64)
-        if self._native is not None:
+        if self._native is not None:  # the native engine keeps its state in C++
             self._native.reset()
+        else:
+            mem = cfg.fft_size - cfg.hop_size
+            self._state: State = {
+                "analysis": mx.zeros((b, mem)),
+                "synthesis": mx.zeros((b, mem)),
+                "erb": mx.broadcast_to(dsp.erb_norm_init(cfg), (b, cfg.nb_erb)),
+                "df": mx.broadcast_to(dsp.df_norm_init(cfg), (b, cfg.nb_df)),
+                "net": None,
+            }
+            if self._lim is not None:  # the noisy frames of the look-ahead, for mixing back
+                la = self.model.cfg.conv_lookahead
+                self._state["noisy"] = mx.zeros((b, la, cfg.freq_bins), mx.complex64)
         self._pending = np.zeros((b, 0), np.float32)  # input samples short of a whole hop
         self._samples_in = 0
         self._samples_out = 0  # raw (delayed) output samples produced, including dropped ones
