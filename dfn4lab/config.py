@@ -136,6 +136,17 @@ class ModelConfig(JsonConfig):
     atten_lim_db: float | None = None
     running_stats: bool = False
 
+    def __post_init__(self) -> None:
+        """Reject what the network cannot be built for, in one line (a config file's typo included)."""
+        if not 0 <= self.df_lookahead <= min(self.conv_lookahead, self.df_order - 1):
+            raise ValueError(
+                f"df_lookahead={self.df_lookahead} must be in 0..min(conv_lookahead, df_order - 1) = "
+                f"0..{min(self.conv_lookahead, self.df_order - 1)}: the deep filter reads frames the "
+                "encoder has seen, and at least the current one"
+            )
+        if tuple(self.convt_kernel) != (1, 3):
+            raise ValueError(f"convt_kernel={self.convt_kernel}: only DeepFilterNet3's (1, 3) is implemented")
+
     @classmethod
     def from_json(cls, s_or_path: str | Path) -> ModelConfig:
         p = Path(s_or_path)

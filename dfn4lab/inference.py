@@ -98,7 +98,7 @@ def _enhance_at_model_rate(
     """
     cfg = model.cfg.dsp
     hop, fft = cfg.hop_size, cfg.fft_size
-    m, k = (fft - hop) // hop, fft // hop  # analysis memory in frames; frames overlapping a hop
+    m, k = -(-(fft - hop) // hop), -(-fft // hop)  # analysis memory in frames; frames overlapping a hop
     c, n = x.shape
     total = (n + fft) // hop
     y = np.zeros((c, total * hop), np.float32)
@@ -181,6 +181,7 @@ def analyze(audio: np.ndarray, model: DfNet) -> dict[str, np.ndarray]:
     "feat_erb" (time, nb_erb), "feat_spec" (time, nb_df) complex, "mask" (time, nb_erb),
     "lsnr" (time,), "coefs" (time, nb_df, order) complex}.
     """
+    model.eval()  # as enhance: BatchNorm's running statistics, no training-time dropout
     cfg = model.cfg.dsp
     x = np.pad(np.asarray(audio, np.float32), (0, cfg.fft_size))[None]
     spec = dsp.stft(mx.array(x), cfg)

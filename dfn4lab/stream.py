@@ -76,6 +76,8 @@ def native_unsupported(model: DfNet) -> str | None:
         return "it runs on the CPU only"
     if extras or c.df_gru_skip != "groupedlinear":
         return f"it runs DeepFilterNet3's topology (this model has {', '.join(extras) or c.df_gru_skip})"
+    if c.dsp.fft_size % 2:
+        return "it runs even FFT sizes"
     if c.conv_kernel[0] != 1 or c.convt_kernel[0] != 1:
         return "it runs conv kernels of one frame past the input layers"
     if any(v.dtype != mx.float32 for _, v in tree_flatten(model.parameters())):
@@ -160,6 +162,7 @@ class StreamingEnhancer:
     where it cannot run; ``eager`` runs every hop op by op (same numbers; for debugging and for
     measuring what compilation buys). The enhancer runs the model's weights as they are when it is
     made (the compiled and native hops hold them as constants): make a new one after changing them.
+    An enhancer holds one stream's state without a lock: one thread at a time (one enhancer per thread).
     """
 
     def __init__(
@@ -172,6 +175,8 @@ class StreamingEnhancer:
     ):
         if engine not in ENGINES:
             raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+        if channels < 1:
+            raise ValueError(f"channels must be >= 1, got {channels}")
         model.eval()
         self.model, self.channels, self.compensate_delay = model, channels, compensate_delay
         self.cfg = model.cfg.dsp
@@ -348,8 +353,11 @@ class StreamingEnhancer:
         total_frames = (self._samples_in + cfg.fft_size) // cfg.hop_size
         zeros = np.zeros((self.channels, total_frames * cfg.hop_size - self._samples_in), np.float32)
         hops = self._run(np.concatenate([self._pending, zeros], axis=1))
+        # a stream shorter than the look-ahead got fewer than la placeholder hops: complete them
+        la = self.model.cfg.conv_lookahead
+        hops += [np.zeros((self.channels, cfg.hop_size), np.float32)] * max(0, la - total_frames)
         if self._native is not None:
-            tail = np.zeros((self.channels, self.model.cfg.conv_lookahead * cfg.hop_size), np.float32)
+            tail = np.zeros((self.channels, la * cfg.hop_size), np.float32)
             hops.append(tail[:, : self._native.flush(tail) * cfg.hop_size])
         elif self._state["net"] is not None:
             y = _to_complex(self.model.flush(self._state["net"]))  # (batch, <= la, freq)

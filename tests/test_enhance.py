@@ -8,9 +8,11 @@ import sys
 import dfn4lab  # noqa: F401
 from dfn4lab import data, inference
 
+import mlx.core as mx
 import numpy as np
 import pytest
 import soundfile as sf
+from conftest import tiny_cfg
 
 
 def si_sdr(ref: np.ndarray, est: np.ndarray) -> float:
@@ -61,6 +63,17 @@ def test_chunked_enhance_equals_offline_forward(dfn3, clip, chunk):
     floor = 10 ** (-6 / 20)
     # the attenuation limit mixes the noisy input back in: y = floor*noisy + (1-floor)*enhanced
     np.testing.assert_allclose(limited, floor * noisy[:96000] + (1 - floor) * offline, atol=2e-4)
+
+
+def test_chunked_enhance_when_hop_does_not_divide_fft():
+    """fft 1024, hop 480: a frame spans 3 hops, not 2; the chunks' analysis memory rounds up. (The model
+    is fresh, in training mode: analyze, like enhance, runs it in eval mode.)"""
+    mx.random.seed(0)
+    model = inference.build(tiny_cfg(dsp={"fft_size": 1024, "hop_size": 480}))
+    x = 0.1 * np.random.default_rng(0).standard_normal(9000).astype(np.float32)
+    offline = inference.analyze(x, model)["enhanced"]
+    assert not model.training
+    np.testing.assert_allclose(inference.enhance(x, 48000, model, chunk_frames=3), offline, atol=1e-6)
 
 
 def test_any_rate_and_channels(dfn3):

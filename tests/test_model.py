@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 import dfn4lab  # noqa: F401
 from dfn4lab import inference
+from dfn4lab.config import ModelConfig, preset
 from dfn4lab.layers import BatchNorm, ConvBlock, deep_filter
 
 import mlx.core as mx
@@ -12,6 +15,25 @@ import numpy as np
 import pytest
 import torch
 from conftest import model_inputs, tiny_cfg
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        ({"conv_lookahead": 1}, r"df_lookahead=2 must be in .* = 0\.\.1"),
+        ({"df_order": 2}, r"df_lookahead=2 must be in .* = 0\.\.1"),
+        ({"df_lookahead": -1}, "df_lookahead=-1"),
+        ({"convt_kernel": (1, 5)}, r"convt_kernel=\(1, 5\)"),
+    ],
+)
+def test_config_rejects_what_the_network_cannot_run(overrides, match):
+    """One ValueError when the config is made (in code or from a JSON file), not a shape error (or a
+    crash of the C++ stream) later."""
+    with pytest.raises(ValueError, match=match):
+        preset("dfn3", **overrides)
+    with pytest.raises(ValueError, match=match):
+        ModelConfig.from_json(json.dumps({**ModelConfig().to_dict(), **overrides}))
+    preset("dfn3", conv_lookahead=0, df_lookahead=0, df_order=1)  # the extremes that are valid
 
 
 @pytest.mark.parametrize("backbone", ["gru", "mamba", "attention"])

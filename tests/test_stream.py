@@ -12,7 +12,7 @@ from dfn4lab.__main__ import main
 from dfn4lab.audio import AudioError
 from dfn4lab.backbones import MambaBlock
 from dfn4lab.config import preset
-from dfn4lab.stream import StreamingEnhancer, microphone, native_unsupported
+from dfn4lab.stream import StreamingEnhancer, microphone, native_net, native_unsupported
 
 import mlx.core as mx
 import numpy as np
@@ -149,6 +149,38 @@ def test_engine_choice():
         assert "kernels" in native_unsupported(gru)
     if kernels.ENABLED:
         assert native_unsupported(gru) is None and StreamingEnhancer(gru).engine == "native"
+    odd = inference.build(tiny_cfg(dsp={"fft_size": 961, "hop_size": 480}))
+    assert "even FFT" in native_unsupported(odd) and StreamingEnhancer(odd).engine == "compiled"
+    with pytest.raises(ValueError, match="channels must be >= 1"):
+        StreamingEnhancer(gru, channels=0)
+
+
+@needs_native
+def test_native_hop_writes_into_float32_contiguous_out_only():
+    """A float64 or strided ``out`` would be converted to a temporary copy and the hops lost."""
+    mx.random.seed(0)
+    hop = kernels.dfn3_stream(*native_net(inference.build(tiny_cfg()).eval()), 1)
+    x = np.zeros((1, 480), np.float32)
+    for out in (np.zeros((1, 480)), np.zeros((1, 960), np.float32)[:, ::2]):
+        with pytest.raises(TypeError):
+            hop.process(x, out)
+        with pytest.raises(TypeError):
+            hop.flush(out)
+
+
+@pytest.mark.parametrize("n", [100, 1000, 2000])
+def test_streams_shorter_than_the_lookahead(n):
+    """A 5-frame look-ahead and streams of 2, 4 and 6 frames: every engine still gives offline's
+    samples, and the undelayed stream ``delay_samples`` more."""
+    mx.random.seed(0)
+    model = inference.build(tiny_cfg(conv_lookahead=5))
+    x = _speechlike(n, seed=5)
+    ref = inference.enhance(x, 48000, model)
+    for engine in ["eager", "compiled"] + (["native"] if kernels.ENABLED else []):
+        enh = StreamingEnhancer(model, engine=engine)
+        np.testing.assert_allclose(_stream(enh, x, [480]), ref, atol=1e-6, err_msg=engine)
+        raw = _stream(StreamingEnhancer(model, engine=engine, compensate_delay=False), x, [480])
+        assert raw.size == n + enh.delay_samples, engine
 
 
 def test_uncompensated_stream_is_delayed_offline(dfn3):

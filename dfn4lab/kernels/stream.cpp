@@ -452,6 +452,8 @@ struct Weights {
     }
     if (int(band.size()) != freq || fft % 2 || hop > fft || window.size() != size_t(fft))
       throw std::invalid_argument("dfn4lab stream kernel: inconsistent DSP config");
+    if (df_history < 0 || la < i("df_lookahead") || order < 1)
+      throw std::invalid_argument("dfn4lab stream kernel: needs df_lookahead <= min(conv_lookahead, df_order - 1)");
     for (const Conv* c : {&erb_conv1, &erb_conv2, &erb_conv3, &df_conv1, &conv3p, &convt3, &conv2p,
                           &convt2, &conv1p, &convt1, &conv0p, &conv0_out})
       if (c->kt != 1) throw std::invalid_argument("dfn4lab stream kernel: only the input convs look back in time");
@@ -697,8 +699,9 @@ void register_stream(nb::module_& m) {
                          "DeepFilterNet3's streaming hop for `channels` streams (dfn4lab.stream.native_net).")
       .def(nb::init<nb::dict, nb::dict, int>(), nb::arg("cfg"), nb::arg("net"), nb::arg("channels"))
       .def("reset", &Dfn3Stream::reset)
-      .def("process", &Dfn3Stream::process, nb::arg("x"), nb::arg("out"))
-      .def("flush", &Dfn3Stream::flush, nb::arg("out"))
+      // out is written in place: no conversion to a temporary copy (float64, strided) allowed
+      .def("process", &Dfn3Stream::process, nb::arg("x"), nb::arg("out").noconvert())
+      .def("flush", &Dfn3Stream::flush, nb::arg("out").noconvert())
       .def_prop_ro("channels", &Dfn3Stream::channels)
       .def_prop_ro("lookahead", &Dfn3Stream::lookahead);
 }
