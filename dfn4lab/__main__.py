@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
+from pathlib import Path
 
 import dfn4lab
+from dfn4lab.cli import command
 
 
 def info() -> dict[str, str]:
@@ -39,13 +42,16 @@ def enhance(
     inputs: list[str], out_dir: str, model: str, atten_lim: float | None, pf_beta: float | None
 ) -> int:
     """Enhance files into ``out_dir``; bad files get one line each and a non-zero exit."""
-    from pathlib import Path
-
     from dfn4lab import inference
     from dfn4lab.audio import AudioError
 
     from tqdm import tqdm
 
+    names = [Path(src).name for src in inputs]
+    if len(set(names)) < len(names):  # out_dir/name would be written twice, the first result lost
+        raise ValueError(f"inputs share a file name: {sorted({n for n in names if names.count(n) > 1})}")
+    if atten_lim is not None and not math.isfinite(atten_lim):
+        raise ValueError(f"--atten-lim must be a number of dB, got {atten_lim}")
     net = inference.resolve(model)
     if pf_beta is not None:
         net.cfg = net.cfg.replace(mask_pf=pf_beta > 0, pf_beta=pf_beta)
@@ -79,6 +85,7 @@ def stream(
     return 0
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dfn4lab", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -104,13 +111,9 @@ def main(argv: list[str] | None = None) -> int:
         d = info()
         print(json.dumps(d) if args.json else "\n".join(f"{k:>18}: {v}" for k, v in d.items()))
         return 0
-    try:
-        if args.cmd == "stream":
-            return stream(args.input, args.out, args.model, args.chunk_ms, args.mic, args.seconds)
-        return enhance(args.inputs, args.out_dir, args.model, args.atten_lim, args.pf_beta)
-    except (ValueError, RuntimeError) as e:  # bad --model, bad audio...: one line, not a traceback
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if args.cmd == "stream":
+        return stream(args.input, args.out, args.model, args.chunk_ms, args.mic, args.seconds)
+    return enhance(args.inputs, args.out_dir, args.model, args.atten_lim, args.pf_beta)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import dfn4lab  # noqa: F401  (binds the BLAS before mlx.core)
 from dfn4lab import kernels, paths
+from dfn4lab.cli import command
 from dfn4lab.config import ModelConfig, preset
 from dfn4lab.data.bench import run as data_bench
 from dfn4lab.paths import atomic_write
@@ -402,12 +403,20 @@ def _out_dir(quick: bool) -> Path:
     return out
 
 
+def _positive(s: str) -> int:
+    n = int(s)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
+    return n
+
+
+@command
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dfn4lab.bench", description=__doc__)
     parser.add_argument("name", choices=sorted(BENCHES))
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--frames", type=int, default=500)
+    parser.add_argument("--repeats", type=_positive, default=7)
+    parser.add_argument("--batch", type=_positive, default=8)
+    parser.add_argument("--frames", type=_positive, default=500)
     parser.add_argument("--quick", action="store_true", help="small sizes, few repeats (CI)")
     args = parser.parse_args(argv)
     result = BENCHES[args.name](args)

@@ -31,7 +31,7 @@ def save_checkpoint(folder: Path, model: DfNet, opt: optim.Optimizer, meta: dict
     convert.save(tmp, model, model.cfg, meta={"step": str(meta["step"])})
     arrays = {f"opt.{k}": v for k, v in tree_flatten(opt.state)}
     mx.save_safetensors(str(tmp / "trainer.safetensors"), arrays, metadata={"meta": json.dumps(meta)})
-    return publish(tmp, folder)
+    return publish(tmp, folder, marker="trainer.safetensors")
 
 
 def save_step(out: Path, model: DfNet, opt: optim.Optimizer, meta: dict[str, Any], keep: int) -> Path:
@@ -56,12 +56,17 @@ def read_checkpoint(folder: Path) -> tuple[dict[str, np.ndarray], dict[str, mx.a
 
 
 def latest_checkpoint(out: Path, log: Callable[[str], None] = print):
-    """The newest readable checkpoint of ``out`` as (folder, weights, arrays, meta), or None."""
-    for folder in reversed(checkpoints(out)):
+    """The newest readable checkpoint of ``out`` as (folder, weights, arrays, meta), or None when there
+    is none. Raises ValueError when there are checkpoints but none is readable: starting over would
+    drop the run's log."""
+    found = checkpoints(out)
+    for folder in reversed(found):
         try:
             return (folder, *read_checkpoint(folder))
         except Exception as e:  # a damaged folder: say so and fall back to the one before
             log(f"skipping unreadable checkpoint {folder.name}: {type(e).__name__}: {str(e)[:120]}")
+    if found:
+        raise ValueError(f"none of the {len(found)} checkpoints in {out / 'checkpoints'} is readable")
     return None
 
 

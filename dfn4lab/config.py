@@ -22,23 +22,78 @@ T = TypeVar("T")
 
 
 def from_dict(cls: type[T], d: dict[str, Any]) -> T:
-    """Build dataclass ``cls`` from a (nested) dict as JSON gives it: unknown keys ignored, nested
-    dataclasses built, lists turned back into the tuples the fields declare."""
+    """Build dataclass ``cls`` from a (nested) dict as JSON gives it: nested dataclasses built, lists
+    turned back into the tuples the fields declare. An unknown key or a value of the wrong kind (a
+    string for a number...) raises ValueError naming it: a typo in a config never passes silently."""
+    if not isinstance(d, dict):
+        raise ValueError(f"a {cls.__name__} must be a JSON object, got {type(d).__name__}")
+    _check_names(cls, d)
     hints = typing.get_type_hints(cls)
-    fields = dataclasses.fields(cls)  # type: ignore[arg-type]
-    return cls(**{f.name: _as_field(hints[f.name], d[f.name]) for f in fields if f.name in d})
+    return cls(**{k: _as_field(hints[k], v, f"{cls.__name__}.{k}") for k, v in d.items()})
 
 
-def _as_field(t: Any, v: Any) -> Any:
+def replace_fields(obj: T, **overrides: Any) -> T:
+    """``dataclasses.replace`` with a ValueError (not a TypeError) naming unknown fields."""
+    _check_names(type(obj), overrides)
+    return dataclasses.replace(obj, **overrides)  # type: ignore[type-var]
+
+
+def _check_names(cls: type, d: dict[str, Any]) -> None:
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(d) - set(names))
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} field(s) {', '.join(unknown)}; known: {', '.join(names)}")
+
+
+_SCALARS = (bool, int, float, str)
+
+
+def _as_field(t: Any, v: Any, name: str) -> Any:
     """``v`` as a field of type ``t`` holds it; ``t`` may be optional (``tuple[float, ...] | None``)."""
     union = typing.get_origin(t) in (typing.Union, types.UnionType)
-    for arm in typing.get_args(t) if union else (t,):
-        if dataclasses.is_dataclass(arm) and isinstance(v, dict):
-            return from_dict(arm, v)
-        if typing.get_origin(arm) is tuple and isinstance(v, list):
-            items = [a for a in typing.get_args(arm) if a is not Ellipsis] or [Any]
-            return tuple(_as_field(items[min(i, len(items) - 1)], x) for i, x in enumerate(v))
-    return v
+    arms = typing.get_args(t) if union else (t,)
+    for arm in arms:
+        if arm is type(None) or arm in _SCALARS:
+            if v is None if arm is type(None) else _is_scalar(v, arm):
+                return v
+        elif dataclasses.is_dataclass(arm):
+            if isinstance(v, dict):
+                return from_dict(arm, v)
+        elif typing.get_origin(arm) is tuple:
+            if isinstance(v, list | tuple):
+                items = [a for a in typing.get_args(arm) if a is not Ellipsis] or [Any]
+                return tuple(_as_field(items[min(i, len(items) - 1)], x, name) for i, x in enumerate(v))
+        else:  # dicts of overrides, Any: checked where they are used
+            return v
+    raise ValueError(f"{name} must be {getattr(t, '__name__', t)}, got {v!r}")
+
+
+def _is_scalar(v: Any, t: type) -> bool:
+    """JSON's ``v`` as a value of ``t``: an int is a float too, a bool is no number."""
+    if t is float:
+        return isinstance(v, int | float) and not isinstance(v, bool)
+    if t is int:
+        return isinstance(v, int) and not isinstance(v, bool)
+    return isinstance(v, t)
+
+
+def is_json_text(s_or_path: str | Path) -> bool:
+    """Whether ``s_or_path`` is JSON text (an object or array), not a file name."""
+    return str(s_or_path).lstrip()[:1] in ("{", "[")
+
+
+def read_json(s_or_path: str | Path) -> Any:
+    """A JSON text, or the JSON file it names: a missing file or bad JSON raises one error that names
+    the file."""
+    if is_json_text(s_or_path):
+        return json.loads(str(s_or_path))
+    p = Path(s_or_path)
+    if not p.is_file():
+        raise FileNotFoundError(f"no such config file: {p}")
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{p}: not valid JSON ({e})") from None
 
 
 class JsonConfig:
@@ -149,25 +204,23 @@ class ModelConfig(JsonConfig):
 
     @classmethod
     def from_json(cls, s_or_path: str | Path) -> ModelConfig:
-        p = Path(s_or_path)
-        text = p.read_text() if p.suffix == ".json" and p.exists() else str(s_or_path)
-        return from_dict(cls, json.loads(text))
+        return from_dict(cls, read_json(s_or_path))
 
     def replace(self, **overrides: Any) -> ModelConfig:
         """Copy with overrides; ``backbone="mamba"`` or ``backbone={...}`` set the backbone."""
         bb = overrides.pop("backbone", None)
         if isinstance(bb, str):
-            overrides["backbone"] = dataclasses.replace(self.backbone, kind=bb)
+            overrides["backbone"] = replace_fields(self.backbone, kind=bb)
         elif isinstance(bb, dict):
-            overrides["backbone"] = dataclasses.replace(self.backbone, **bb)
+            overrides["backbone"] = replace_fields(self.backbone, **bb)
         elif bb is not None:
             overrides["backbone"] = bb
         dsp = overrides.pop("dsp", None)
         if isinstance(dsp, dict):
-            overrides["dsp"] = dataclasses.replace(self.dsp, **dsp)
+            overrides["dsp"] = replace_fields(self.dsp, **dsp)
         elif dsp is not None:
             overrides["dsp"] = dsp
-        return dataclasses.replace(self, **overrides)
+        return replace_fields(self, **overrides)
 
 
 # Presets are data: overrides on the defaults above (which are DeepFilterNet3's).

@@ -152,12 +152,13 @@ def load_weights(model, weights: dict[str, np.ndarray]) -> None:
 
 
 def save(path: str | Path, model, cfg: ModelConfig, meta: dict | None = None) -> Path:
-    """Write ``model.safetensors`` and ``config.json`` into folder ``path`` atomically."""
+    """Write ``config.json`` and ``model.safetensors`` into folder ``path`` atomically, the weights last:
+    a folder with weights is whole (the pretrained cache checks for them)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     weights = dict(tree_flatten(model.parameters()))
-    atomic_write(path / "model.safetensors", lambda p: mx.save_safetensors(p, weights, metadata=meta or {}))
     atomic_write(path / "config.json", cfg.to_json())
+    atomic_write(path / "model.safetensors", lambda p: mx.save_safetensors(p, weights, metadata=meta or {}))
     return path
 
 

@@ -38,6 +38,7 @@ from pathlib import Path
 
 from dfn4lab import audio, data, inference, metrics, paths
 from dfn4lab.backbones import param_count
+from dfn4lab.cli import command
 from dfn4lab.macs import model_macs
 from dfn4lab.model import DfNet
 from dfn4lab.paths import atomic_write
@@ -110,7 +111,13 @@ def _read_folder(folder: Path) -> list[Item]:
 
 def _read_list(path: Path) -> list[Item]:
     items = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError:
+        raise ValueError(
+            f"{path}: not a text list of 'noisy clean [snr]' lines (a folder or list file)"
+        ) from None
+    for i, line in enumerate(text.splitlines(), 1):
         fields = line.split("#", 1)[0].split()
         if not fields:
             continue
@@ -120,7 +127,11 @@ def _read_list(path: Path) -> list[Item]:
         for p in (noisy, clean):
             if not p.exists():
                 raise FileNotFoundError(f"{path}:{i}: no such file {p}")
-        items.append(Item(noisy.stem, noisy, clean, float(fields[2]) if len(fields) == 3 else None))
+        try:
+            snr = float(fields[2]) if len(fields) == 3 else None
+        except ValueError:
+            raise ValueError(f"{path}:{i}: the SNR {fields[2]!r} is not a number") from None
+        items.append(Item(noisy.stem, noisy, clean, snr))
     return items
 
 
@@ -601,6 +612,7 @@ def headline(result: dict) -> dict:
     return _json_safe(out)
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dfn4lab.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -619,18 +631,14 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(out or paths.DATA / "eval" / "quick")
         shutil.rmtree(out / "quick_set", ignore_errors=True)
         set_spec = quick_set(out / "quick_set")
-    try:
-        result = evaluate(
-            set_spec,
-            [m for m in args.models.split(",") if m],
-            official=args.official,
-            out_dir=out,
-            metric_names=[m for m in args.metrics.split(",") if m],
-            progress=sys.stderr.isatty(),
-        )
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    result = evaluate(
+        set_spec,
+        [m for m in args.models.split(",") if m],
+        official=args.official,
+        out_dir=out,
+        metric_names=[m for m in args.metrics.split(",") if m],
+        progress=sys.stderr.isatty(),
+    )
     print(Path(result["table"]).read_text())
     print(json.dumps(headline(result)))
     return 0

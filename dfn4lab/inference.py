@@ -209,12 +209,15 @@ def enhance_file(
     atten_lim_db: float | None = None,
     progress: bool = False,
 ) -> Path:
-    """Enhance one file into ``out_dir`` (same name, rate and channels); written atomically."""
+    """Enhance one file into ``out_dir`` (same name, rate and channels); written atomically, never over
+    ``src`` itself."""
     from dfn4lab import audio
 
+    dest = Path(out_dir) / Path(src).name
+    if dest.exists() and dest.resolve() == Path(src).resolve():
+        raise audio.AudioError(f"{src}: the output would replace the input; choose another output folder")
     x, sr = audio.load(src)
     y = enhance(x, sr, model, atten_lim_db=atten_lim_db, progress=progress)
-    dest = Path(out_dir) / Path(src).name
     audio.save(dest, y, sr)
     return dest
 

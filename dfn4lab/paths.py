@@ -36,9 +36,19 @@ def atomic_write(path: str | os.PathLike, content: str | Callable[[str], Any]) -
     return path
 
 
-def publish(tmp: str | os.PathLike, dest: str | os.PathLike) -> Path:
-    """Rename the finished folder ``tmp`` to ``dest``, replacing an older ``dest`` without a gap."""
+def check_replaceable(dest: str | os.PathLike, marker: str) -> None:
+    """Raise ValueError unless ``dest`` is absent, an empty folder, or a folder of the kind being written
+    (it holds the file ``marker``): a command never replaces a folder of the user's."""
+    dest = Path(dest)
+    if dest.exists() and not (dest.is_dir() and (not any(dest.iterdir()) or (dest / marker).is_file())):
+        raise ValueError(f"{dest} exists and was not written by this command (no {marker}): choose another")
+
+
+def publish(tmp: str | os.PathLike, dest: str | os.PathLike, marker: str) -> Path:
+    """Rename the finished folder ``tmp`` to ``dest``, replacing an older ``dest`` of the same kind (see
+    :func:`check_replaceable`) without a gap."""
     tmp, dest = Path(tmp), Path(dest)
+    check_replaceable(dest, marker)
     if dest.exists():
         old = dest.with_name(f".{dest.name}.old.{os.getpid()}")
         os.rename(dest, old)

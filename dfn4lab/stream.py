@@ -26,6 +26,7 @@ reference the native one is tested against.
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -405,8 +406,8 @@ def stream_file(src: str | Path, dest: str | Path, model: DfNet, chunk_ms: float
     Any rate and channel count; the output keeps both and the length, delay compensated. Written
     atomically (``audio.save``), so a failure leaves no partial file.
     """
-    if not chunk_ms > 0:
-        raise ValueError(f"chunk_ms must be positive, got {chunk_ms}")
+    if not 0 < chunk_ms < math.inf:
+        raise ValueError(f"chunk_ms must be a positive number, got {chunk_ms}")
     x, sr = audio.load(src)
     chunk = max(1, round(sr * chunk_ms / 1000))
     ch, msr = x.shape[0], model.cfg.dsp.sr

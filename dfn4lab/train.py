@@ -41,7 +41,8 @@ from typing import Any
 
 from dfn4lab import inference, losses, paths
 from dfn4lab.checkpoint import latest_checkpoint, restore, save_checkpoint, save_step
-from dfn4lab.config import JsonConfig, ModelConfig, from_dict, preset
+from dfn4lab.cli import command
+from dfn4lab.config import JsonConfig, ModelConfig, from_dict, preset, read_json
 from dfn4lab.losses import LossConfig
 from dfn4lab.model import DfNet
 from dfn4lab.validation import validate, validation_items
@@ -106,6 +107,35 @@ class RunConfig(JsonConfig):
     freeze_bn: bool | None = None  # BatchNorm on running stats in training; None: when init_from is set
     progress: bool = True  # tqdm bar on rank 0
 
+    def __post_init__(self) -> None:
+        """Values no run can use raise one ValueError here, whether from flags, ``--set`` or a file."""
+        at_least = {"epochs": 1, "batch_size": 1, "ckpt_every": 1, "keep": 1, "valid_batch": 1}
+        at_least |= {"max_bad_steps": 1, "max_steps": 0, "valid_items": 0}
+        values = {k: (getattr(self, k), lo) for k, lo in at_least.items()}
+        bad = [f"{k} >= {lo} (got {v})" for k, (v, lo) in values.items() if v is not None and v < lo]
+        if self.max_minutes is not None and not self.max_minutes >= 0:
+            bad.append(f"max_minutes >= 0 (got {self.max_minutes})")
+        if bad:
+            raise ValueError(f"run config needs {', '.join(bad)}")
+        if self.best_by not in ("si_sdr", "stoi", "loss"):
+            raise ValueError(f"best_by must be si_sdr, stoi or loss, got {self.best_by!r}")
+        if self.precision not in ("float32", "bfloat16"):
+            raise ValueError(f"precision must be float32 or bfloat16, got {self.precision!r}")
+        self._schedule()  # a malformed batch_schedule fails now, not at its epoch
+
+    def _schedule(self) -> list[tuple[int, int]]:
+        """``batch_schedule`` as (first epoch, batch size) pairs."""
+        pairs = []
+        for part in filter(None, self.batch_schedule.split(",")):
+            try:
+                e, b = (int(v) for v in part.split("/"))
+            except ValueError:
+                raise ValueError(f"batch_schedule: {part!r} is not EPOCH/SIZE (e.g. 0/8,2/16)") from None
+            if e < 0 or b < 1:
+                raise ValueError(f"batch_schedule: {part!r} needs an epoch >= 0 and a size >= 1")
+            pairs.append((e, b))
+        return pairs
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:
         return from_dict(cls, d)
@@ -113,12 +143,11 @@ class RunConfig(JsonConfig):
     @classmethod
     def load(cls, path: str | Path) -> RunConfig:
         """From a JSON or YAML file."""
-        text = Path(path).read_text()
-        if Path(path).suffix in (".yaml", ".yml"):
-            import yaml
+        if Path(path).suffix not in (".yaml", ".yml"):
+            return cls.from_dict(read_json(path))
+        import yaml
 
-            return cls.from_dict(yaml.safe_load(text) or {})
-        return cls.from_dict(json.loads(text))
+        return cls.from_dict(yaml.safe_load(Path(path).read_text()) or {})
 
     def model_config(self) -> ModelConfig:
         """The preset with the overrides (JSON-normalised, so it compares equal to a saved config)."""
@@ -126,8 +155,7 @@ class RunConfig(JsonConfig):
 
     def batch_size_at(self, epoch: int) -> int:
         size = self.batch_size
-        for part in filter(None, self.batch_schedule.split(",")):
-            e, b = (int(v) for v in part.split("/"))
+        for e, b in self._schedule():
             size = b if epoch >= e else size
         return size
 
@@ -318,8 +346,6 @@ def make_step(model: DfNet, opt: optim.Optimizer, run: RunConfig, group: mx.dist
     lsnr_range = (cfg.lsnr_min, cfg.lsnr_max)
     world = group.size() if group is not None else 1
     low = mx.bfloat16 if run.precision == "bfloat16" else None
-    if run.precision not in ("float32", "bfloat16"):
-        raise ValueError(f"precision must be float32 or bfloat16, got {run.precision!r}")
 
     def forward(noisy, feat_erb, feat_spec):
         if low is None:
@@ -470,6 +496,12 @@ class Trainer:
             folder, weights, arrays, meta = found
             if ModelConfig.from_json(folder / "config.json") != self.model.cfg:
                 raise ValueError(f"{folder} holds another model config than this run; use another out folder")
+            changed = _changed_settings(meta["run"], self.run) if "run" in meta else []
+            if changed:  # the same run or none: the data order, schedule and seeds depend on these
+                raise ValueError(
+                    f"{folder} was saved by a run with other settings ({'; '.join(changed)}): "
+                    "resume with the same ones or use another out folder"
+                )
             restore(self.model, self.opt, weights, arrays)
             self.step, (self.epoch, self.batch), self.best = meta["step"], meta["position"], meta.get("best")
             self.log(f"resuming from {folder} (step {self.step}, epoch {self.epoch}, batch {self.batch})")
@@ -690,6 +722,26 @@ def train(
     return Trainer(run, data, callback).fit()
 
 
+# What a resumed run may change: its budget and bookkeeping, nothing that shapes the weights.
+RESUMABLE = ("out", "max_steps", "max_minutes", "progress", "compile", "ckpt_every", "keep", "max_bad_steps")
+
+
+def _changed_settings(saved: dict[str, Any], run: RunConfig) -> list[str]:
+    """``key: saved -> now`` for the settings of ``run`` that differ from a checkpoint's, but RESUMABLE."""
+    now = json.loads(json.dumps(run.to_dict()))  # tuples as the checkpoint's JSON holds them: lists
+    return [
+        f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in now.items() if k not in RESUMABLE and saved.get(k) != v
+    ]
+
+
+def _record(line: str) -> dict[str, Any] | None:
+    """One ``metrics.jsonl`` record, or None for a line cut short (killed while appending it)."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return None
+
+
 def _step_seed(seed: int, step: int) -> int:
     """MLX's RNG seed for a step: a function of (seed, step), so a resumed run draws the same numbers."""
     return int(np.random.default_rng((seed, step)).integers(2**32))
@@ -699,13 +751,14 @@ def _trim_log(path: Path, step: int) -> None:
     """Drop records past ``step`` (left by a run that died after its last checkpoint)."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    keep = [line for line in path.read_text().splitlines() if (r := _record(line)) and r["step"] <= step]
     paths.atomic_write(path, "".join(line + "\n" for line in keep))
 
 
 def read_log(out: str | Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(step records, epoch records) of a run's ``metrics.jsonl``."""
-    recs = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines() if line]
+    lines = (Path(out) / "metrics.jsonl").read_text().splitlines()
+    recs = [r for r in map(_record, lines) if r]
     return [r for r in recs if r["kind"] == "step"], [r for r in recs if r["kind"] == "epoch"]
 
 
@@ -778,6 +831,7 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     return RunConfig.from_dict(d)
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     run = parse_args(argv)
     try:

@@ -132,3 +132,12 @@ def test_cli_skips_a_built_corpus(tiny_corpus, capsys, tmp_path):
     shutil.copytree(tiny_corpus, out)
     assert demo.main(["--out", str(out)]) == 0
     assert "already" in capsys.readouterr().out
+
+
+def test_cli_never_replaces_a_folder_it_did_not_write(tmp_path, capsys):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("precious")
+    assert demo.main(["--tiny", "--out", str(mine)]) == 2
+    assert "not written by this command" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["mine"] and (mine / "notes.txt").read_text() == "precious"

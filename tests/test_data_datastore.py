@@ -82,3 +82,14 @@ def test_cli(corpus, tmp_path, capsys):
     assert json.loads(printed[printed.index("{") :])["split"] == "valid"
     (store / "shard-00000.safetensors").write_bytes(b"x")
     assert datastore.main(["verify", str(store)]) == 1
+    assert datastore.main(["build", *args]) == 0  # a datastore is rebuilt in place
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.txt").write_text("precious")  # a folder of the user's is not
+    assert datastore.main(["build", *args[:-1], str(mine)]) == 2
+    assert (mine / "thesis.txt").read_text() == "precious" and [p.name for p in mine.iterdir()] == [
+        "thesis.txt"
+    ]
+    assert datastore.main(["build", *args[:-3], "0", "--output", str(tmp_path / "none")]) == 2
+    assert datastore.main(["info", str(tmp_path / "missing")]) == 2
+    assert "error:" in capsys.readouterr().err

@@ -107,5 +107,13 @@ def test_cli_enhances_and_rejects_bad_input(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["good.wav"]  # no partial outputs
     y, sr = sf.read(out / "good.wav")
     assert sr == 24000 and y.shape == (24000,)
+    before = good.read_bytes()
+    res = _cli("enhance", str(good), "-o", str(tmp_path))  # would write over its input
+    assert res.returncode == 1 and "replace the input" in res.stderr and good.read_bytes() == before
+    (tmp_path / "other").mkdir()
+    twin = tmp_path / "other" / "good.wav"
+    twin.write_bytes(before)
+    res = _cli("enhance", str(good), str(twin), "-o", str(tmp_path / "twins"))  # one output name, twice
+    assert res.returncode == 2 and "share a file name" in res.stderr and not (tmp_path / "twins").exists()
     res = _cli("enhance", str(good), "-o", str(out), "--model", "nonsense")
     assert res.returncode == 2 and res.stderr.startswith("error:") and "Traceback" not in res.stderr

@@ -90,6 +90,12 @@ def test_bad_sets_are_reported(tmp_path):
     (tmp_path / "x.lst").write_text("only_one_field\n")
     with pytest.raises(ValueError, match="expected"):
         evaluate.load_set(tmp_path / "x.lst")
+    write_pair(tmp_path, "noisy", "clean", "a.wav", 5.0)
+    (tmp_path / "x.lst").write_text("# noisy clean snr\nnoisy/a.wav clean/a.wav abc\n")
+    with pytest.raises(ValueError, match=r"x.lst:2: the SNR 'abc' is not a number"):
+        evaluate.load_set(tmp_path / "x.lst")
+    with pytest.raises(ValueError, match="not a text list"):  # an audio file given as the set
+        evaluate.load_set(tmp_path / "noisy" / "a.wav")
 
 
 def test_count_macs_of_known_ops():

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -216,6 +217,59 @@ def test_damaged_newest_checkpoint_falls_back(tmp_path):
     folder, _, _, meta = checkpoint.latest_checkpoint(tmp_path, said.append)
     assert folder.name == "step-00000001" and meta["step"] == 1
     assert "step-00000002" in said[0]
+
+
+def test_unreadable_checkpoints_stop_the_run_instead_of_starting_over(corpus, tmp_path):
+    run = _run(corpus, tmp_path / "broken", max_steps=2, compile=False)
+    train.Trainer(run).fit()
+    log = (tmp_path / "broken" / "metrics.jsonl").read_text()
+    for folder in checkpoint.checkpoints(tmp_path / "broken"):
+        (folder / "trainer.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="none of the 1 checkpoints .* is readable"):
+        train.Trainer(run)
+    assert (tmp_path / "broken" / "metrics.jsonl").read_text() == log  # the run's log is kept
+
+
+def test_resume_needs_the_same_settings_and_survives_a_cut_log_line(corpus, tmp_path):
+    out = tmp_path / "resume"
+    run = _run(corpus, out, max_steps=2, compile=False)
+    train.Trainer(run).fit()
+    saved = (out / "run_config.json").read_text()
+    with pytest.raises(ValueError, match=r"other settings \(batch_size: 2 -> 4; seed: 0 -> 7\)"):
+        train.Trainer(dataclasses.replace(run, batch_size=4, seed=7))
+    assert (out / "run_config.json").read_text() == saved  # not overwritten by the refused run
+    with open(out / "metrics.jsonl", "a") as f:  # killed while appending a record
+        f.write('{"kind": "step", "step": 3, "lo')
+    h = train.Trainer(dataclasses.replace(run, max_steps=4)).fit()  # a longer budget may change
+    steps, _ = train.read_log(out)
+    assert h["step"] == 4 and [r["step"] for r in steps] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--config", "missing.json"], "no such config file: missing.json"),
+        (["--config", "cut.json"], r"cut.json: not valid JSON"),
+        (["--preset", "dfn5"], "unknown preset 'dfn5'"),
+        (["--backbone", "lstm", "--max-steps", "0"], "unknown backbone kind 'lstm'"),
+        (["--batch-size", "0"], r"batch_size >= 1 \(got 0\)"),
+        (["--batch-schedule", "0-8"], "'0-8' is not EPOCH/SIZE"),
+        (["--set", "optim.learning_rate=0.5"], "unknown OptimConfig field.* learning_rate"),
+        (["--set", 'batch_size="2"'], "RunConfig.batch_size must be int, got '2'"),
+        (["--set", "model.backbone.dstate=4", "--max-steps", "0"], "unknown BackboneConfig field.* dstate"),
+    ],
+)
+def test_cli_bad_input_is_one_line(tmp_path, args, message):
+    (tmp_path / "cut.json").write_text('{"epochs": 2,')  # a config file cut short
+    res = subprocess.run(
+        [PY, "-m", "dfn4lab.train", "--out", str(tmp_path / "run"), *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and re.search(message, res.stderr), res.stderr
 
 
 def test_time_budget_stops_training(corpus, tmp_path):

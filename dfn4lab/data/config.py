@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dfn4lab.config import JsonConfig, from_dict
+from dfn4lab.config import JsonConfig, from_dict, is_json_text, read_json, replace_fields
 
 SPLITS = ("train", "valid", "test")
 KINDS = ("speech", "noise", "rir")
@@ -83,10 +83,10 @@ class DataConfig(JsonConfig):
     @classmethod
     def from_json(cls, s_or_path: str | Path) -> DataConfig:
         """From a JSON string or file; a file's relative list paths resolve against its folder."""
+        cfg = from_dict(cls, read_json(s_or_path))
+        if is_json_text(s_or_path):
+            return cfg
         p = Path(s_or_path)
-        if not (p.suffix == ".json" and p.exists()):
-            return from_dict(cls, json.loads(str(s_or_path)))
-        cfg = from_dict(cls, json.loads(p.read_text()))
         base = p.resolve().parent
         lists = {s: {k: str(base / v) for k, v in kinds.items()} for s, kinds in cfg.lists.items()}
         return dataclasses.replace(cfg, lists=lists)
@@ -95,5 +95,5 @@ class DataConfig(JsonConfig):
         """Copy with overrides; ``mix={...}`` and ``checks={...}`` update single fields."""
         for name, sub in (("mix", self.mix), ("checks", self.checks)):
             if isinstance(overrides.get(name), dict):
-                overrides[name] = dataclasses.replace(sub, **overrides[name])
-        return dataclasses.replace(self, **overrides)
+                overrides[name] = replace_fields(sub, **overrides[name])
+        return replace_fields(self, **overrides)

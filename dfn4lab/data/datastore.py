@@ -25,12 +25,13 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from dfn4lab.cli import command
 from dfn4lab.config import DspConfig
 from dfn4lab.data.checks import Report
 from dfn4lab.data.config import DataConfig
 from dfn4lab.data.loader import featurize
 from dfn4lab.data.mixing import Mixer
-from dfn4lab.paths import publish
+from dfn4lab.paths import check_replaceable, publish
 
 import numpy as np
 from safetensors import safe_open
@@ -83,8 +84,11 @@ def build(
     info: dict | None = None,
 ) -> dict:
     """Mix samples ``0..samples-1`` of ``epoch`` into ``out`` (replacing it); returns the manifest."""
+    if samples < 1 or shard_size < 1:
+        raise ValueError(f"samples and shard_size must be >= 1, got {samples} and {shard_size}")
     cfg = dsp_cfg or DspConfig()
     out = Path(out)
+    check_replaceable(out, "manifest.json")  # a user's folder is never replaced
     tmp = out.with_name(f".{out.name}.building")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -122,7 +126,7 @@ def build(
         "meta": meta,
     }
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
-    publish(tmp, out)
+    publish(tmp, out, marker="manifest.json")
     return manifest
 
 
@@ -210,6 +214,7 @@ class Datastore:
         return problems
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m dfn4lab.data.datastore", description=__doc__.split("\n\n")[0]

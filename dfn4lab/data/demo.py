@@ -34,6 +34,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from dfn4lab.cli import command
 from dfn4lab import audio, paths
 from dfn4lab.data import lists, rooms, sources, synth
 from dfn4lab.data.checks import Report
@@ -269,6 +270,7 @@ def build(out: str | Path = DEFAULT_OUT, cfg: DemoConfig = DemoConfig(), log=pri
     """Build the corpus into ``out`` (replacing it once complete) and return its manifest."""
     t0 = time.perf_counter()
     out = Path(out)
+    paths.check_replaceable(out, "manifest.json")  # before a minute of work, not after
     tmp = out.with_name(f".{out.name}.building")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -290,7 +292,7 @@ def build(out: str | Path = DEFAULT_OUT, cfg: DemoConfig = DemoConfig(), log=pri
             pool.shutdown(cancel_futures=True)
     manifest = _manifest(cfg, files, skipped)
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
-    paths.publish(tmp, out)
+    paths.publish(tmp, out, marker="manifest.json")
     _write_lists(out, files)  # lists hold absolute paths: written once the corpus is in place
     log(f"demo corpus: {summary(manifest)} in {out} ({time.perf_counter() - t0:.1f} s)")
     return manifest
@@ -319,6 +321,7 @@ def is_built(out: str | Path = DEFAULT_OUT) -> bool:
     return (out / "manifest.json").is_file() and (out / "data_config.json").is_file()
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m dfn4lab.data.demo", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=str(DEFAULT_OUT))

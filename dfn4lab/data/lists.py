@@ -24,6 +24,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from dfn4lab.cli import command
 from dfn4lab.data import checks
 from dfn4lab.data.checks import BadFile, NoUsableFiles, Report
 from dfn4lab.data.config import KINDS, SPLITS, CheckConfig, DataConfig, MixConfig
@@ -157,6 +158,7 @@ def load_split(cfg: DataConfig, split: str) -> dict[str, list[Entry]]:
     return out
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m dfn4lab.data.lists", description=__doc__.split("\n\n")[0])
     ap.add_argument("--speech-dirs", nargs="+", default=[])
@@ -172,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if not args.speech_dirs:
         ap.error("--speech-dirs is required")
+    if min(args.split) < 0 or not sum(args.split) > 0:
+        ap.error(f"--split takes three fractions >= 0 with a positive sum, got {args.split}")
     check = CheckConfig(min_sr=args.min_sr)
     report = Report()
     entries: list[Entry] = []
