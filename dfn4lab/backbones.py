@@ -567,7 +567,8 @@ def windowed_attention(
 
 @functools.cache
 def _fused_attention(scale: float, window: int) -> Callable[[mx.array, mx.array, mx.array], tuple]:
-    """:mod:`dfn4lab.kernels`' causal attention as a differentiable function of ``(q, k, v)``."""
+    """:mod:`dfn4lab.kernels`' causal attention as a differentiable function of ``(q, k, v)`` returning
+    ``(o, lse)``; ``lse`` is kept for the backward and carries no gradient (use ``o`` only)."""
 
     @mx.custom_function
     def fused(q: mx.array, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:

@@ -193,6 +193,8 @@ std::vector<mx::array> attention_backward(const mx::array& q, const mx::array& k
   check(dout, 4, "dout");
   if (o.shape() != q.shape() || dout.shape() != q.shape())
     throw std::invalid_argument("attention: o and dout must have q's shape");
+  if (lse.shape() != mx::Shape{q.shape(0), q.shape(1), q.shape(2)})
+    throw std::invalid_argument("attention: lse must be (batch, heads, T)");
   auto st = mx::to_stream(s);
   std::vector<mx::array> in;
   for (auto* x : {&q, &k, &v, &o, &lse, &dout}) in.push_back(prepared(*x, st));

@@ -313,7 +313,7 @@ std::vector<mx::array> gru_backward(const mx::array& dy, const mx::array& xi, co
   check(w_hh, 2, "w_hh");
   const int bs = xi.shape(0), T = xi.shape(1), H = h_prev.shape(2);
   if (dy.shape() != h_prev.shape() || gh.shape() != xi.shape() || xi.shape(2) != 3 * H ||
-      h_prev.shape(0) != bs || h_prev.shape(1) != T || w_hh.shape(0) != 3 * H)
+      h_prev.shape(0) != bs || h_prev.shape(1) != T || w_hh.shape(0) != 3 * H || w_hh.shape(1) != H)
     throw std::invalid_argument("gru_backward: shapes do not match");
   auto st = mx::to_stream(s);
   return mx::array::make_arrays({{bs, T, 3 * H}, {bs, T, 3 * H}, {bs, H}},
