@@ -1,4 +1,4 @@
-"""Benchmarks: ``python -m dfn4lab.bench {matmul,enhance}``.
+"""Benchmarks: ``python -m dfn4lab.bench {matmul,enhance,stream,backbones,data}``.
 
 Every case is timed in the same process as its comparison (ratios, not absolute numbers,
 are what transfer between noisy machines): warm-up, repeated timings, median and spread.

@@ -1,7 +1,8 @@
 """Data configuration: dynamic mixing, input checks, and the data config that training reads.
 
 ``python -m dfn4lab.data.lists ... --generate-config`` writes a ``DataConfig`` as JSON; training
-reads it back with ``DataConfig.from_json(path)``. Unknown keys are ignored, so older files load.
+reads it back with ``DataConfig.from_json(path)``. Unknown keys and values of the wrong type are errors
+(``config.from_dict``): a typo in a config never passes silently.
 """
 
 from __future__ import annotations

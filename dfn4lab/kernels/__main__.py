@@ -1,12 +1,13 @@
 """Build dfn4lab's CPU kernels into this package: ``python -m dfn4lab.kernels`` (``make kernels``).
 
-CMake compiles ``recurrences.cpp`` and ``attention.cpp`` against the MLX installed in this
-environment (its headers and ``libmlx``) with nanobind (the ``kernels`` extra); ~15 s. Exits 1 with
-one line naming the log when it cannot build: the pure-MLX code then runs instead.
+CMake compiles ``module.cpp``, ``recurrences.cpp``, ``attention.cpp`` and ``stream.cpp`` against the
+MLX installed in this environment (its headers and ``libmlx``) with nanobind (the ``kernels`` extra);
+~15 s. Exits 1 with one line naming the log when it cannot build: the pure-MLX code then runs instead.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import subprocess
@@ -45,7 +46,10 @@ def _remove_built() -> None:
         path.unlink()
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    argparse.ArgumentParser(
+        prog="python -m dfn4lab.kernels", description=__doc__.split("\n\n")[0]
+    ).parse_args(argv)
     try:
         path = build()
     except RuntimeError as e:
