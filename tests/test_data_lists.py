@@ -167,3 +167,37 @@ def test_files_that_go_bad_after_listing_never_crash_a_run(tmp_path):
         Path(e.path).write_bytes(b"")
     with pytest.raises(NoUsableFiles, match="all 6 speech files are unusable"):
         Mixer(speech, noise, cfg=cfg).sample(0, 0)
+
+
+def test_a_file_bad_in_part_gives_samples_that_do_not_depend_on_earlier_reads(tmp_path):
+    """NaN in the second half of a noise file: stretches that meet it fall back to the next file, the
+    others use it, whatever was read before (so worker processes agree with the main one)."""
+    speech, noise = _entries(tmp_path, 4)
+    x = tone(4.0, freq=3000, seed=7)
+    x[x.size // 2 :] = np.nan
+    sf.write(tmp_path / "partnan.wav", x, SR, subtype="FLOAT")
+    noise.insert(0, Entry(str(tmp_path / "partnan.wav"), "noise", "train", "pn", 4.0, SR, 1, SR // 2))
+    cfg = MixConfig(max_len_s=0.5, p_interferer=0.0, p_reverb=0.0, noises=(1, 1))
+    forward = Mixer(speech, noise, cfg=cfg, samples_per_epoch=24)
+    a = [forward.sample(0, i) for i in range(24)]
+    backward = Mixer(speech, noise, cfg=cfg, samples_per_epoch=24)
+    b = [backward.sample(0, i) for i in reversed(range(24))][::-1]
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_array_equal(x.noisy, y.noisy)
+    used = [m.meta["noises"][0]["path"] == noise[0].path for m in a]
+    assert any(used) and forward.report.counts() == {"nan": 1}  # its good half used, its bad half reported
+
+
+def test_scanned_split_folders_and_one_group_warning(tmp_path):
+    root = tmp_path / "speech"
+    for split in SPLITS:
+        for spk in ("a", "b"):
+            write(root / split / f"{split}-{spk}" / "x.wav", tone(0.5))
+    entries = lists.scan([root / s for s in SPLITS], "speech")  # each split folder scanned itself
+    assert {(Path(e.path).parent.parent.name, e.split) for e in entries} == {(s, s) for s in SPLITS}
+    flat = tmp_path / "corpus" / "wav48"
+    for i in range(20):
+        write(flat / f"p{i}" / "x.wav", tone(0.5, seed=i))
+    with pytest.warns(UserWarning, match="all 20 speech files below .* form one group"):
+        lists.scan([tmp_path / "corpus"], "speech")
+    assert len({e.group for e in lists.scan([flat], "speech")}) == 20  # the speakers' folder: 20 groups

@@ -105,3 +105,5 @@ def test_from_config(tiny_corpus):
 def test_too_small_source_is_an_error(mixer):
     with pytest.raises(ValueError, match="fewer than one batch"):
         Loader(mixer, batch_size=100)
+    with pytest.raises(ValueError, match="mixed at 48000 Hz but the model's DSP runs at 16000 Hz"):
+        Loader(mixer, batch_size=2, dsp_cfg=DspConfig(sr=16000, fft_size=320, hop_size=160))

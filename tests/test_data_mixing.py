@@ -71,11 +71,31 @@ def test_samples_are_a_function_of_seed_epoch_index(cfg):
     assert not np.array_equal(Mixer.from_config(c.replace(seed=1), "train").sample(2, 5).noisy, x.noisy)
 
 
-def test_interferer_is_another_speaker(cfg):
+def test_interferer_is_another_speaker(cfg, tmp_path):
     m = Mixer.from_config(cfg.replace(mix=dict(p_interferer=1.0, max_len_s=0.5)), "train")
     for i in range(4):
         meta = m.sample(0, i).meta
         assert meta["interferer"]["speaker"] != meta["speaker"]
+    # the other speaker's file is bad: the fallback is not the target's own speaker's next file
+    x = (np.random.default_rng(0).standard_normal(SR) * 0.1).astype(np.float32)
+    files = (("a0", "a"), ("b0", "b"), ("a1", "a"))
+    speech = [_tone_entry(tmp_path, f"{name}.wav", x, "speech", g) for name, g in files]
+    (tmp_path / "b0.wav").write_bytes(b"garbage")
+    noise = [_tone_entry(tmp_path, "n.wav", x, "noise", "n")]
+    m = Mixer(speech, noise, cfg=MixConfig(max_len_s=0.5, p_interferer=1.0, p_reverb=0.0))
+    for i in range(6):
+        meta = m.sample(0, i).meta
+        assert meta.get("interferer", {}).get("speaker") != meta["speaker"]
+
+
+def test_band_limits_stay_below_nyquist(tmp_path):
+    """A 16 kHz mix of 48 kHz files: a drawn cutoff is below 8 kHz (at or above it nothing is filtered)."""
+    x = (np.random.default_rng(0).standard_normal(SR) * 0.1).astype(np.float32)
+    speech = [_tone_entry(tmp_path, f"s{i}.wav", x, "speech", f"s{i}") for i in range(2)]
+    noise = [_tone_entry(tmp_path, "n.wav", x, "noise", "n")]
+    m = Mixer(speech, noise, cfg=MixConfig(sr=16000, max_len_s=0.5, p_bandlimit=1.0, p_reverb=0.0))
+    cuts = [m.sample(0, i).meta.get("bandlimit_hz") for i in range(20)]
+    assert any(cuts) and all(c < 8000 for c in cuts if c)
 
 
 def _tone_entry(tmp: Path, name: str, x: np.ndarray, kind: str, group: str) -> Entry:

@@ -3,8 +3,8 @@
     python -m dfn4lab.data.lists --speech-dirs S.. --noise-dirs N.. --rir-dirs R.. \\
         --output-dir DIR --generate-config
 
-Each file gets a split and a group. A path component named ``train``/``valid``/``test`` fixes the
-split; otherwise the group's hash picks one (``--split 0.8 0.1 0.1``), so a group (a speaker, a
+Each file gets a split and a group. A path component named ``train``/``valid``/``test`` (the scanned
+folder's own name included) fixes the split; otherwise the group's hash picks one (``--split 0.8 0.1 0.1``), so a group (a speaker, a
 noise with its variants, a room) never spans two splits. The group is the first folder below the
 split folder (or below the scanned folder); a file directly in it is its own group, with trailing
 variant numbers removed (``fire.1.ogg`` and ``fire.2.ogg`` are group ``fire``).
@@ -20,6 +20,7 @@ import csv
 import hashlib
 import re
 import sys
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -60,6 +61,8 @@ def split_and_group(path: Path, root: Path, fractions: Sequence[float]) -> tuple
     dirs, name = parts[:-1], parts[-1]
     split = next((d for d in dirs if d in SPLITS), None)
     below = dirs[dirs.index(split) + 1 :] if split else dirs
+    if split is None and root.name in SPLITS:  # the scanned folder is itself a split folder
+        split = root.name
     group = below[0] if below else re.sub(r"[._-]?\d+$", "", Path(name).stem) or Path(name).stem
     group = f"{root.name}/{group}"
     return (split or hash_split(group, fractions)), group
@@ -89,7 +92,7 @@ def scan(
     check = check or CheckConfig()
     entries, found = [], 0
     for d in dirs:
-        root = Path(d)
+        root, first = Path(d), len(entries)
         for p in find_audio(root):
             found += 1
             r = checks.check_file(p, kind, check, full=full)
@@ -99,6 +102,13 @@ def scan(
             split, group = split_and_group(p, root, fractions)
             entries.append(
                 Entry(str(p.resolve()), kind, split, group, r.duration, r.sr, r.channels, r.sr // 2)
+            )
+        groups = {e.group for e in entries[first:]}
+        if len(groups) == 1 and len(entries) - first >= 20:
+            warnings.warn(
+                f"all {len(entries) - first} {kind} files below {root} form one group ({groups.pop()}), so "
+                "they all land in one split: scan the folder whose subfolders are the speakers (or rooms...)",
+                stacklevel=2,
             )
     if not entries:
         dirs_s = ", ".join(str(d) for d in dirs)

@@ -141,7 +141,13 @@ class Loader:
         self.source, self.batch_size, self.workers = source, batch_size, workers
         self.prefetch = max(prefetch, workers, 1)
         self.seed, self.shuffle = seed, shuffle
-        self.dsp_cfg = dsp_cfg or getattr(source, "dsp_cfg", None) or DspConfig()  # a datastore's own
+        own = getattr(source, "dsp_cfg", None)  # a datastore's: its stored features were made with it
+        if own is not None and dsp_cfg is not None and own != dsp_cfg:
+            raise ValueError("the datastore was built with another DSP config than the one asked for")
+        self.dsp_cfg = dsp_cfg or own or DspConfig()
+        mix_sr = getattr(getattr(source, "cfg", None), "sr", self.dsp_cfg.sr)  # a Mixer's rate
+        if mix_sr != self.dsp_cfg.sr:
+            raise ValueError(f"the data is mixed at {mix_sr} Hz but the model's DSP runs at {self.dsp_cfg.sr} Hz")
         self.report = Report()
         self._pos = position or DataPosition()
         if self._pos.rng is None:

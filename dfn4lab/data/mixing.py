@@ -43,8 +43,10 @@ class Mixture:
 
 
 class _Bad(Exception):
-    def __init__(self, bad: BadFile):
-        self.bad = bad
+    """A file that failed a check; ``whole``: the whole file fails (not only the stretch read)."""
+
+    def __init__(self, bad: BadFile, whole: bool = True):
+        self.bad, self.whole = bad, whole
 
 
 class Mixer:
@@ -92,25 +94,25 @@ class Mixer:
         of the free range; raises ``_Bad`` for a file that no longer passes its checks."""
         sr = self.cfg.sr
         try:
-            with sf.SoundFile(e.path) as f:
-                if f.samplerate != e.sr:
-                    raise _Bad(
-                        BadFile(e.path, e.kind, "wrong_rate", f"{f.samplerate} Hz, list says {e.sr} Hz")
-                    )
-                if f.frames / f.samplerate < self.check.min_seconds(e.kind):
-                    raise _Bad(BadFile(e.path, e.kind, "too_short", f"{f.frames / f.samplerate:.3f} s"))
-                need = min(f.frames, math.ceil(n * f.samplerate / sr) + 16)
+            f = sf.SoundFile(e.path)
+        except Exception as ex:  # unreadable, vanished
+            raise _Bad(BadFile(e.path, e.kind, "unreadable", checks.first_line(ex))) from ex
+        with f:
+            if f.samplerate != e.sr:
+                raise _Bad(BadFile(e.path, e.kind, "wrong_rate", f"{f.samplerate} Hz, list says {e.sr} Hz"))
+            if f.frames / f.samplerate < self.check.min_seconds(e.kind):
+                raise _Bad(BadFile(e.path, e.kind, "too_short", f"{f.frames / f.samplerate:.3f} s"))
+            need = min(f.frames, math.ceil(n * f.samplerate / sr) + 16)
+            try:  # from here a failure may depend on the stretch read (a truncated file, NaN in part)
                 f.seek(int(u * (f.frames - need)))
                 x = f.read(need, dtype="float32", always_2d=True)
-        except _Bad:
-            raise
-        except Exception as ex:  # unreadable, truncated, vanished
-            raise _Bad(BadFile(e.path, e.kind, "unreadable", checks.first_line(ex))) from ex
+            except Exception as ex:
+                raise _Bad(BadFile(e.path, e.kind, "unreadable", checks.first_line(ex)), whole=False) from ex
         if x.shape[0] == 0:
-            raise _Bad(BadFile(e.path, e.kind, "empty", "no samples"))
+            raise _Bad(BadFile(e.path, e.kind, "empty", "no samples"), whole=False)
         x = x[:, min(int(channel * x.shape[1]), x.shape[1] - 1)]  # one channel, as libDF
         if not np.isfinite(x).all():
-            raise _Bad(BadFile(e.path, e.kind, "nan", "NaN or inf samples"))
+            raise _Bad(BadFile(e.path, e.kind, "nan", "NaN or inf samples"), whole=False)
         if e.sr != sr:
             x = audio.resample(x, e.sr, sr)
         return x[:n]
@@ -125,7 +127,8 @@ class Mixer:
             try:
                 return e, self._read(e, n, u, channel)
             except _Bad as b:
-                self._bad.add(e.path)
+                if b.whole:  # never read again; a stretch's failure is not remembered, so a sample
+                    self._bad.add(e.path)  # depends on (seed, epoch, index) only, not on what was read before
                 self.report.add(b.bad)
         kind = files[0].kind
         raise NoUsableFiles(f"all {len(files)} {kind} files are unusable: {self.report.summary()}")
@@ -181,7 +184,7 @@ class Mixer:
 
         max_freq = e.max_freq
         if rng.random() < c.p_bandlimit:
-            cut = [f for f in c.cutoffs_hz if f < max_freq]
+            cut = [f for f in c.cutoffs_hz if f < min(max_freq, sr // 2)]
             if cut:
                 max_freq = int(rng.choice(cut))
                 meta["bandlimit_hz"] = max_freq
@@ -226,9 +229,14 @@ class Mixer:
             parts.append(synth.unit_rms(x) * 10 ** (g / 20))
             meta["noises"].append({"path": ne.path, "gain_db": g})
         if rng.random() < c.p_interferer:
-            other = [i for i, s in enumerate(self.speech) if s.group != speaker]
-            if other:
-                ie, x = self._slot(self.speech, other[int(rng.integers(len(other)))], n, rng)
+            others = [s for s in self.speech if s.group != speaker]
+            ie = None
+            if others:  # a bad file falls back to the next of the others, never to the target's speaker
+                try:
+                    ie, x = self._slot(others, int(rng.integers(len(others))), n, rng)
+                except NoUsableFiles:  # no other speaker's file is usable: no interferer
+                    pass
+            if ie is not None:
                 g = float(rng.choice(c.noise_gains_db))
                 parts.append(synth.unit_rms(self._fill(x, n, rng)) * 10 ** (g / 20))
                 meta["interferer"] = {"path": ie.path, "speaker": ie.group, "gain_db": g}
