@@ -158,6 +158,6 @@ def test_mixture_steps_hit_the_snr_and_keep_the_dry_level():
         s = mixture_steps(speech, noise, 16000, snr_db=3.0, rt60=rt60, eq_gain_db=6.0)
         assert {k: v.shape for k, v in s.items()} == {k: (24000,) for k in s}
         resid = s["noisy"] - s["reverberant"]
-        snr = 10 * np.log10(np.mean(s["reverberant"] ** 2) / np.mean(resid**2))
+        snr = 10 * np.log10(np.mean(s["target"] ** 2) / np.mean(resid**2))  # as Mixer: against the target
         assert abs(snr - 3.0) < 0.01
         assert abs(np.sqrt(np.mean(s["eq"] ** 2)) - np.sqrt(np.mean(speech**2))) < 1e-4  # EQ keeps the RMS

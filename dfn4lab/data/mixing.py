@@ -268,8 +268,8 @@ def mixture_steps(
     """One mixture built step by step, for inspection (notebook 01); signals (samples,) float32.
 
     Steps: dry speech -> EQ (a 1 kHz peaking biquad of ``eq_gain_db``) -> room (a random shoebox
-    of reverberation time ``rt60`` s, or none) -> noise at ``snr_db`` against the reverberant speech.
-    The training target keeps the direct path and early reflections, as ``Mixer`` does.
+    of reverberation time ``rt60`` s, or none) -> noise. As in ``Mixer``, the training target keeps the
+    direct path and early reflections, and the noise is at ``snr_db`` against that target.
     """
     from dfn4lab.data import mix, rooms
 
@@ -285,5 +285,5 @@ def mixture_steps(
         room = rooms.random_room(np.random.default_rng(seed), rt60=(rt60, rt60), mics=1)
         rir = rooms.simulate(room, sr)[0][0]
         wet, target = augment.reverb(eq, rir, sr, MixConfig().early_ms, rt60)
-    noisy = mix(wet, noise, snr_db)
+    noisy = wet + (mix(target, noise, snr_db) - target)
     return {"speech": speech, "eq": eq, "reverberant": wet, "noisy": noisy, "target": target}
