@@ -321,7 +321,8 @@ def dynamic_loss(
     l_enh, l_clean = mx.log1p(m_enh / ref), mx.log1p(m_clean / ref)
     w = speech_proxy(clean, noise, cfg, lc) if lc.proxy else mx.ones(d.shape[:2])
     wd = w[..., None] * d
-    speech = mx.sum(wd * mx.abs(l_enh - l_clean)) / (mx.sum(wd) + 1e-6)
+    # per item, then the batch mean (as every term): the same for any batch split (processes, batch size)
+    speech = mx.mean(mx.sum(wd * mx.abs(l_enh - l_clean), axis=(1, 2)) / (mx.sum(wd, axis=(1, 2)) + 1e-6))
     nd = 1 - d
     e_in = mx.sum(nd * mx_noisy**2, axis=(1, 2)) + 1e-3 * mx.sum(mx_noisy**2, axis=(1, 2)) + 1e-20
     noise_term = mx.mean(mx.sum(nd * m_enh**2, axis=(1, 2)) / e_in)
@@ -334,8 +335,9 @@ def dynamic_loss(
 
 
 def vad_drop(enh: mx.array, clean: mx.array, noise: mx.array, cfg: DspConfig, lc: LossConfig) -> mx.array:
-    """Mean drop of the energy presence cue from clean to output over high-SNR speech frames; the output's
-    band energy is scored with the clean signal's statistics so the two are comparable."""
+    """Mean drop of the energy presence cue from clean to output over each item's high-SNR speech frames
+    (then the batch mean); the output's band energy is scored with the clean signal's statistics so the
+    two are comparable."""
     pc = presence(clean, cfg, lc)
     lo, hi = _band(cfg, lc.proxy_band_hz)
     db_enh = _band_db(mx.sum(enh[:, :, lo:hi] ** 2, axis=(-2, -1)), pc["floor"])
@@ -344,7 +346,7 @@ def vad_drop(enh: mx.array, clean: mx.array, noise: mx.array, cfg: DspConfig, lc
     thr = 10 ** (lc.vad_snr_db / 10)
     high = mx.stop_gradient(((pc["speech"] > 0.5) & (r > thr / (1 + thr))).astype(mx.float32))
     drop = mx.maximum(mx.stop_gradient(pc["energy"]) - p_enh, 0)
-    return mx.sum(high * drop) / (mx.sum(high) + 1.0)
+    return mx.mean(mx.sum(high * drop, axis=1) / (mx.sum(high, axis=1) + 1.0))  # per item, then the mean
 
 
 def dyn_ramp(lc: LossConfig, step: int) -> float:

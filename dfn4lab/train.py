@@ -318,11 +318,16 @@ def make_optimizer(oc: OptimConfig, steps: int) -> optim.AdamW:
     lr = optim.join_schedules(
         [
             optim.linear_schedule(oc.lr * oc.warmup_start, oc.lr, warm),
-            optim.cosine_decay(oc.lr, max(1, steps - warm), oc.min_lr),
+            optim.cosine_decay(oc.lr, max(1, steps - 1 - warm), oc.min_lr),  # min_lr at the last step
         ],
         [warm],
     )
     return optim.AdamW(learning_rate=lr, betas=list(oc.betas), eps=oc.eps, weight_decay=oc.weight_decay)
+
+
+def _running_stat(key: str) -> bool:
+    """Whether a flattened parameter key is a BatchNorm running statistic (updated by the forward)."""
+    return key.rsplit(".", 1)[-1] in ("running_mean", "running_var")
 
 
 def _assign(tree: Any, key: str, value: mx.array) -> None:
@@ -350,12 +355,13 @@ def make_step(model: DfNet, opt: optim.Optimizer, run: RunConfig, group: mx.dist
     def forward(noisy, feat_erb, feat_spec):
         if low is None:
             return model(noisy, feat_erb, feat_spec)
-        master = dict(tree_flatten(model.trainable_parameters()))
-        model.update(tree_unflatten([(k, v.astype(low)) for k, v in tree_flatten(model.parameters())]))
+        # weights (trained and frozen) run in bfloat16; BatchNorm's running statistics stay float32, so
+        # their small updates are not rounded away
+        full = tree_flatten(model.parameters())
+        model.update(tree_unflatten([(k, v if _running_stat(k) else v.astype(low)) for k, v in full]))
         out = model(noisy.astype(low), feat_erb.astype(low), feat_spec.astype(low))
-        # float32 master weights back; BatchNorm statistics updated in the forward kept, as float32
-        back = [(k, master.get(k, v.astype(mx.float32))) for k, v in tree_flatten(model.parameters())]
-        model.update(tree_unflatten(back))
+        now = dict(tree_flatten(model.parameters()))  # the float32 weights back, the updated statistics kept
+        model.update(tree_unflatten([(k, now[k] if _running_stat(k) else v) for k, v in full]))
         return tuple(o.astype(mx.float32) for o in out)
 
     def loss_fn(noisy, clean, feat_erb, feat_spec, ctl):
@@ -556,7 +562,7 @@ class Trainer:
         v = validate(self.model, self._valid_items, run.loss, losses.dyn_ramp(run.loss, self.step))
         set_mode(self.model, True, self.freeze_bn)
         key, sign = run.best_by, (1 if run.best_by == "loss" else -1)
-        if key in v and (self.best is None or sign * v[key] < sign * self.best):
+        if key in v and math.isfinite(v[key]) and (self.best is None or sign * v[key] < sign * self.best):
             self.best = v[key]
             save_checkpoint(self.out / "best", self.model, self.opt, self.meta(v))
         return v

@@ -50,7 +50,8 @@ def validate(model: DfNet, items: list[dict[str, mx.array]], lc: LossConfig, ram
         si, si_noisy = losses.si_sdr(enh, clean), losses.si_sdr(noisy, clean)
         agree = mx.mean(p_enh == p_clean, axis=1)
         mx.eval(loss, enh, clean, noisy, si, si_noisy, agree)
-        add("loss", float(loss))
+        for _ in range(out[0].shape[0]):  # per item: a short last batch weighs what its items weigh
+            add("loss", float(loss))
         for b in range(enh.shape[0]):
             c, e, n = np.array(clean[b]), np.array(enh[b]), np.array(noisy[b])
             if np.sqrt(np.mean(c**2)) < metrics.SILENCE_RMS:

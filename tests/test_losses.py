@@ -227,6 +227,21 @@ def test_vad_regulariser_penalises_suppressed_speech_only():
     assert float(off["vad"]) == 0.0  # switched off by ctl on this step
 
 
+def test_dynamic_terms_of_a_batch_are_the_mean_of_its_items():
+    """Per-item terms, then the batch mean: N data-parallel processes (which average their losses and
+    gradients) equal one process with the whole batch, and the scale does not depend on batch size."""
+    enh, clean, noisy = _cases()["speech"]
+    lc, on = LossConfig(dynamic="awesome", vad=1.0, vad_snr_db=0.0), mx.array(1.0)
+    whole = losses.dynamic_loss(enh * 0.3, clean, noisy, CFG, lc, on)
+    items = [
+        losses.dynamic_loss(enh[i : i + 1] * 0.3, clean[i : i + 1], noisy[i : i + 1], CFG, lc, on)
+        for i in (0, 1)
+    ]
+    assert float(whole["vad"]) > 1e-3
+    for k, v in whole.items():
+        assert float(v) == pytest.approx((float(items[0][k]) + float(items[1][k])) / 2, rel=1e-5), k
+
+
 def test_schedule_helpers():
     lc = LossConfig(dynamic="awesome", dyn_weight=10.0, dyn_warmup=100, vad=1.0, vad_every=4)
     assert losses.dyn_ramp(lc, 0) == pytest.approx(0.1) and losses.dyn_ramp(lc, 49) == pytest.approx(5.0)

@@ -296,6 +296,57 @@ def test_bfloat16_step_is_finite_and_keeps_float32_weights(corpus, tmp_path):
     assert {v.dtype for _, v in tree_flatten(t.model.parameters())} == {mx.float32}
 
 
+def test_bfloat16_keeps_frozen_weights_and_float32_batchnorm_statistics(corpus, tmp_path):
+    """Frozen tensors come back bit for bit; BatchNorm's running statistics update in float32, as in a
+    float32 run but for the batch statistics' rounding (bfloat16 statistics round to 2**-8)."""
+    frozen = "enc.erb_conv0."
+    runs = {
+        p: _run(corpus, tmp_path / p, max_steps=1, precision=p, compile=False, freeze=(f"^{frozen}",))
+        for p in ("float32", "bfloat16")
+    }
+    trainers = {p: train.Trainer(r) for p, r in runs.items()}
+    before = {k: np.array(v) for k, v in tree_flatten(trainers["bfloat16"].model.parameters())}
+    after = {}
+    for p, t in trainers.items():
+        t.fit()
+        after[p] = {k: np.array(v) for k, v in tree_flatten(t.model.parameters())}
+    stats = [k for k in before if k.endswith(("running_mean", "running_var"))]
+    assert stats and any(k.startswith(frozen) and "weight" in k for k in before)
+    for k in before:
+        if k.startswith(frozen) and k not in stats:
+            np.testing.assert_array_equal(after["bfloat16"][k], before[k], err_msg=k)
+    for k in stats:
+        moved = np.abs(after["float32"][k] - before[k]).max()
+        assert moved > 0, k
+        diff = np.abs(after["bfloat16"][k] - after["float32"][k]) / np.maximum(
+            1.0, np.abs(after["float32"][k])
+        )
+        assert diff.max() < 1e-3, k
+
+
+def test_lr_schedule_reaches_min_lr_at_the_last_step():
+    opt = train.make_optimizer(train.OptimConfig(lr=1e-3, min_lr=1e-6, warmup_steps=4, warmup_start=0.1), 10)
+    lr = opt._schedulers["learning_rate"]
+    assert float(lr(mx.array(0))) == pytest.approx(1e-4) and float(lr(mx.array(4))) == pytest.approx(1e-3)
+    assert float(lr(mx.array(9))) == pytest.approx(1e-6)
+
+
+def test_validation_loss_weighs_items_not_batches(corpus, tmp_path):
+    from dfn4lab import validation
+
+    run = _run(corpus, tmp_path / "valid", valid_items=3)
+    t = train.Trainer(run)
+    t.model.eval()
+    dsp = t.model.cfg.dsp
+    loss = [
+        validation.validate(t.model, validation.validation_items(t.valid_src, 3, b, dsp), run.loss, 1.0)[
+            "loss"
+        ]
+        for b in (1, 2, 3)
+    ]
+    assert loss[1] == pytest.approx(loss[0], rel=1e-4) and loss[2] == pytest.approx(loss[0], rel=1e-4)
+
+
 class _SpeechInPink:
     """Real speech (alsa-utils' prompts) in pink noise at 5 dB, 1 s crops: DFN3 knows what to do with it."""
 
