@@ -144,7 +144,7 @@ def test_nonfinite_steps_are_skipped_then_stop(corpus, tmp_path):
 
 def test_two_processes_match_one_process_with_the_whole_batch(corpus, tmp_path):
     # BatchNorm on running stats: batch statistics of half batches would differ by design
-    run = _run(corpus, tmp_path / "one", max_steps=3, freeze_bn=True, epochs=1, loss={"dynamic": "none"})
+    run = _run(corpus, tmp_path / "one", max_steps=3, freeze_bn=True, epochs=1)  # dynamic loss and VAD on
     one = train.train(run)["steps"]
     cfg = tmp_path / "run.json"
     run.to_json(cfg)
@@ -155,7 +155,7 @@ def test_two_processes_match_one_process_with_the_whole_batch(corpus, tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.count("finished at step 3") == 1  # rank 0 alone reports and writes
     two, _ = train.read_log(tmp_path / "two")
-    for key in ("loss", "grad_norm", "mrsl", "lsnr"):
+    for key in ("loss", "grad_norm", "mrsl", "lsnr", "dyn_speech", "vad"):
         np.testing.assert_allclose([s[key] for s in two], [s[key] for s in one], rtol=1e-2, err_msg=key)
     assert [s["batch_size"] for s in two] == [2] * 3
 
