@@ -137,6 +137,23 @@ def test_selective_scan_kernel_matches_mlx_ops(batch, frames, d, n):
 
 
 @needs_kernels
+def test_selective_scan_kernel_long_memory_against_float64():
+    """3000 frames of decays near 1 (delta ~ 0.01): the state is a product of thousands of 2^x, so a
+    biased 2^x drifts (a floor-based polynomial gave 7e-5 here); float64 recurrence as the oracle."""
+    mx.random.seed(1)
+    u, b = mx.random.normal((2, 3000, 8)), mx.random.normal((2, 3000, 4))
+    delta = mx.abs(mx.random.normal((2, 3000, 8))) * 0.01
+    a, h = -mx.abs(mx.random.normal((8, 4))), mx.zeros((2, 8, 4))
+    y = np.array(kernels.scan_forward(u, delta, a, b, b, h)[0])
+    U, D, A, B = (np.array(x, dtype=np.float64) for x in (u, delta, a, b))
+    hs, want = np.zeros((2, 8, 4)), np.zeros(U.shape)
+    for t in range(U.shape[1]):
+        hs = np.exp(D[:, t, :, None] * A) * hs + (D[:, t] * U[:, t])[..., None] * B[:, t, None, :]
+        want[:, t] = (hs * B[:, t, None, :]).sum(-1)
+    assert np.abs(y - want).max() < 5e-6 * np.abs(want).max()
+
+
+@needs_kernels
 def test_selective_scan_kernel_gradient_with_unused_state():
     """Only ``y`` feeds the loss (the usual case): the last state's cotangent arrives as zeros."""
     args = _scan_inputs(2, 6, 8, 4, seed=3)

@@ -48,19 +48,22 @@ struct OneBlasThread {  // each worker runs small GEMMs, too small to share betw
   ~OneBlasThread() { if (auto f = mkl_set_local()) f(saved); }
 };
 
-// 2^x for x <= 0 (a decay): 2^floor(x) from the exponent bits times a degree-5 polynomial for the
-// fraction (least squares on [0, 1)); relative error 1.7e-7 in float32. Vectorizes (given
-// -fno-trapping-math, CMakeLists.txt), unlike exp2f.
+// 2^x for x <= 0 (a decay): 2^n from the exponent bits, n = x rounded to the nearest integer, times
+// Cephes' exp2f polynomial for the rest f in [-1/2, 1/2]; relative error < 1e-7 in float32, and
+// unbiased near x = 0, where Mamba's decays sit: a product of 3000 of them drifts 2e-8 (a floor-based
+// form, evaluated near f = 1 there, drifted 2e-6). Vectorizes (given -fno-trapping-math,
+// CMakeLists.txt), unlike exp2f.
 inline float exp2_neg(float x) {
   x = x < -126.0f ? -126.0f : x;
-  const float fl = std::floor(x), f = x - fl;
-  float p = 1.8671965956471165e-3f;
-  p = p * f + 9.016658560384277e-3f;
-  p = p * f + 5.5800467832651274e-2f;
-  p = p * f + 2.401641478173398e-1f;
-  p = p * f + 6.931513633343184e-1f;
-  p = p * f + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(fl) + 127) << 23;
+  const float n = std::floor(x + 0.5f), f = x - n;
+  float p = 1.535336188319500e-4f;
+  p = p * f + 1.339887440266574e-3f;
+  p = p * f + 9.618437357674640e-3f;
+  p = p * f + 5.550332471162809e-2f;
+  p = p * f + 2.402264791363012e-1f;
+  p = p * f + 6.931472028550421e-1f;
+  p = 1.0f + f * p;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof scale);
   return p * scale;
