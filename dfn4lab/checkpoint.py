@@ -35,9 +35,10 @@ def save_checkpoint(folder: Path, model: DfNet, opt: optim.Optimizer, meta: dict
 
 
 def save_step(out: Path, model: DfNet, opt: optim.Optimizer, meta: dict[str, Any], keep: int) -> Path:
-    """Save ``out/checkpoints/step-NNNNNNNN`` (the step of ``meta``) and drop all but the newest ``keep``."""
+    """Save ``out/checkpoints/step-NNNNNNNN`` (the step of ``meta``) and drop all but the newest ``keep``,
+    and any half-written folder a killed save left (``.tmp-*``; one run writes its folder at a time)."""
     folder = save_checkpoint(out / "checkpoints" / f"step-{meta['step']:08d}", model, opt, meta)
-    for old in checkpoints(out)[:-keep]:
+    for old in checkpoints(out)[:-keep] + list(folder.parent.glob(".tmp-*")):
         shutil.rmtree(old, ignore_errors=True)
     return folder
 

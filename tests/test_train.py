@@ -217,6 +217,10 @@ def test_damaged_newest_checkpoint_falls_back(tmp_path):
     folder, _, _, meta = checkpoint.latest_checkpoint(tmp_path, said.append)
     assert folder.name == "step-00000001" and meta["step"] == 1
     assert "step-00000002" in said[0]
+    stale = tmp_path / "checkpoints" / ".tmp-step-00000003-999999"  # a save killed halfway, long ago
+    stale.mkdir()
+    checkpoint.save_step(tmp_path, model, opt, {"step": 3, "position": [0, 3]}, keep=2)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000002", "step-00000003"]
 
 
 def test_unreadable_checkpoints_stop_the_run_instead_of_starting_over(corpus, tmp_path):
