@@ -58,6 +58,16 @@ def test_noise_only_samples_have_a_silent_target(cfg):
     x = m.sample(0, 0)
     assert x.snr == NOISE_ONLY_SNR and not x.clean.any() and np.abs(x.noisy).max() > 0
     np.testing.assert_array_equal(x.noisy, x.noise)
+    assert x.meta["noise_only"] and "silent_speech" not in x.meta
+
+
+def test_an_all_zero_speech_crop_is_marked_noise_only(tmp_path):
+    silent = _tone_entry(tmp_path, "silent.wav", np.zeros(SR, np.float32), "speech", "s")
+    noise = _tone_entry(
+        tmp_path, "n.wav", np.random.default_rng(0).standard_normal(SR).astype(np.float32), "noise", "n"
+    )
+    x = Mixer([silent], [noise], cfg=MixConfig(max_len_s=0.5, p_noise_only=0.0)).sample(0, 0)
+    assert x.snr == NOISE_ONLY_SNR and x.meta["noise_only"] and x.meta["silent_speech"]
 
 
 def test_samples_are_a_function_of_seed_epoch_index(cfg):

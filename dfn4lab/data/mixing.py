@@ -168,6 +168,8 @@ class Mixer:
         if rng.random() < c.p_eq:
             speech, meta["eq"] = augment.random_eq(speech, sr, rng, c.eq_max_filters, c.eq_gain_db, c.eq_q)
         noise_only = rng.random() < c.p_noise_only or augment.rms(speech) == 0
+        if augment.rms(speech) == 0:  # an all-zero speech crop: noise-only, and the sample says why
+            meta["silent_speech"] = True
 
         noise = self._noise(e.group, n, rng, meta)
 
