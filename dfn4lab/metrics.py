@@ -392,7 +392,11 @@ def score(
     unknown = set(metrics) - set(METRICS)
     if unknown:
         raise ValueError(f"unknown metrics {sorted(unknown)}; known: {', '.join(METRICS)}")
-    clean, est = np.asarray(clean, np.float32).ravel(), np.asarray(est, np.float32).ravel()
+    if np.ndim(clean) != 1 or np.ndim(est) != 1:  # (samples, channels) would be scored interleaved
+        raise ValueError(
+            f"score takes mono (samples,) signals, got shapes {np.shape(clean)} and {np.shape(est)}"
+        )
+    clean, est = np.asarray(clean, np.float32), np.asarray(est, np.float32)
     if clean.shape != est.shape or clean.size == 0:
         raise ValueError(f"need two non-empty signals of one length, got {clean.shape} and {est.shape}")
     c16, e16 = (x if sr == METRIC_SR else resample(x, sr, METRIC_SR) for x in (clean, est))

@@ -245,6 +245,9 @@ class StreamingEnhancer:
             if self._lim is not None:  # the noisy frames of the look-ahead, for mixing back
                 la = self.model.cfg.conv_lookahead
                 self._state["noisy"] = mx.zeros((b, la, cfg.freq_bins), mx.complex64)
+            # evaluated here: a lazy array belongs to this thread's stream (MLX >= 0.31.2), and the
+            # hops may run on another thread (the microphone's audio callback)
+            mx.eval(self._state)
         self._pending = np.zeros((b, 0), np.float32)  # input samples short of a whole hop
         self._samples_in = 0
         self._samples_out = 0  # raw (delayed) output samples produced, including dropped ones

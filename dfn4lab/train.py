@@ -724,8 +724,13 @@ def train(
     ``data``: (train, valid or None) sources as ``dfn4lab.data`` makes them (``len()``, ``sample(epoch,
     index)`` with ``noisy``, ``clean``, ``snr``; ``report``); default: ``load_data(run)``. ``callback``
     gets every step and epoch record, e.g. ``viz.TrainBoard().update`` for a live figure in a notebook.
+    The default device is restored afterwards (a deterministic run trains on the CPU).
     """
-    return Trainer(run, data, callback).fit()
+    device = mx.default_device()
+    try:
+        return Trainer(run, data, callback).fit()
+    finally:
+        mx.set_default_device(device)
 
 
 # What a resumed run may change: its budget and bookkeeping, nothing that shapes the weights.

@@ -66,6 +66,14 @@ def test_resample_keeps_length_and_frequency(sr_in, sr_out):
     assert abs(np.abs(y[0, 1000:-1000]).max() - 0.5) < 0.01
 
 
+def test_resample_to_restores_any_length_through_48k():
+    """88.2 and 192 kHz -> 48 kHz -> back can lose a sample; resample_to gives the length back."""
+    for sr in (88200, 192000, 44100):
+        for n in range(20000, 20050):
+            x = np.zeros(n, np.float32)
+            assert audio.resample_to(audio.resample(x, sr, 48000), 48000, sr, n).shape == (n,)
+
+
 def test_resample_1d_stays_1d():
     y = audio.resample(np.zeros(480, np.float32), 48000, 16000)
     assert y.shape == (160,)

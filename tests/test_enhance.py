@@ -91,6 +91,24 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+def test_enhanced_files_keep_the_input_format_and_say_when_they_clip(dfn3, tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    (tmp_path / "out").mkdir()
+    deep = tmp_path / "deep.flac"  # 24-bit stereo at 44.1 kHz
+    sf.write(deep, (rng.standard_normal((8820, 2)) * 0.05).astype(np.float32), 44100, subtype="PCM_24")
+    out = inference.enhance_file(deep, tmp_path / "out", dfn3)
+    assert (sf.info(out).subtype, sf.info(out).channels, sf.info(out).samplerate) == ("PCM_24", 2, 44100)
+    monkeypatch.setattr(inference, "enhance", lambda x, sr, model, **kw: 4 * x)  # an output past full scale
+    x = (rng.standard_normal(9600) * 0.3).clip(-1, 1)
+    sf.write(tmp_path / "float.wav", x, 48000, subtype="FLOAT")
+    sf.write(tmp_path / "pcm.wav", x, 48000, subtype="PCM_16")
+    out = inference.enhance_file(tmp_path / "float.wav", tmp_path / "out", dfn3)  # float holds it: no warning
+    assert sf.info(out).subtype == "FLOAT" and np.abs(sf.read(out)[0]).max() > 1.0
+    with pytest.warns(UserWarning, match=r"pcm.wav: \d+ samples beyond full scale clipped \(PCM_16\)"):
+        out = inference.enhance_file(tmp_path / "pcm.wav", tmp_path / "out", dfn3)
+    assert sf.info(out).subtype == "PCM_16" and np.abs(sf.read(out)[0]).max() <= 1.0
+
+
 def test_cli_enhances_and_rejects_bad_input(tmp_path):
     good = tmp_path / "good.wav"
     sf.write(good, (np.random.default_rng(0).standard_normal(24000) * 0.05).astype(np.float32), 24000)

@@ -127,7 +127,8 @@ def test_statistics():
     assert s["mean"] == 2.0 and s["n"] == 3
     assert s["ci"] == pytest.approx(4.302652729911275 / np.sqrt(3))  # t(0.975, 2) * sd / sqrt(n)
     assert evaluate.mean_ci([1.0])["ci"] is None and evaluate.mean_ci([])["mean"] is None
-    assert [evaluate.snr_bin(v) for v in (-100, -5, -0.1, 0, 7, 19.9, 40)] == [
+    assert [evaluate.snr_bin(v) for v in (-100, -11, -5, -0.1, 0, 7, 19.9, 40)] == [
+        "noise only",  # the data's NOISE_ONLY_SNR: no speech to score, not the lowest SNR bin
         "< -5",
         "-5..0",
         "-5..0",
@@ -148,6 +149,9 @@ def test_run_folder_resolves_to_its_best_checkpoint(tmp_path):
     for f in ("config.json", "model.safetensors"):
         (run / "ckpt" / "last" / f).write_bytes(b"")  # newer, but not the best
     assert inference.model_folder(run) == run / "ckpt" / "best"
+    convert.save(tmp_path / "other" / "best", model, cfg)  # a second run beside it: ambiguous
+    with pytest.raises(ValueError, match=r"several runs \(myrun/ckpt/best, other/best\)"):
+        inference.model_folder(tmp_path)
     models = evaluate.load_models([str(run)])
     assert list(models) == ["noisy", "myrun"]
     x = np.random.default_rng(0).standard_normal(4800).astype(np.float32) * 0.1

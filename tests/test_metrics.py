@@ -107,6 +107,12 @@ def test_wss_is_zero_for_scaled_copies_and_grows_with_noise(speech):
     assert 0 < metrics.wss(clean, noisy[20], SR) < metrics.wss(clean, noisy[0], SR)
 
 
+def test_score_takes_mono_signals_only():
+    x = np.random.default_rng(0).standard_normal((16000, 2)).astype(np.float32)
+    with pytest.raises(ValueError, match="score takes"):  # soundfile's layout would be scored interleaved
+        metrics.score(x, x, 16000, ["si_sdr"])
+
+
 def test_lsd_of_a_gain_is_the_gain_in_db():
     s = rng.standard_normal(SR)
     assert metrics.lsd(s, s) == 0.0

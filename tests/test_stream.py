@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import threading
 
 import dfn4lab  # noqa: F401
 from dfn4lab import audio, data, inference, kernels
@@ -166,6 +167,21 @@ def test_native_hop_writes_into_float32_contiguous_out_only():
             hop.process(x, out)
         with pytest.raises(TypeError):
             hop.flush(out)
+
+
+@pytest.mark.parametrize("engine", ["compiled", "eager"])
+def test_hops_run_on_another_thread_than_the_set_up(engine):
+    """The microphone's audio callback runs on its own thread (on a Mac, where the engine is compiled):
+    MLX streams belong to a thread, so the state a reset leaves must not be lazy."""
+    mx.random.seed(0)
+    enh = StreamingEnhancer(inference.build(tiny_cfg()), engine=engine)
+    enh.warmup()  # on this thread, as stream.microphone does
+    x = _speechlike(4800, seed=6)
+    got: dict = {}
+    worker = threading.Thread(target=lambda: got.update(y=_stream(enh, x, [480])))
+    worker.start()
+    worker.join()
+    np.testing.assert_allclose(got["y"], _stream(enh, x, [480]), atol=1e-6)
 
 
 @pytest.mark.parametrize("n", [100, 1000, 2000])
