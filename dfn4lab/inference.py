@@ -172,6 +172,8 @@ def enhance(
     x = x[None] if mono else x
     if x.ndim != 2 or x.shape[-1] == 0:
         raise AudioError(f"expected (samples,) or (channels, samples) audio, got shape {np.shape(audio)}")
+    if x.shape[0] > x.shape[1]:  # more channels than samples: soundfile's (samples, channels), surely
+        raise AudioError(f"expected (channels, samples) audio, got shape {x.shape}: transpose it")
     if not np.isfinite(x).all():
         raise AudioError("audio contains NaN or inf")
     n = x.shape[-1]

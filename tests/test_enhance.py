@@ -7,6 +7,7 @@ import sys
 
 import dfn4lab  # noqa: F401
 from dfn4lab import data, inference
+from dfn4lab.audio import AudioError
 
 import mlx.core as mx
 import numpy as np
@@ -83,6 +84,8 @@ def test_any_rate_and_channels(dfn3):
     assert y.shape == x.shape and np.isfinite(y).all()
     y0 = inference.enhance(x[0], 16000, dfn3)  # channels are independent
     np.testing.assert_allclose(y[0], y0, atol=1e-5)
+    with pytest.raises(AudioError, match="transpose"):  # soundfile's (samples, channels) layout
+        inference.enhance(x.T, 16000, dfn3)
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
