@@ -41,9 +41,15 @@ def timeit(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> list[
 
 
 def stats(times: list[float]) -> dict[str, float]:
-    """Median and inter-quartile range, in the unit of ``times``."""
+    """Median, quartiles and inter-quartile range, in the unit of ``times``."""
     q = np.percentile(times, [25, 50, 75])
-    return {"median": float(q[1]), "iqr": float(q[2] - q[0]), "n": len(times)}
+    return {
+        "median": float(q[1]),
+        "iqr": float(q[2] - q[0]),
+        "q25": float(q[0]),
+        "q75": float(q[2]),
+        "n": len(times),
+    }
 
 
 def matmul(m: int = 4000, k: int = 1024, n: int = 1024, repeats: int = 7) -> dict[str, float]:
@@ -242,6 +248,7 @@ def backbones(
                 "cfg": case["cfg"],
                 **{f"{k}_ms": round(v["median"] * 1e3, 2) for k, v in s.items()},
                 **{f"{k}_iqr_ms": round(v["iqr"] * 1e3, 2) for k, v in s.items()},
+                **{f"{k}_{q}_ms": round(v[q] * 1e3, 2) for k, v in s.items() for q in ("q25", "q75")},
                 "peak_mb": round(_peak_mb(case["fns"]["step"]), 1),
             }
         )

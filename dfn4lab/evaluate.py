@@ -331,9 +331,9 @@ def dropouts(noisy: np.ndarray, est: np.ndarray, block: int) -> int:
     return int(np.sum(x.any(axis=1) & ~y.any(axis=1)))
 
 
-def _excluded(row: dict, metric: str) -> bool:
+def excluded(row: dict, metric: str) -> bool:
     """A value without meaning for every model alike (silent or too short reference): not averaged."""
-    return f"{metric}: item:" in row["flags"]
+    return any(f.startswith(f"{metric}: item:") for f in row["flags"].split("; "))
 
 
 def mean_ci(values: Sequence[float]) -> dict[str, float | int | None]:
@@ -365,7 +365,7 @@ def summarize(rows: Sequence[dict], metric_names: Sequence[str]) -> dict:
     def table(subset: Sequence[dict]) -> dict:
         return {
             m: {
-                k: mean_ci([r[k] for r in subset if r["model"] == m and not _excluded(r, k)])
+                k: mean_ci([r[k] for r in subset if r["model"] == m and not excluded(r, k)])
                 for k in metric_names
             }
             for m in models
@@ -388,7 +388,7 @@ def summarize(rows: Sequence[dict], metric_names: Sequence[str]) -> dict:
             ("dfn3_minus_official_no_dropouts", [f for f in ours if theirs[f]["dropouts"] == 0]),
         ):
             out[key] = {
-                k: mean_ci([ours[f][k] - theirs[f][k] for f in files if not _excluded(ours[f], k)])
+                k: mean_ci([ours[f][k] - theirs[f][k] for f in files if not excluded(ours[f], k)])
                 for k in metric_names
             }
     return out
@@ -400,13 +400,13 @@ LABELS = {
     "pesq": "PESQ",
     "stoi": "STOI",
     "estoi": "ESTOI",
-    "si_sdr": "SI-SDR",
-    "sdr": "SDR",
-    "ssnr": "SSNR",
+    "si_sdr": "SI-SDR (dB)",
+    "sdr": "SDR (dB)",
+    "ssnr": "SSNR (dB)",
     "csig": "CSIG",
     "cbak": "CBAK",
     "covl": "COVL",
-    "lsd": "LSD",
+    "lsd": "LSD (dB)",
     "dnsmos_sig": "DNSMOS SIG",
     "dnsmos_bak": "DNSMOS BAK",
     "dnsmos_ovrl": "DNSMOS OVRL",

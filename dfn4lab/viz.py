@@ -21,17 +21,19 @@ def _ax(ax=None, figsize=(8, 3)):
 
 
 def spectrogram(x: np.ndarray, sr: int, ax=None, title: str = "", n_fft: int = 1024, vmin: float = -100.0):
-    """Log-power spectrogram (dB) of ``x`` (samples,)."""
+    """Log-power spectrogram of ``x`` (samples,) in dBFS (0 dB: a full-scale sine), the same scale for
+    every signal, so noisy, enhanced and clean compare in level. At most ~4000 frames (long signals are
+    drawn with a longer hop)."""
     fig, ax = _ax(ax)
-    hop = n_fft // 4
-    win = np.hanning(n_fft).astype(np.float32)
-    n = 1 + max(0, (len(x) - n_fft) // hop)
-    frames = np.stack([x[i * hop : i * hop + n_fft] * win for i in range(n)]) if len(x) >= n_fft else None
-    if frames is None:
+    if len(x) < n_fft:
         raise ValueError(f"signal too short for a spectrogram ({len(x)} < {n_fft} samples)")
-    db = 10 * np.log10(np.abs(np.fft.rfft(frames, axis=-1)) ** 2 + 1e-12)
-    db -= db.max()
-    ax.imshow(
+    hop = max(n_fft // 4, len(x) // 4000)
+    win = np.hanning(n_fft).astype(np.float32)
+    n = 1 + (len(x) - n_fft) // hop
+    frames = np.stack([x[i * hop : i * hop + n_fft] * win for i in range(n)]).astype(np.float32)
+    full_scale = (win.sum() / 2) ** 2  # a full-scale sine's peak bin power
+    db = 10 * np.log10(np.abs(np.fft.rfft(frames, axis=-1)) ** 2 / full_scale + 1e-12)
+    im = ax.imshow(
         db.T,
         origin="lower",
         aspect="auto",
@@ -40,6 +42,7 @@ def spectrogram(x: np.ndarray, sr: int, ax=None, title: str = "", n_fft: int = 1
         cmap="magma",
         extent=[0, len(x) / sr, 0, sr / 2000],
     )
+    fig.colorbar(im, ax=ax, label="dBFS", pad=0.01)
     ax.set(xlabel="time (s)", ylabel="kHz", title=title)
     return fig
 
@@ -150,7 +153,8 @@ def save(fig, name: str) -> Path:
 
 
 def bench_bars(rows: list[dict], metrics=("fwd", "fwdbwd", "step"), ax=None):
-    """Median time per backbone and measurement, with IQR error bars; rows from ``bench.backbones``."""
+    """Median time per backbone and measurement, error bars from the first to the third quartile; rows
+    from ``bench.backbones``."""
     fig, ax = _ax(ax, figsize=(9, 3.5))
     labels = [f"{r['backbone']}\n{r['variant']}\n{r['params'] / 1e6:.2f} M" for r in rows]
     width = 0.8 / len(metrics)
@@ -160,12 +164,15 @@ def bench_bars(rows: list[dict], metrics=("fwd", "fwdbwd", "step"), ax=None):
             x + i * width,
             [r[f"{m}_ms"] for r in rows],
             width,
-            yerr=[r[f"{m}_iqr_ms"] for r in rows],
+            yerr=[
+                [r[f"{m}_ms"] - r[f"{m}_q25_ms"] for r in rows],
+                [r[f"{m}_q75_ms"] - r[f"{m}_ms"] for r in rows],
+            ],
             capsize=3,
             label={"fwd": "forward", "fwdbwd": "forward+backward", "step": "train step"}[m],
         )
     ax.set_xticks(x + width * (len(metrics) - 1) / 2, labels)
-    ax.set(ylabel="ms (median, IQR)", title="DfNet with each backbone")
+    ax.set(ylabel="ms (median, quartiles)", title="DfNet with each backbone")
     ax.legend()
     return fig
 
@@ -261,6 +268,7 @@ def spectrogram_grid(result: dict, files: list[str], models: list[str] | None = 
 def listening_panel(result: dict):
     """ipywidgets panel: pick a file and a signal (clean, noisy, each model), play it, see its scores."""
     from dfn4lab import audio
+    from dfn4lab.evaluate import excluded
 
     import ipywidgets as w
 
@@ -276,7 +284,9 @@ def listening_panel(result: dict):
         x, sr = audio.load(path, mono=True)
         player.value = wav_bytes(x[0], sr)
         row = next((r for r in result["rows"] if r["file"] == pick.value and r["model"] == which.value), None)
-        text = "" if row is None else ", ".join(f"{_label(m)} {row[m]:.2f}" for m in result["metrics"])
+        # no placeholder values: a noise-only file has no speech to score
+        shown = [] if row is None else [m for m in result["metrics"] if not excluded(row, m)]
+        text = ", ".join(f"{_label(m)} {row[m]:.2f}" for m in shown) or "no speech to score"
         scores.value = f"<small>{text}</small>"
 
     pick.observe(show, names="value")
@@ -389,7 +399,10 @@ def mixing_panel(speech: np.ndarray, noise: np.ndarray, sr: int):
     from IPython.display import display
 
     snr = w.FloatSlider(value=5, min=-5, max=40, step=1, description="SNR dB")
-    rt60 = w.FloatSlider(value=0.0, min=0.0, max=1.0, step=0.1, description="RT60 s")
+    # 0 = no room; pyroomacoustics' random rooms start at 0.2 s (0.1 s raises "room too large")
+    rt60 = w.SelectionSlider(
+        options=[0.0, *np.round(np.arange(0.2, 1.01, 0.1), 1)], value=0.0, description="RT60 s"
+    )
     eq = w.FloatSlider(value=0, min=-12, max=12, step=1, description="EQ 1k dB")
     out, player = w.Output(), w.Audio(format="wav", autoplay=False, loop=False)
 

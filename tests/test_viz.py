@@ -1,0 +1,56 @@
+"""dfn4lab.viz: what the figures and widgets show, read back from their axes (not by eye)."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+from dfn4lab import evaluate, viz
+
+import numpy as np
+
+SR = 48000
+
+
+def test_spectrograms_share_one_level_scale():
+    """dBFS: a sine at 0.1 of full scale reads -20 dB beside a full-scale one, not 0 dB (per-panel
+    normalisation made a 20 dB quieter output look the same)."""
+    t = np.arange(SR) / SR
+    fig = viz.spectrograms(
+        {"loud": np.sin(2 * np.pi * 1000 * t), "quiet": 0.1 * np.sin(2 * np.pi * 1000 * t)}, SR
+    )
+    peaks = [ax.images[0].get_array().max() for ax in fig.axes if ax.images]
+    assert -1.5 < peaks[0] <= 0.0 and abs(peaks[1] - peaks[0] + 20) < 0.1  # Hann scalloping: <= 1.42 dB
+    assert any(ax.get_ylabel() == "dBFS" for ax in fig.axes)  # the colorbars say what the colours mean
+    long = viz.spectrogram(np.zeros(SR * 600, np.float32), SR)  # 10 minutes: drawn with at most ~4000 frames
+    assert long.axes[0].images[0].get_array().shape[1] <= 4001
+
+
+def test_benchmark_error_bars_span_the_quartiles():
+    row = {"backbone": "gru", "variant": "matched", "params": 1e6}
+    row |= {
+        f"{m}_{k}": v
+        for m in ("fwd", "fwdbwd", "step")
+        for k, v in (("ms", 10.0), ("q25_ms", 9.0), ("q75_ms", 13.0))
+    }
+    fig = viz.bench_bars([row])
+    errorbar = fig.axes[0].containers[0]  # the forward bars' error bar
+    lo, hi = errorbar.lines[2][0].get_segments()[0][:, 1]
+    assert (lo, hi) == (9.0, 13.0)
+
+
+def test_mixing_panel_offers_only_rooms_that_exist():
+    rng = np.random.default_rng(0)
+    panel = viz.mixing_panel(
+        rng.standard_normal(SR).astype(np.float32) * 0.1, rng.standard_normal(SR).astype(np.float32) * 0.1, SR
+    )
+    rt60 = panel.children[0].children[1]
+    assert 0.1 not in rt60.options and min(o for o in rt60.options if o) == 0.2
+    rt60.value = 0.2  # a room is simulated without an error
+
+
+def test_excluded_values_match_their_metric_exactly():
+    row = {"flags": "si_sdr: item: silent reference; pesq: estimate: too short"}
+    assert evaluate.excluded(row, "si_sdr") and not evaluate.excluded(row, "sdr")  # "sdr" is in "si_sdr"
+    assert not evaluate.excluded(row, "pesq")  # an estimate's fault counts, at the worst value
