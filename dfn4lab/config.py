@@ -201,6 +201,11 @@ class ModelConfig(JsonConfig):
             )
         if tuple(self.convt_kernel) != (1, 3):
             raise ValueError(f"convt_kernel={self.convt_kernel}: only DeepFilterNet3's (1, 3) is implemented")
+        for bins, order in self.multires_df:
+            if not (0 < bins <= self.dsp.nb_df and order >= 1):
+                raise ValueError(
+                    f"multires_df head ({bins}, {order}): needs 0 < bins <= nb_df and order >= 1"
+                )
 
     @classmethod
     def from_json(cls, s_or_path: str | Path) -> ModelConfig:
@@ -257,44 +262,64 @@ def preset(name: str, **overrides: Any) -> ModelConfig:
 
 
 def from_ini(path: str | Path) -> ModelConfig:
-    """Read an upstream DeepFilterNet ``config.ini`` ([df] and [deepfilternet] sections)."""
+    """Read an upstream DeepFilterNet3 ``config.ini`` ([df] and [deepfilternet] sections). A missing
+    field, another model (``[train] model``) or an option this network does not implement is a
+    ValueError naming it, never a silently different network."""
     ini = configparser.ConfigParser()
-    ini.read(path)
+    if not ini.read(path):
+        raise FileNotFoundError(f"no such config file: {path}")
+    for section in ("df", "deepfilternet"):
+        if section not in ini:
+            raise ValueError(f"{path}: no [{section}] section")
     df, net = ini["df"], ini["deepfilternet"]
+    model = ini.get("train", "model", fallback="deepfilternet3").lower()
+    if model != "deepfilternet3":
+        raise ValueError(f"{path}: [train] model = {model}; only deepfilternet3 configs are read")
+    unsupported = {"emb_gru_skip": ("none", net.get("emb_gru_skip", "none").lower())}
+    unsupported["df_n_iter"] = ("1", net.get("df_n_iter", "1"))
+    for key, (default, value) in unsupported.items():
+        if value != default:
+            raise ValueError(f"{path}: {key} = {value} is not implemented (only {default})")
+
+    def need(section: configparser.SectionProxy, key: str, kind: type = int):
+        if key not in section:
+            raise ValueError(f"{path}: [{section.name}] lacks {key}")
+        return {int: section.getint, float: section.getfloat}[kind](key)
 
     def pair(s: str) -> tuple[int, int]:
         a, b = (int(x) for x in s.split(","))
         return (a, b)
 
     dsp = DspConfig(
-        sr=df.getint("sr"),
-        fft_size=df.getint("fft_size"),
-        hop_size=df.getint("hop_size"),
-        nb_erb=df.getint("nb_erb"),
-        nb_df=df.getint("nb_df"),
-        norm_tau=df.getfloat("norm_tau"),
+        sr=need(df, "sr"),
+        fft_size=need(df, "fft_size"),
+        hop_size=need(df, "hop_size"),
+        nb_erb=need(df, "nb_erb"),
+        nb_df=need(df, "nb_df"),
+        norm_tau=need(df, "norm_tau", float),
         min_nb_erb_freqs=df.getint("min_nb_erb_freqs", fallback=2),
     )
     return ModelConfig(
         dsp=dsp,
-        df_order=df.getint("df_order"),
-        df_lookahead=df.getint("df_lookahead"),
-        lsnr_min=df.getfloat("lsnr_min"),
-        lsnr_max=df.getfloat("lsnr_max"),
-        conv_lookahead=net.getint("conv_lookahead"),
-        conv_ch=net.getint("conv_ch"),
+        df_order=need(df, "df_order"),
+        df_lookahead=need(df, "df_lookahead"),
+        lsnr_min=need(df, "lsnr_min", float),
+        lsnr_max=need(df, "lsnr_max", float),
+        conv_lookahead=need(net, "conv_lookahead"),
+        conv_ch=need(net, "conv_ch"),
         conv_kernel_inp=pair(net.get("conv_kernel_inp", "3,3")),
         conv_kernel=pair(net.get("conv_kernel", "1,3")),
         convt_kernel=pair(net.get("convt_kernel", "1,3")),
-        emb_hidden_dim=net.getint("emb_hidden_dim"),
-        emb_num_layers=net.getint("emb_num_layers"),
-        enc_linear_groups=net.getint("enc_linear_groups"),
-        linear_groups=net.getint("linear_groups"),
-        df_hidden_dim=net.getint("df_hidden_dim"),
-        df_num_layers=net.getint("df_num_layers"),
-        df_pathway_kernel_size_t=net.getint("df_pathway_kernel_size_t"),
+        emb_hidden_dim=need(net, "emb_hidden_dim"),
+        emb_num_layers=need(net, "emb_num_layers"),
+        enc_linear_groups=need(net, "enc_linear_groups"),
+        linear_groups=need(net, "linear_groups"),
+        df_hidden_dim=need(net, "df_hidden_dim"),
+        df_num_layers=need(net, "df_num_layers"),
+        df_pathway_kernel_size_t=need(net, "df_pathway_kernel_size_t"),
         df_gru_skip=net.get("df_gru_skip", "none").lower(),
         enc_concat=net.getboolean("enc_concat", fallback=False),
         mask_pf=net.getboolean("mask_pf", fallback=False),
+        pf_beta=net.getfloat("pf_beta", fallback=0.02),
         lsnr_dropout=net.getboolean("lsnr_dropout", fallback=False),
     )

@@ -28,7 +28,10 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 State = dict[str, Any]
-LSNR_DROPOUT_DB = -10.0  # upstream: frames predicted below this skip both decoders in training
+# lsnr_dropout: frames predicted below this are silenced (zero mask, zero DF coefficients), in training
+# only. (Upstream's DfNet drops them from the decoders' input sequences, at inference too; here the
+# network runs on every frame and only the training forward zeroes their outputs.)
+LSNR_DROPOUT_DB = -10.0
 
 
 class Encoder(nn.Module):
@@ -161,9 +164,10 @@ def df_heads(cfg: ModelConfig) -> list[tuple[int, int, int]]:
 
     ``complex_gain`` replaces the filter by a per-bin complex gain (order 1, no lookahead).
     """
-    order, la = (1, 0) if cfg.complex_gain else (cfg.df_order, cfg.df_lookahead)
-    extra = [(bins, o, min(la, o - 1)) for bins, o in cfg.multires_df]
-    return [(cfg.dsp.nb_df, order, la), *extra]
+    main = (cfg.dsp.nb_df, 1, 0) if cfg.complex_gain else (cfg.dsp.nb_df, cfg.df_order, cfg.df_lookahead)
+    # the extra heads are filters whatever the main head is, with the configured look-ahead
+    extra = [(bins, o, min(cfg.df_lookahead, o - 1)) for bins, o in cfg.multires_df]
+    return [main, *extra]
 
 
 class DfDecoder(nn.Module):
@@ -366,8 +370,11 @@ def summary(model: DfNet, frames: int = 10) -> str:
     d = model.cfg.dsp
     spec = mx.zeros((1, frames, d.freq_bins, 2))
     feat_erb, feat_spec = mx.zeros((1, frames, d.nb_erb)), mx.zeros((1, frames, d.nb_df, 2))
+    training = model.training
+    model.eval()  # a training-mode forward would update BatchNorm's running statistics
     e0, e1, e2, e3, emb, c0, lsnr, _ = model.enc(feat_erb[..., None], feat_spec, spec=spec)
     out, m, _, coefs = model(spec, feat_erb, feat_spec)
+    model.train(training)
     shapes = {
         "spec": spec,
         "feat_erb": feat_erb,

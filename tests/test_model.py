@@ -36,6 +36,50 @@ def test_config_rejects_what_the_network_cannot_run(overrides, match):
     preset("dfn3", conv_lookahead=0, df_lookahead=0, df_order=1)  # the extremes that are valid
 
 
+def test_from_ini_reads_dfn3_and_refuses_what_it_cannot_build(tmp_path):
+    from dfn4lab import convert
+    from dfn4lab.config import from_ini
+
+    ini = (convert.extract_official(tmp_path) / "config.ini").read_text()
+    (tmp_path / "ok.ini").write_text(ini.replace("[deepfilternet]", "[deepfilternet]\npf_beta = 0.1"))
+    assert from_ini(tmp_path / "ok.ini") == preset("dfn3", pf_beta=0.1)  # the official one, pf_beta read
+    cases = {
+        "df_pathway_kernel_size_t = 5\n": (r"\[deepfilternet\] lacks df_pathway_kernel_size_t", ""),
+        "model = deepfilternet3": ("only deepfilternet3 configs", "model = deepfilternet2"),
+        "emb_gru_skip = none": (
+            "emb_gru_skip = groupedlinear is not implemented",
+            "emb_gru_skip = groupedlinear",
+        ),
+    }
+    for i, (old, (message, new)) in enumerate(cases.items()):
+        assert old in ini, old
+        (tmp_path / f"bad{i}.ini").write_text(ini.replace(old, new))
+        with pytest.raises(ValueError, match=message):
+            from_ini(tmp_path / f"bad{i}.ini")
+
+
+def test_summary_leaves_batchnorm_statistics_alone():
+    from dfn4lab.model import summary
+
+    from mlx.utils import tree_flatten
+
+    model = inference.build(tiny_cfg())  # fresh: in training mode
+    before = {k: np.array(v) for k, v in tree_flatten(model.parameters())}
+    summary(model)
+    assert model.training
+    for k, v in tree_flatten(model.parameters()):
+        np.testing.assert_array_equal(np.array(v), before[k], err_msg=k)
+
+
+def test_dfn4_heads_keep_their_lookahead_and_sizes_are_checked():
+    from dfn4lab.model import df_heads
+
+    cfg = preset("dfn4", complex_gain=True)  # the main head becomes a gain; the extra heads stay filters
+    assert df_heads(cfg) == [(96, 1, 0), (48, 3, 2), (24, 2, 1)]
+    with pytest.raises(ValueError, match=r"multires_df head \(128, 2\)"):
+        preset("dfn3", multires_df=((128, 2),))
+
+
 @pytest.mark.parametrize("backbone", ["gru", "mamba", "attention"])
 @pytest.mark.parametrize("chunk", [1, 3, 16])
 def test_step_equals_offline(backbone, chunk):
