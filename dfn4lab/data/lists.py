@@ -4,8 +4,8 @@
         --output-dir DIR --generate-config
 
 Each file gets a split and a group. A path component named ``train``/``valid``/``test`` (the scanned
-folder's own name included) fixes the split; otherwise the group's hash picks one (``--split 0.8 0.1 0.1``), so a group (a speaker, a
-noise with its variants, a room) never spans two splits. The group is the first folder below the
+folder's own name included) fixes the split; otherwise the group's hash picks one (``--split 0.8 0.1
+0.1``), so a group (a speaker, a noise with its variants, a room) never spans two splits. The group is the first folder below the
 split folder (or below the scanned folder); a file directly in it is its own group, with trailing
 variant numbers removed (``fire.1.ogg`` and ``fire.2.ogg`` are group ``fire``).
 

@@ -167,8 +167,9 @@ class Mixer:
         meta.update(speech=e.path, speaker=e.group, offset=offset, length=seg.size)
         if rng.random() < c.p_eq:
             speech, meta["eq"] = augment.random_eq(speech, sr, rng, c.eq_max_filters, c.eq_gain_db, c.eq_q)
-        noise_only = rng.random() < c.p_noise_only or augment.rms(speech) == 0
-        if augment.rms(speech) == 0:  # an all-zero speech crop: noise-only, and the sample says why
+        silent = augment.rms(speech) == 0  # an all-zero speech crop: noise-only, and the sample says why
+        noise_only = rng.random() < c.p_noise_only or silent
+        if silent:
             meta["silent_speech"] = True
 
         noise = self._noise(e.group, n, rng, meta)
