@@ -109,10 +109,13 @@ class RunConfig(JsonConfig):
 
     def __post_init__(self) -> None:
         """Values no run can use raise one ValueError here, whether from flags, ``--set`` or a file."""
-        at_least = {"epochs": 1, "batch_size": 1, "ckpt_every": 1, "keep": 1, "valid_batch": 1}
-        at_least |= {"max_bad_steps": 1, "max_steps": 0, "valid_items": 0}
-        values = {k: (getattr(self, k), lo) for k, lo in at_least.items()}
-        bad = [f"{k} >= {lo} (got {v})" for k, (v, lo) in values.items() if v is not None and v < lo]
+        at_least = dict(epochs=1, batch_size=1, ckpt_every=1, keep=1, valid_batch=1, max_bad_steps=1)
+        at_least |= dict(max_steps=0, valid_items=0)  # max_steps None: no limit
+        bad = [
+            f"{k} >= {lo} (got {v})"
+            for k, lo in at_least.items()
+            if (v := getattr(self, k)) is not None and v < lo
+        ]
         if self.max_minutes is not None and not self.max_minutes >= 0:
             bad.append(f"max_minutes >= 0 (got {self.max_minutes})")
         if bad:
