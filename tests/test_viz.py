@@ -40,14 +40,29 @@ def test_benchmark_error_bars_span_the_quartiles():
     assert (lo, hi) == (9.0, 13.0)
 
 
-def test_mixing_panel_offers_only_rooms_that_exist():
+def test_mixing_panel_offers_only_rooms_that_exist_and_redraws_without_an_output_widget():
+    """The spectrogram is PNG bytes in an Image widget: an Output widget makes nbclient send on the shell
+    socket it waits on for the cell's reply, which stalled notebook runs until their timeout."""
+    import ipywidgets as w
+
     rng = np.random.default_rng(0)
     panel = viz.mixing_panel(
         rng.standard_normal(SR).astype(np.float32) * 0.1, rng.standard_normal(SR).astype(np.float32) * 0.1, SR
     )
-    rt60 = panel.children[0].children[1]
+    sliders, image, player = panel.children
+    snr, rt60 = sliders.children[:2]
     assert 0.1 not in rt60.options and min(o for o in rt60.options if o) == 0.2
+    assert isinstance(image, w.Image) and bytes(image.value[:4]) == b"\x89PNG"
+    before = bytes(image.value), bytes(player.value)
     rt60.value = 0.2  # a room is simulated without an error
+    assert bytes(image.value) != before[0] and bytes(player.value) != before[1]
+    snr.value = 20
+    assert bytes(image.value) != before[0]
+
+    def widgets(x):
+        return [x, *(y for c in getattr(x, "children", ()) for y in widgets(c))]
+
+    assert not any(isinstance(x, w.Output) for x in widgets(panel))
 
 
 def test_excluded_values_match_their_metric_exactly():
