@@ -52,6 +52,8 @@ def enhance(
         raise ValueError(f"inputs share a file name: {sorted({n for n in names if names.count(n) > 1})}")
     if atten_lim is not None and not math.isfinite(atten_lim):
         raise ValueError(f"--atten-lim must be a number of dB, got {atten_lim}")
+    if pf_beta is not None and not (math.isfinite(pf_beta) and pf_beta >= 0):
+        raise ValueError(f"--pf-beta must be a number >= 0 (0: no post-filter), got {pf_beta}")
     net = inference.resolve(model)
     if pf_beta is not None:
         net.cfg = net.cfg.replace(mask_pf=pf_beta > 0, pf_beta=pf_beta)

@@ -59,10 +59,12 @@ def load(path: str | os.PathLike, sr: int | None = None, mono: bool = False) -> 
     return np.ascontiguousarray(x), int(file_sr)
 
 
-def subtype(path: str | os.PathLike) -> str:
-    """The sample format of an audio file (``PCM_16``, ``PCM_24``, ``FLOAT``, ``VORBIS``...)."""
+def file_format(path: str | os.PathLike) -> tuple[str, str]:
+    """The container and sample format of an audio file: (``WAV``, ``PCM_16``), (``AIFF``, ``FLOAT``),
+    (``OGG``, ``OPUS``)... whatever its extension says."""
     try:
-        return sf.info(str(path)).subtype
+        info = sf.info(str(path))
+        return info.format, info.subtype
     except RuntimeError as e:
         raise AudioError(f"{path}: unreadable audio ({_first_line(e)})") from e
 
@@ -89,8 +91,11 @@ def resample_to(x: np.ndarray, sr_in: int, sr_out: int, n: int) -> np.ndarray:
     return np.pad(y, [(0, 0)] * (y.ndim - 1) + [(0, n - y.shape[-1])])
 
 
-def save(path: str | os.PathLike, x: np.ndarray, sr: int, subtype: str | None = None) -> None:
-    """Write ``(channels, samples)`` (or ``(samples,)``) to ``path``; the format follows the extension.
+def save(
+    path: str | os.PathLike, x: np.ndarray, sr: int, subtype: str | None = None, format: str | None = None
+) -> None:
+    """Write ``(channels, samples)`` (or ``(samples,)``) to ``path``; the container ``format`` (``WAV``,
+    ``FLAC``, ``OGG``...) defaults to the extension's.
 
     Atomic: written to a temporary file in the same directory, then renamed over ``path``, so a
     failed write never leaves a partial file. ``subtype`` defaults to soundfile's (PCM_16 for
@@ -98,7 +103,7 @@ def save(path: str | os.PathLike, x: np.ndarray, sr: int, subtype: str | None = 
     """
     p = Path(path)
     x = _as_channels(x, str(p))
-    fmt = p.suffix.lstrip(".").upper()
+    fmt = format or p.suffix.lstrip(".").upper()
     if fmt not in sf.available_formats():
         raise AudioError(f"{p}: unknown audio format {p.suffix!r}")
     try:

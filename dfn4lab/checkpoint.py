@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -26,8 +27,9 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 def save_checkpoint(folder: Path, model: DfNet, opt: optim.Optimizer, meta: dict[str, Any]) -> Path:
     """Write a checkpoint folder atomically: a model folder plus ``trainer.safetensors`` (optimizer, meta)."""
+    for stale in folder.parent.glob(f".tmp-{folder.name}-*"):  # a killed save's (one writer per run)
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = folder.with_name(f".tmp-{folder.name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     convert.save(tmp, model, model.cfg, meta={"step": str(meta["step"])})
     arrays = {f"opt.{k}": v for k, v in tree_flatten(opt.state)}
     mx.save_safetensors(str(tmp / "trainer.safetensors"), arrays, metadata={"meta": json.dumps(meta)})
@@ -45,8 +47,9 @@ def save_step(out: Path, model: DfNet, opt: optim.Optimizer, meta: dict[str, Any
 
 def checkpoints(out: Path) -> list[Path]:
     """Checkpoint folders of a run, oldest first."""
-    d = out / "checkpoints"
-    return sorted(d.glob("step-*"), key=lambda p: int(p.name.split("-")[1])) if d.exists() else []
+    steps = (p for p in (out / "checkpoints").glob("step-*") if p.is_dir())
+    found = [(int(m[1]), p) for p in steps if (m := re.fullmatch(r"step-(\d+)", p.name))]
+    return [p for _, p in sorted(found)]  # "step-00000010 copy" and the like are not the run's
 
 
 def read_checkpoint(folder: Path) -> tuple[dict[str, np.ndarray], dict[str, mx.array], dict[str, Any]]:

@@ -62,15 +62,28 @@ def model_folder(path: str | Path) -> Path:
     path = Path(path)
     if (path / "config.json").exists():
         return path
-    found = sorted((p.parent for p in path.rglob("model.safetensors")), key=lambda p: p.stat().st_mtime)
+    found = sorted(
+        (
+            p.parent
+            for p in path.rglob("model.safetensors")
+            if not any(part.startswith(".") for part in p.relative_to(path).parts)  # a killed save's .tmp-*
+        ),
+        key=lambda p: p.stat().st_mtime,
+    )
     if not found:
         raise ValueError(f"{path} holds no model (config.json + model.safetensors)")
-    best = [p for p in found if p.name == "best"]
-    places = best if best else {p.parent for p in found}  # one run: one best/, or one checkpoints folder
-    if len(places) > 1:
-        names = ", ".join(sorted(str(p.relative_to(path)) for p in places))
+    runs = {_run_root(p) for p in found}
+    if len(runs) > 1:
+        names = ", ".join(sorted(str(p.relative_to(path)) for p in runs))
         raise ValueError(f"{path} holds several runs ({names}): name one")
+    best = [p for p in found if p.name == "best"]
     return best[0] if best else found[-1]
+
+
+def _run_root(model: Path) -> Path:
+    """The training run a model folder belongs to: ``RUN`` for ``RUN/checkpoints/step-N``, else its parent
+    (``RUN/best`` and its siblings)."""
+    return model.parent.parent if model.parent.name == "checkpoints" else model.parent
 
 
 def resolve(model: DfNet | str | Path | None) -> DfNet:
@@ -229,12 +242,12 @@ def enhance_file(
     if dest.exists() and dest.resolve() == Path(src).resolve():
         raise audio.AudioError(f"{src}: the output would replace the input; choose another output folder")
     x, sr = audio.load(src)
-    fmt = audio.subtype(src)
+    container, fmt = audio.file_format(src)  # .aif, .opus: the extension does not name soundfile's format
     y = enhance(x, sr, model, atten_lim_db=atten_lim_db, progress=progress)
     clipped = int(np.sum(np.abs(y) > 1.0)) if fmt.startswith("PCM") else 0
     if clipped:
         warnings.warn(f"{dest}: {clipped} samples beyond full scale clipped ({fmt})", stacklevel=2)
-    audio.save(dest, y, sr, subtype=fmt)
+    audio.save(dest, y, sr, subtype=fmt, format=container)
     return dest
 
 

@@ -110,6 +110,9 @@ def test_enhanced_files_keep_the_input_format_and_say_when_they_clip(dfn3, tmp_p
     with pytest.warns(UserWarning, match=r"pcm.wav: \d+ samples beyond full scale clipped \(PCM_16\)"):
         out = inference.enhance_file(tmp_path / "pcm.wav", tmp_path / "out", dfn3)
     assert sf.info(out).subtype == "PCM_16" and np.abs(sf.read(out)[0]).max() <= 1.0
+    sf.write(tmp_path / "mac.aif", x, 48000, format="AIFF", subtype="PCM_24")  # no "AIF" format in soundfile
+    out = inference.enhance_file(tmp_path / "mac.aif", tmp_path / "out", dfn3)
+    assert (out.name, sf.info(out).format, sf.info(out).subtype) == ("mac.aif", "AIFF", "PCM_24")
 
 
 def test_cli_enhances_and_rejects_bad_input(tmp_path):
@@ -138,3 +141,6 @@ def test_cli_enhances_and_rejects_bad_input(tmp_path):
     assert res.returncode == 2 and "share a file name" in res.stderr and not (tmp_path / "twins").exists()
     res = _cli("enhance", str(good), "-o", str(out), "--model", "nonsense")
     assert res.returncode == 2 and res.stderr.startswith("error:") and "Traceback" not in res.stderr
+    for beta in ("inf", "nan", "-1"):  # inf gave NaN audio blamed on the file; nan silently disabled it
+        res = _cli("enhance", str(good), "-o", str(tmp_path / "pf"), "--pf-beta", beta)
+        assert res.returncode == 2 and "--pf-beta must be" in res.stderr and not (tmp_path / "pf").exists()

@@ -139,6 +139,22 @@ def test_statistics():
     ]
 
 
+def test_run_folders_skip_unpublished_saves_and_count_runs_not_bests(tmp_path):
+    cfg = preset("dfn3")
+    model = inference.build(cfg)
+    r1, r2 = tmp_path / "r1", tmp_path / "r2"
+    convert.save(r1 / "checkpoints" / "step-00000010", model, cfg)
+    time.sleep(0.01)
+    convert.save(r1 / "checkpoints" / ".tmp-step-00000020-4242", model, cfg)  # a save killed halfway
+    assert inference.model_folder(r1) == r1 / "checkpoints" / "step-00000010"
+    convert.save(r1 / ".tmp-best-4242", model, cfg)  # the first best/ save, killed halfway
+    assert inference.model_folder(r1) == r1 / "checkpoints" / "step-00000010"
+    convert.save(r1 / "best", model, cfg)
+    convert.save(r2 / "checkpoints" / "step-00000010", model, cfg)  # another run, without a best/ yet
+    with pytest.raises(ValueError, match=r"several runs \(r1, r2\)"):
+        inference.model_folder(tmp_path)
+
+
 def test_run_folder_resolves_to_its_best_checkpoint(tmp_path):
     cfg = preset("dfn3")
     model = inference.build(cfg)
@@ -150,7 +166,7 @@ def test_run_folder_resolves_to_its_best_checkpoint(tmp_path):
         (run / "ckpt" / "last" / f).write_bytes(b"")  # newer, but not the best
     assert inference.model_folder(run) == run / "ckpt" / "best"
     convert.save(tmp_path / "other" / "best", model, cfg)  # a second run beside it: ambiguous
-    with pytest.raises(ValueError, match=r"several runs \(myrun/ckpt/best, other/best\)"):
+    with pytest.raises(ValueError, match=r"several runs \(myrun/ckpt, other\)"):
         inference.model_folder(tmp_path)
     models = evaluate.load_models([str(run)])
     assert list(models) == ["noisy", "myrun"]

@@ -221,6 +221,12 @@ def test_damaged_newest_checkpoint_falls_back(tmp_path):
     stale.mkdir()
     checkpoint.save_step(tmp_path, model, opt, {"step": 3, "position": [0, 3]}, keep=2)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000002", "step-00000003"]
+    shutil.copytree(tmp_path / "checkpoints" / "step-00000002", tmp_path / "checkpoints" / "step-00000002 copy")
+    (tmp_path / "checkpoints" / "step-00000009.zip").write_bytes(b"")  # strays a file manager leaves
+    assert [p.name for p in checkpoint.checkpoints(tmp_path)] == ["step-00000002", "step-00000003"]
+    (tmp_path / ".tmp-best-999999").mkdir()  # the first best/ save, killed halfway
+    checkpoint.save_checkpoint(tmp_path / "best", model, opt, {"step": 3, "position": [0, 3]})
+    assert not (tmp_path / ".tmp-best-999999").exists()
 
 
 def test_unreadable_checkpoints_stop_the_run_instead_of_starting_over(corpus, tmp_path):
