@@ -381,10 +381,19 @@ _GROUPS: list[tuple[tuple[str, ...], Callable[[_Pair], dict[str, float]]]] = [
 ]
 
 
+def _as_float(x: np.ndarray) -> np.ndarray:
+    """float32 samples; integer PCM (``sf.read(dtype="int16")``) scaled to [-1, 1) as soundfile does."""
+    x = np.asarray(x)
+    if np.issubdtype(x.dtype, np.integer):
+        return (x / -float(np.iinfo(x.dtype).min)).astype(np.float32)
+    return x.astype(np.float32)
+
+
 def score(
     clean: np.ndarray, est: np.ndarray, sr: int, metrics: Sequence[str] = METRICS
 ) -> tuple[dict[str, float], dict[str, str]]:
-    """Every metric in ``metrics`` of ``est`` against ``clean`` (both (samples,) at ``sr``).
+    """Every metric in ``metrics`` of ``est`` against ``clean`` (both (samples,) at ``sr``; float in
+    [-1, 1], or integer PCM, which is scaled to it).
 
     Returns ``(values, flags)``: values are finite floats; ``flags`` maps each metric that had no value
     (and so got ``FLOOR``) to "item: reason" or "estimate: reason" (see ``Undefined``).
@@ -396,11 +405,13 @@ def score(
         raise ValueError(
             f"score takes mono (samples,) signals, got shapes {np.shape(clean)} and {np.shape(est)}"
         )
-    clean, est = np.asarray(clean, np.float32), np.asarray(est, np.float32)
+    clean, est = _as_float(clean), _as_float(est)
     if clean.shape != est.shape or clean.size == 0:
         raise ValueError(f"need two non-empty signals of one length, got {clean.shape} and {est.shape}")
-    c16, e16 = (x if sr == METRIC_SR else resample(x, sr, METRIC_SR) for x in (clean, est))
-    pair = _Pair(clean, est, sr, c16.astype(np.float64), e16.astype(np.float64))
+    bad = next((n for n, x in (("item", clean), ("estimate", est)) if not np.isfinite(x).all()), None)
+    if bad is None:
+        c16, e16 = (x if sr == METRIC_SR else resample(x, sr, METRIC_SR) for x in (clean, est))
+        pair = _Pair(clean, est, sr, c16.astype(np.float64), e16.astype(np.float64))
     values: dict[str, float] = {}
     flags: dict[str, str] = {}
     for names, fn in _GROUPS:
@@ -408,6 +419,8 @@ def score(
         if not wanted:
             continue
         try:
+            if bad is not None:  # the libraries answer NaN or raise deep inside
+                raise Undefined(f"NaN or inf {'reference' if bad == 'item' else 'estimate'}", bad)
             got = fn(pair)
         except Undefined as e:
             got = {m: FLOOR[m] for m in names}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any
 
 from dfn4lab import losses
@@ -71,8 +72,5 @@ def validate(model: DfNet, items: list[dict[str, mx.array]], lc: LossConfig, ram
 
 
 def _has_silero() -> bool:
-    try:
-        import silero_vad  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    # found, not imported: importing silero_vad sets torch to one thread (metrics._vad_model undoes that)
+    return importlib.util.find_spec("silero_vad") is not None

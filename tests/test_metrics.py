@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import dfn4lab  # noqa: F401
 from dfn4lab import data, metrics
@@ -140,7 +142,9 @@ def test_vad_finds_speech_not_noise_and_agreement_orders_degradations(speech):
     assert metrics.vad_agreement(clean, noisy[20]) > metrics.vad_agreement(clean, silence)
 
 
-@pytest.mark.parametrize("case", ["silent reference", "silent estimate", "short", "very short"])
+@pytest.mark.parametrize(
+    "case", ["silent reference", "silent estimate", "short", "very short", "NaN estimate", "inf reference"]
+)
 def test_score_never_returns_nan_and_flags_what_is_undefined(speech, case):
     clean, noisy = speech
     ref, est = {
@@ -148,6 +152,9 @@ def test_score_never_returns_nan_and_flags_what_is_undefined(speech, case):
         "silent estimate": (clean[:SR], np.zeros(SR)),
         "short": (clean[SR : SR + 1200], noisy[0][SR : SR + 1200]),
         "very short": (clean[SR : SR + 10], noisy[0][SR : SR + 10]),
+        # the libraries answered NaN (STOI, segmental SNR) or raised (SI-SDR, LSD, DNSMOS)
+        "NaN estimate": (clean[:SR], np.where(np.arange(SR) == 1000, np.nan, noisy[0][:SR])),
+        "inf reference": (np.where(np.arange(SR) == 1000, np.inf, clean[:SR]), noisy[0][:SR]),
     }[case]
     values, flags = metrics.score(ref, est, SR)
     assert list(values) == list(metrics.METRICS)
@@ -155,7 +162,9 @@ def test_score_never_returns_nan_and_flags_what_is_undefined(speech, case):
     assert flags, "an undefined metric must be flagged"
     for m, reason in flags.items():
         assert values[m] == metrics.FLOOR[m]
-        assert reason.startswith("estimate:" if case == "silent estimate" else "item:")
+        assert reason.startswith("estimate:" if "estimate" in case else "item:")
+    if "NaN" in case or "inf" in case:
+        assert set(flags) == set(metrics.METRICS)
     if case == "silent reference":
         assert {"pesq", "stoi", "si_sdr", "sdr", "ssnr", "csig", "lsd"} <= set(flags)
         assert "dnsmos_ovrl" not in flags  # non-intrusive: the estimate is real audio
@@ -170,6 +179,30 @@ def test_score_of_identical_signals_is_best_and_at_other_rates(speech):
     x48 = data.alsa_speech(48000, 2.0)
     v48, _ = metrics.score(x48, x48, 48000, ["pesq", "estoi"])  # resampled to 16 kHz internally
     assert v48["pesq"] > 4.5 and v48["estoi"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_score_reads_integer_pcm_at_its_scale(speech):
+    """int16 samples (``sf.read(dtype="int16")``) score as the same float signal, not 32768 times louder
+    (DNSMOS clipped them to a square wave, the VAD saw a different signal)."""
+    clean, noisy = speech
+    pcm = [np.round(np.clip(x[: 2 * SR], -1, 1) * 32767).astype(np.int16) for x in (clean, noisy[20])]
+    as_int, _ = metrics.score(*pcm, SR, ["dnsmos_ovrl", "vad_agree", "lsd", "si_sdr"])
+    as_float, _ = metrics.score(
+        *(x / 32768.0 for x in pcm), SR, ["dnsmos_ovrl", "vad_agree", "lsd", "si_sdr"]
+    )
+    assert as_int == pytest.approx(as_float, abs=1e-4)
+
+
+def test_validation_leaves_torch_its_threads():
+    """Checking for silero_vad imported it, which sets torch to one thread for the whole process."""
+    code = (
+        "import torch; n = torch.get_num_threads()\n"
+        "from dfn4lab import metrics, validation\n"
+        "validation._has_silero(); metrics._vad_model()\n"
+        "assert torch.get_num_threads() == n, (n, torch.get_num_threads())"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-500:]
 
 
 def test_score_rejects_bad_arguments():

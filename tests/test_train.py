@@ -221,7 +221,8 @@ def test_damaged_newest_checkpoint_falls_back(tmp_path):
     stale.mkdir()
     checkpoint.save_step(tmp_path, model, opt, {"step": 3, "position": [0, 3]}, keep=2)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000002", "step-00000003"]
-    shutil.copytree(tmp_path / "checkpoints" / "step-00000002", tmp_path / "checkpoints" / "step-00000002 copy")
+    ckpts = tmp_path / "checkpoints"
+    shutil.copytree(ckpts / "step-00000002", ckpts / "step-00000002 copy")
     (tmp_path / "checkpoints" / "step-00000009.zip").write_bytes(b"")  # strays a file manager leaves
     assert [p.name for p in checkpoint.checkpoints(tmp_path)] == ["step-00000002", "step-00000003"]
     (tmp_path / ".tmp-best-999999").mkdir()  # the first best/ save, killed halfway
