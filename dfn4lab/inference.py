@@ -174,7 +174,7 @@ def enhance(
     Channels are enhanced independently (as a batch). ``atten_lim_db`` limits the noise
     attenuation by mixing back the noisy spectrum, as upstream does (default: the model config's).
     Long inputs run in chunks of ``chunk_frames`` frames (same numbers, bounded memory); ``progress``
-    shows a bar over them.
+    shows a bar over them. The model is left in eval mode (a model in training: set its mode back).
     """
     model = resolve(model)
     atten_lim_db = model.cfg.atten_lim_db if atten_lim_db is None else atten_lim_db
