@@ -127,7 +127,9 @@ def _counting(total: list[int]) -> Iterator[None]:
 
 def _contracted_size(subscripts: str, operands: Sequence[mx.array]) -> int:
     """Product of the sizes of the indices an einsum sums over (those absent from its output)."""
-    inputs, _, output = subscripts.replace(" ", "").partition("->")
+    inputs, arrow, output = subscripts.replace(" ", "").partition("->")
+    if not arrow:  # implicit output: the indices that appear once, in alphabetical order
+        output = "".join(sorted(c for c in set(inputs) if c.isalpha() and inputs.count(c) == 1))
     sizes: dict[str, int] = {}
     for spec, op in zip(inputs.split(","), operands, strict=True):
         named = spec.replace("...", "")

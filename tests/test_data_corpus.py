@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import sys
 from pathlib import Path
 
 from dfn4lab.data import demo, lists, sources
@@ -117,6 +118,24 @@ def test_dep5_license_lookup(tmp_path):
     assert lic("/usr/share/pkg/samples/b2.flac") == "CC0"
     assert lic("/usr/share/pkg/samples/c.flac") == "MIT"  # debian/* must not match everything
     assert sources.license_of("/x/a.flac", "nopkg", "fallback", doc=tmp_path / "doc") == "fallback"
+    (tmp_path / "doc" / "games").mkdir()  # as minetest-data's: a folder's "*" covers its subfolders
+    (tmp_path / "doc" / "games" / "copyright").write_text(
+        "Files: *\nCopyright: x\nLicense: MIT\n\nFiles: mtg/mods/carts/*\nCopyright: w\nLicense: Expat\n"
+    )
+    game = "/usr/share/games/minetest/games/minetest_game/mods"
+    lic = lambda p: sources.license_of(p, "games", "unknown", doc=tmp_path / "doc")  # noqa: E731
+    assert lic(f"{game}/carts/sounds/cart.ogg") == "Expat" and lic(f"{game}/beds/sounds/bed.ogg") == "MIT"
+
+
+def test_tts_failures_skip_their_clip_only(tmp_path):
+    ok, garbage = tmp_path / "ok.wav", tmp_path / "garbage.wav"
+    write_ok = f"import soundfile as sf, numpy as np; sf.write({str(ok)!r}, np.ones(800), 8000)"
+    jobs = [
+        ([sys.executable, "-c", write_ok], None, ok),
+        ([sys.executable, "-c", f"open({str(garbage)!r}, 'w').write('x' * 500)"], None, garbage),  # exits 0
+        ([str(tmp_path / "no-such-synthesizer")], None, tmp_path / "missing.wav"),
+    ]
+    assert sources._run_tts(jobs) == [ok, None, None]
 
 
 @pytest.mark.skipif(not demo.is_built(ROOT / "data" / "demo"), reason="demo corpus not built (make data)")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 from dfn4lab.data import checks, lists
@@ -51,6 +53,24 @@ def write_bad_files(d: Path) -> dict[str, str]:
         "short.wav": "too_short",
         "noframes.wav": "empty",
     }
+
+
+def test_report_save_is_atomic(tmp_path):
+    """A write that fails (here: past a file-size limit) keeps the previous report whole."""
+    path = tmp_path / "report.json"
+    path.write_text('{"skipped": 0}\n')
+    code = (
+        "import resource, signal\n"
+        "from dfn4lab.data import checks\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))\n"
+        "r = checks.Report()\n"
+        "for i in range(200): r.add(checks.BadFile(f'/x/{i}.wav', 'speech', 'silent', 'rms 0'))\n"
+        f"r.save({str(path)!r})\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0 and "File too large" in res.stderr
+    assert path.read_text() == '{"skipped": 0}\n' and [p.name for p in tmp_path.iterdir()] == ["report.json"]
 
 
 def test_scan_skips_each_kind_of_bad_file_and_reports_it(tmp_path, caplog):

@@ -158,6 +158,18 @@ def test_biquads_match_scipy_and_eq_keeps_level():
     assert 1 <= len(params) <= 3 and abs(augment.rms(y) - augment.rms(x)) < 1e-4
 
 
+@pytest.mark.parametrize("sr", [8000, 16000])
+def test_augmentations_work_at_low_rates(sr):
+    """A low-pass's 4-8 kHz range and the clicks' 4-12 kHz band edge lie above 8 kHz audio's Nyquist."""
+    from dfn4lab.data import synth
+
+    x = np.random.default_rng(1).standard_normal(sr).astype(np.float32)
+    for seed in range(20):
+        y, params = augment.random_eq(x, sr, np.random.default_rng(seed), 3, 15.0, (0.5, 1.5))
+        assert np.isfinite(y).all() and all(p["freq"] < sr / 2 for p in params)
+        assert np.isfinite(synth.clicks(sr, sr, np.random.default_rng(seed))).all()
+
+
 def test_mixture_steps_hit_the_snr_and_keep_the_dry_level():
     from dfn4lab.data.mixing import mixture_steps
 

@@ -107,6 +107,9 @@ def test_count_macs_of_known_ops():
     q, k = mx.zeros((1, 2, 10, 16)), mx.zeros((1, 2, 12, 16))
     attn = macs.count_macs(lambda: mx.fast.scaled_dot_product_attention(q, k, k, scale=1.0))
     assert attn == 2 * 10 * 12 * (16 + 16)  # q k^T, then weights @ v
+    a, b = mx.zeros((4, 6)), mx.zeros((6, 5))
+    assert macs.count_macs(lambda: mx.einsum("ij,jk", a, b)) == 4 * 6 * 5  # implicit output "ik"
+    assert macs.count_macs(lambda: mx.einsum("ij,jk->ik", a, b)) == 4 * 6 * 5
     # a grouped ConvBlock counts as the grouped conv it computes (plus its 1x1 pointwise conv)
     feat = mx.zeros((1, 10, 96, 2))
     block = macs.count_macs(lambda: ConvBlock(2, 64, (3, 3))(feat))

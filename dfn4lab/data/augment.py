@@ -53,10 +53,11 @@ def random_eq(
     params, sos = [], []
     for _ in range(int(rng.integers(1, max_filters + 1))):
         kind = str(rng.choice(list(EQ_RANGES)))
-        lo, hi = EQ_RANGES[kind]
+        hi = min(EQ_RANGES[kind][1], 0.45 * sr)  # below Nyquist
+        lo = min(EQ_RANGES[kind][0], hi)  # at 8 kHz a low-pass's 4-8 kHz range is all above it
         p = dict(
             kind=kind,
-            freq=round(float(np.exp(rng.uniform(np.log(lo), np.log(min(hi, 0.45 * sr))))), 1),
+            freq=round(float(np.exp(rng.uniform(np.log(lo), np.log(hi)))), 1),
             q=round(float(rng.uniform(*q)), 3),
             gain_db=round(float(rng.uniform(-gain_db, gain_db)), 2),
         )

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from dfn4lab.data.config import CheckConfig
+from dfn4lab.paths import atomic_write
 
 import numpy as np
 import soundfile as sf
@@ -83,7 +84,7 @@ class Report:
         return {"skipped": len(self.bad), "counts": self.counts(), "files": [asdict(b) for b in self.bad]}
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        atomic_write(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
 
 
 def info(path: str | Path, kind: str, checks: CheckConfig) -> FileInfo | BadFile:

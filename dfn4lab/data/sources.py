@@ -152,20 +152,22 @@ def _dep5(copyright_file: str) -> list[tuple[list[str], str]]:
 def license_of(path: str | Path, package: str, default: str, doc: Path = Path("/usr/share/doc")) -> str:
     """The license ``doc/package/copyright`` gives ``path`` (DEP-5: the last matching stanza wins).
 
-    Patterns name paths in the source tree; they are matched against the installed path's tail,
-    also without their first component when two remain (``etc/samples/x.flac`` matches
-    ``.../samples/x.flac``; ``debian/*`` does not become ``*``).
+    Patterns name paths in the source tree; they are matched against the installed path's tails of
+    at least as many components, also without their first component when two remain
+    (``etc/samples/x.flac`` matches ``.../samples/x.flac``; ``debian/*`` does not become ``*``). As in
+    DEP-5, ``*`` spans folders: ``mtg/mods/carts/*`` covers ``.../mods/carts/sounds/x.ogg``.
     """
     cfile = doc / package / "copyright"
     if not cfile.is_file():
         return default
     parts = Path(path).parts
+    tails = ["/".join(parts[k:]) for k in range(len(parts))]  # longest first
     found = default
     for pats, lic in _dep5(str(cfile)):
         for pat in pats:
             pp = pat.split("/")
             for cand in (pp, pp[1:]) if len(pp) > 2 else (pp,):
-                if fnmatch.fnmatchcase("/".join(parts[-len(cand) :]), "/".join(cand)):
+                if any(fnmatch.fnmatchcase(t, "/".join(cand)) for t in tails[: len(parts) - len(cand) + 1]):
                     found = lic
     return found
 
@@ -327,12 +329,21 @@ ESPEAK_VARIANTS = (
 
 
 def _run_tts(jobs: list[tuple[list[str], str | None, Path]]) -> list[Path | None]:
-    """Run (command, stdin text, output wav) jobs in parallel; None for any that failed."""
+    """Run (command, stdin text, output wav) jobs in parallel; None for any that failed (non-zero exit,
+    hung, or no readable audio written)."""
 
     def one(job: tuple[list[str], str | None, Path]) -> Path | None:
         cmd, stdin, out = job
-        r = subprocess.run(cmd, input=stdin, capture_output=True, text=True, timeout=120)
-        return out if r.returncode == 0 and out.is_file() and out.stat().st_size > 44 else None
+        try:
+            r = subprocess.run(cmd, input=stdin, capture_output=True, text=True, timeout=120)
+        except (subprocess.TimeoutExpired, OSError):  # a hung or missing synthesizer: this clip only
+            return None
+        if r.returncode != 0 or not out.is_file():
+            return None
+        try:
+            return out if sf.info(str(out)).frames > 0 else None
+        except RuntimeError:  # exited 0 but wrote no audio
+            return None
 
     with ThreadPoolExecutor(4) as ex:
         return list(ex.map(one, jobs))

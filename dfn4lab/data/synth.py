@@ -44,7 +44,8 @@ def clicks(n: int, sr: int, rng: np.random.Generator, rate_hz: float | None = No
     """Keyboard-like typing: irregular key presses, each a band-passed burst and a quieter release."""
     rate = rate_hz or rng.uniform(4.0, 10.0)
     x = np.zeros(n)
-    lo, hi = rng.uniform(800, 2500), rng.uniform(4000, min(12000, 0.45 * sr))
+    top = 0.45 * sr  # below Nyquist: at 8 kHz the 4-12 kHz upper edge is 3.6 kHz
+    lo, hi = rng.uniform(800, min(2500, 0.5 * top)), rng.uniform(min(4000, top), min(12000, top))
     sos = signal.butter(2, [lo, hi], btype="bandpass", fs=sr, output="sos")
     t = rng.uniform(0, 0.2)
     while t < n / sr:
