@@ -4,6 +4,7 @@ are written atomically: complete under a temporary name first, then renamed into
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -36,19 +37,33 @@ def atomic_write(path: str | os.PathLike, content: str | Callable[[str], Any]) -
     return path
 
 
-def check_replaceable(dest: str | os.PathLike, marker: str) -> None:
-    """Raise ValueError unless ``dest`` is absent, an empty folder, or a folder of the kind being written
-    (it holds the file ``marker``): a command never replaces a folder of the user's."""
+def check_replaceable(dest: str | os.PathLike, marker: str, keys: tuple[str, ...] = ()) -> None:
+    """Raise ValueError unless ``dest`` is absent, an empty folder, or a folder of the kind being written:
+    it holds the file ``marker``, a JSON object with all of ``keys`` when they are given (a user's
+    ``manifest.json``, or another command's, is not this command's). A command never replaces a folder
+    of the user's."""
     dest = Path(dest)
-    if dest.exists() and not (dest.is_dir() and (not any(dest.iterdir()) or (dest / marker).is_file())):
-        raise ValueError(f"{dest} exists and was not written by this command (no {marker}): choose another")
+    if not dest.exists() or (dest.is_dir() and not any(dest.iterdir())):
+        return
+    if dest.is_dir() and (dest / marker).is_file():
+        if not keys:
+            return
+        try:
+            found = json.loads((dest / marker).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            found = None
+        if isinstance(found, dict) and all(k in found for k in keys):
+            return
+    raise ValueError(
+        f"{dest} exists and was not written by this command (no {marker} of its own): choose another"
+    )
 
 
-def publish(tmp: str | os.PathLike, dest: str | os.PathLike, marker: str) -> Path:
+def publish(tmp: str | os.PathLike, dest: str | os.PathLike, marker: str, keys: tuple[str, ...] = ()) -> Path:
     """Rename the finished folder ``tmp`` to ``dest``, replacing an older ``dest`` of the same kind (see
     :func:`check_replaceable`) without a gap."""
     tmp, dest = Path(tmp), Path(dest)
-    check_replaceable(dest, marker)
+    check_replaceable(dest, marker, keys)
     if dest.exists():
         old = dest.with_name(f".{dest.name}.old.{os.getpid()}")
         os.rename(dest, old)

@@ -153,6 +153,37 @@ def test_cli_skips_a_built_corpus(tiny_corpus, capsys, tmp_path):
     assert "already" in capsys.readouterr().out
 
 
+def test_a_failed_rebuild_keeps_the_corpus_and_a_datastore_is_not_a_corpus(
+    tiny_corpus, tmp_path, monkeypatch
+):
+    from dfn4lab.data import datastore
+    from dfn4lab.data.mixing import Mixer
+
+    out = tmp_path / "demo"
+    shutil.copytree(tiny_corpus, out)
+    before = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+
+    def full(*args, **kw):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(lists, "write_lists", full)  # the last step of a build
+    with pytest.raises(OSError, match="disk full"):
+        demo.build(out, demo.DemoConfig.tiny())
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before and demo.is_built(out)
+    assert [p.name for p in tmp_path.iterdir()] == ["demo"]  # no half-built folder beside it
+    monkeypatch.undo()
+    store = tmp_path / "store"
+    mixer = Mixer.from_config(
+        DataConfig.from_json(out / "data_config.json").replace(mix=dict(max_len_s=0.5)), "train"
+    )
+    datastore.build(store, mixer, samples=2)
+    with pytest.raises(ValueError, match="not written by this command"):
+        demo.build(store, demo.DemoConfig.tiny())  # each command replaces only its own kind of folder
+    with pytest.raises(ValueError, match="not written by this command"):
+        datastore.build(out, mixer, samples=2)
+    assert demo.is_built(out) and datastore.Datastore(store).verify() == []
+
+
 def test_cli_never_replaces_a_folder_it_did_not_write(tmp_path, capsys):
     mine = tmp_path / "mine"
     mine.mkdir()

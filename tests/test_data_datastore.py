@@ -93,3 +93,32 @@ def test_cli(corpus, tmp_path, capsys):
     assert datastore.main(["build", *args[:-3], "0", "--output", str(tmp_path / "none")]) == 2
     assert datastore.main(["info", str(tmp_path / "missing")]) == 2
     assert "error:" in capsys.readouterr().err
+    (mine / "manifest.json").write_text('{"name": "my dataset"}')  # a manifest of the user's own
+    assert datastore.main(["build", *args[:-1], str(mine)]) == 2 and (mine / "thesis.txt").exists()
+    for name in ("info", "verify"):  # a folder with a manifest that is not a datastore's: one line
+        assert datastore.main([name, str(mine)]) == 2
+        assert "is not a datastore" in capsys.readouterr().err
+
+
+def test_failures_leave_no_folder_no_workers_and_name_the_shard(corpus, tmp_path, monkeypatch):
+    import multiprocessing
+
+    _, cfg = corpus
+    mixer = Mixer.from_config(cfg, "train")
+    with pytest.raises(ValueError, match="mixes at 16000 Hz, the model's features are for 48000 Hz"):
+        datastore.build(tmp_path / "sr", Mixer.from_config(cfg.replace(mix=dict(sr=16000)), "train"), 2)
+
+    def broken(*args, **kw):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(datastore, "save_file", broken)
+    for workers in (0, 2):
+        with pytest.raises(OSError, match="disk full"):
+            datastore.build(tmp_path / "store", mixer, samples=8, shard_size=2, workers=workers)
+        assert list(tmp_path.iterdir()) == [] and multiprocessing.active_children() == []
+    monkeypatch.undo()
+    datastore.build(tmp_path / "store", mixer, samples=4, shard_size=2)
+    shard = tmp_path / "store" / "shard-00001.safetensors"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # truncated since
+    with pytest.raises(ValueError, match=r"shard-00001.safetensors: unreadable .* `verify`"):
+        next(iter(Loader(Datastore(tmp_path / "store"), batch_size=4, shuffle=False)))

@@ -34,10 +34,11 @@ from dfn4lab.data.mixing import Mixer
 from dfn4lab.paths import check_replaceable, publish
 
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 VERSION = 1
+MANIFEST_KEYS = ("version", "samples", "shard_size", "shards", "meta")  # what makes a folder a datastore
 TENSORS = ("noisy", "clean", "feat_erb", "feat_spec", "snr")
 
 
@@ -87,30 +88,37 @@ def build(
     if samples < 1 or shard_size < 1:
         raise ValueError(f"samples and shard_size must be >= 1, got {samples} and {shard_size}")
     cfg = dsp_cfg or DspConfig()
+    if mixer.cfg.sr != cfg.sr:  # the features would be computed for another rate than the audio's
+        raise ValueError(f"the data mixes at {mixer.cfg.sr} Hz, the model's features are for {cfg.sr} Hz")
     out = Path(out)
-    check_replaceable(out, "manifest.json")  # a user's folder is never replaced
+    check_replaceable(out, "manifest.json", MANIFEST_KEYS)  # a user's folder is never replaced
     tmp = out.with_name(f".{out.name}.building")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     chunks = [list(range(i, min(i + shard_size, samples))) for i in range(0, samples, shard_size)]
     report, meta, shards = Report(), [], []
-    if workers > 0:
-        pool = ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"))
-        results = pool.map(_chunk, *zip(*[(mixer, epoch, c, cfg) for c in chunks], strict=True))
-    else:
-        pool, results = None, (_chunk(mixer, epoch, c, cfg) for c in chunks)
-    for k, (arrays, metas) in enumerate(results):
-        name = f"shard-{k:05d}.safetensors"
-        save_file(arrays, str(tmp / name), metadata={"first": str(chunks[k][0]), "version": str(VERSION)})
-        for m, bad in metas:
-            meta.append(m)
-            report.merge(bad)
-        size, digest = (tmp / name).stat().st_size, sha256(tmp / name)
-        shards.append(
-            {"file": name, "first": chunks[k][0], "n": len(chunks[k]), "bytes": size, "sha256": digest}
-        )
-    if pool is not None:
-        pool.shutdown()
+    pool = ProcessPoolExecutor(workers, multiprocessing.get_context("spawn")) if workers > 0 else None
+    try:
+        if pool is not None:
+            results = pool.map(_chunk, *zip(*[(mixer, epoch, c, cfg) for c in chunks], strict=True))
+        else:
+            results = (_chunk(mixer, epoch, c, cfg) for c in chunks)
+        for k, (arrays, metas) in enumerate(results):
+            name = f"shard-{k:05d}.safetensors"
+            save_file(arrays, str(tmp / name), metadata={"first": str(chunks[k][0]), "version": str(VERSION)})
+            for m, bad in metas:
+                meta.append(m)
+                report.merge(bad)
+            size, digest = (tmp / name).stat().st_size, sha256(tmp / name)
+            shards.append(
+                {"file": name, "first": chunks[k][0], "n": len(chunks[k]), "bytes": size, "sha256": digest}
+            )
+    except BaseException:  # failed or interrupted: no half-built folder left, no workers still mixing
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
     manifest = {
         "version": VERSION,
         "samples": samples,
@@ -126,7 +134,7 @@ def build(
         "meta": meta,
     }
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
-    publish(tmp, out, marker="manifest.json")
+    publish(tmp, out, marker="manifest.json", keys=MANIFEST_KEYS)
     return manifest
 
 
@@ -138,7 +146,14 @@ class Datastore:
         mf = self.path / "manifest.json"
         if not mf.is_file():
             raise FileNotFoundError(f"{self.path} is not a datastore (no manifest.json)")
-        self.manifest = json.loads(mf.read_text())
+        try:
+            self.manifest = json.loads(mf.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{mf}: not valid JSON ({e})") from None
+        if not isinstance(self.manifest, dict) or not all(k in self.manifest for k in MANIFEST_KEYS):
+            raise ValueError(f"{self.path} is not a datastore (its manifest.json has no shards)")
+        if self.manifest["version"] != VERSION:
+            raise ValueError(f"{self.path}: datastore version {self.manifest['version']}, this reads {VERSION}")
         self.report = Report()
         self._open: dict[int, object] = {}
 
@@ -161,8 +176,12 @@ class Datastore:
         if not 0 <= index < len(self):
             raise IndexError(f"sample {index} of a datastore of {len(self)}")
         k, j = divmod(index, int(self.manifest["shard_size"]))
-        f = self._shard(k)
-        row = {t: f.get_slice(t)[j] for t in TENSORS}
+        try:
+            f = self._shard(k)
+            row = {t: f.get_slice(t)[j] for t in TENSORS}
+        except (OSError, SafetensorError) as e:  # missing or truncated since it was built
+            shard = self.manifest["shards"][k]["file"]
+            raise ValueError(f"{self.path / shard}: unreadable ({e}); check with `verify`") from None
         meta = self.manifest["meta"][index]
         return StoredSample(
             row["noisy"], row["clean"], row["feat_erb"], row["feat_spec"], float(row["snr"]), meta

@@ -45,6 +45,7 @@ import numpy as np
 
 DEFAULT_OUT = paths.DEMO
 VERSION = 1
+MANIFEST_KEYS = ("version", "sr", "sources", "splits", "totals", "files")  # what makes a folder a demo corpus
 # Single-speaker sources cannot be split; the real male voice is kept for testing.
 FIXED_SPLITS = {"alsa-utils/male": "test", "festival/slt": "valid", "asterisk/allison": "train"}
 PROCEDURAL = ("white", "pink", "brown", "hum", "clicks", "babble")
@@ -253,24 +254,26 @@ def _manifest(cfg: DemoConfig, files: list[dict], skipped: dict[str, str]) -> di
     }
 
 
-def _write_lists(out: Path, files: list[dict]) -> None:
-    """Scan the written corpus (so it passes the checks any data does) into lists and a data config."""
+def _write_lists(tmp: Path, out: Path, files: list[dict]) -> None:
+    """Scan the corpus being built in ``tmp`` (so it passes the checks any data does) into lists and a
+    data config, their paths where the corpus will be (``out``): it is published complete."""
     report, entries = Report(), []
     by_path = {f["path"]: f for f in files}
     for kind in ("speech", "noise", "rir"):
-        for e in lists.scan([out / kind], kind, report=report):
-            f = by_path[str(Path(e.path).relative_to(out.resolve()))]
-            entries.append(replace(e, group=f["group"], max_freq=f["max_freq"]))  # the manifest knows better
-    written = lists.write_lists(entries, out / "lists", report).lists
+        for e in lists.scan([tmp / kind], kind, report=report):
+            rel = Path(e.path).relative_to(tmp.resolve())
+            f = by_path[str(rel)]  # the manifest knows the group and band limit better
+            entries.append(replace(e, path=str(out.resolve() / rel), group=f["group"], max_freq=f["max_freq"]))
+    written = lists.write_lists(entries, tmp / "lists", report).lists
     relative = {s: {k: f"lists/{v}" for k, v in kv.items()} for s, kv in written.items()}
-    DataConfig(lists=relative).to_json(out / "data_config.json")
+    DataConfig(lists=relative).to_json(tmp / "data_config.json")
 
 
 def build(out: str | Path = DEFAULT_OUT, cfg: DemoConfig = DemoConfig(), log=print) -> dict:
     """Build the corpus into ``out`` (replacing it once complete) and return its manifest."""
     t0 = time.perf_counter()
     out = Path(out)
-    paths.check_replaceable(out, "manifest.json")  # before a minute of work, not after
+    paths.check_replaceable(out, "manifest.json", MANIFEST_KEYS)  # before a minute of work, not after
     tmp = out.with_name(f".{out.name}.building")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -287,13 +290,16 @@ def build(out: str | Path = DEFAULT_OUT, cfg: DemoConfig = DemoConfig(), log=pri
         files = [_write_clip(tmp, c, split_of[c.group]) for c in clips]
         for split, k, room, rirs, rt in rooms_done:
             files += _write_room(tmp, split, k, room, rirs, rt)
+        manifest = _manifest(cfg, files, skipped)
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+        _write_lists(tmp, out, files)
+    except BaseException:  # failed or interrupted: the old corpus stays, no half-built folder
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
-    manifest = _manifest(cfg, files, skipped)
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
-    paths.publish(tmp, out, marker="manifest.json")
-    _write_lists(out, files)  # lists hold absolute paths: written once the corpus is in place
+    paths.publish(tmp, out, marker="manifest.json", keys=MANIFEST_KEYS)
     log(f"demo corpus: {summary(manifest)} in {out} ({time.perf_counter() - t0:.1f} s)")
     return manifest
 
