@@ -34,6 +34,8 @@ class BatchNorm(nn.BatchNorm):
 
     def __call__(self, x: mx.array) -> mx.array:
         """``(..., channels)`` -> same shape."""
+        if self.training and x.size == x.shape[-1]:  # one value per channel: 0/0 running variance
+            raise ValueError("BatchNorm training requires more than one value per channel")
         if self.training or not self.track_running_stats:
             mean, var = self._calc_stats(x)
             if self.training and self.track_running_stats:

@@ -170,6 +170,9 @@ def test_batch_norm_is_mlx_batch_norm(affine):
         np.testing.assert_allclose(np.array(ours.running_mean), np.array(ref.running_mean), atol=1e-6)
     ours.eval(), ref.eval()
     np.testing.assert_allclose(np.array(ours(x)), np.array(ref(x)), atol=1e-5)
+    ours.train()  # one value per channel: refused as MLX's is, not a NaN running variance
+    with pytest.raises(ValueError, match="more than one value per channel"):
+        ours(x[:1, :1, :1])
 
 
 def test_conv_block_uses_weights_replaced_after_eval():
