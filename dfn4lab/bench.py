@@ -26,6 +26,7 @@ from dfn4lab.paths import atomic_write
 
 import mlx.core as mx
 import numpy as np
+from mlx.utils import tree_flatten
 
 
 def timeit(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> list[float]:
@@ -76,16 +77,19 @@ def matmul(m: int = 4000, k: int = 1024, n: int = 1024, repeats: int = 7) -> dic
 
 
 def enhance(seconds: float = 10.0, repeats: int = 3) -> dict[str, float]:
-    """One noisy 48 kHz clip through the official runtime and through dfn4lab ``dfn3``, interleaved."""
+    """One noisy 48 kHz clip through the official runtime and through dfn4lab ``dfn3``, interleaved, both
+    warmed up. The runtime is fed 10 ms chunks, its only API (a Python call each: ~1 ms of 10 s's
+    ~0.4 s); its start-up (model loading, ~0.08 s) is not timed."""
     from dfn4lab import data, inference
 
     noisy, _ = data.noisy_clip(seconds=seconds, snr_db=5.0)
     model = inference.load_pretrained("dfn3")
+    official, ours = inference.official_enhance(noisy), inference.enhance(noisy, 48000, model)  # warm-up
     official_t, ours_t = [], []
-    for _ in range(repeats):
-        official_t += timeit(lambda: inference.official_enhance(noisy), repeats=1, warmup=0)
-        ours_t += timeit(lambda: inference.enhance(noisy, 48000, model), repeats=1)
-    official, ours = inference.official_enhance(noisy), inference.enhance(noisy, 48000, model)
+    for _ in range(repeats):  # a fresh runtime per clip, as for ``official``, built outside the timer
+        runtime = inference.official_runtime()
+        official_t += timeit(lambda: inference.official_enhance(noisy, runtime=runtime), repeats=1, warmup=0)  # noqa: B023
+        ours_t += timeit(lambda: inference.enhance(noisy, 48000, model), repeats=1, warmup=0)
     tail = inference.OFFICIAL_DELAY  # the runtime zeroes its flushed tail
     err = official[:-tail] - ours[:-tail]
     agreement = 10 * np.log10(np.sum(official[:-tail] ** 2) / np.sum(err**2))
@@ -177,7 +181,11 @@ def _mlx_case(cfg: ModelConfig, batch: int, frames: int):
     def step():
         mx.eval(step_c(*x, target), state)
 
-    return model, {"fwd": fwd, "fwdbwd": fwdbwd, "step": step}
+    def resident() -> int:
+        """Bytes this case keeps between calls: weights, BatchNorm statistics, optimizer state, inputs."""
+        return sum(a.nbytes for _, a in tree_flatten([model.parameters(), opt.state, list(x), target]))
+
+    return model, {"fwd": fwd, "fwdbwd": fwdbwd, "step": step}, resident
 
 
 MLX_OPS = "mlx-ops"  # the variant run without dfn4lab.kernels
@@ -191,10 +199,13 @@ def _without_kernels(fn: Callable[[], object]) -> Callable[[], object]:
     return run
 
 
-def _peak_mb(fn: Callable[[], object]) -> float:
+def _peak_mb(fn: Callable[[], object], resident: int) -> float:
+    """Peak memory of a call of ``fn``, in MiB: what it allocates on top of what is live before it (every
+    case's weights and state), plus its own ``resident`` bytes."""
+    before = mx.get_active_memory()
     mx.reset_peak_memory()
     fn()
-    return mx.get_peak_memory() / 2**20
+    return (mx.get_peak_memory() - before + resident) / 2**20
 
 
 def backbones(
@@ -218,7 +229,7 @@ def backbones(
     # First, in a fresh process: with the cases below run and alive, the same eager MLX forward took
     # 1071 instead of 684 ms (no page faults; GC off: 918; cases freed: 829; cause not found), PyTorch's
     # 474 against 455 ms. Compare the frameworks, not the residue of the other cases.
-    torch_cmp = _mlx_vs_torch(base, quick)
+    torch_cmp = _mlx_vs_torch(base, batch, frames, repeats)
     target = param_count(build(base))
     variants = [("gru", "matched", base)]
     for kind in ("mamba", "attention"):
@@ -228,10 +239,17 @@ def backbones(
         variants += [(k, MLX_OPS, cfg) for k, v, cfg in variants if v == "matched"]
     cases = {}
     for kind, variant, cfg in variants:
-        model, fns = _mlx_case(cfg, batch, frames)
+        model, fns, resident = _mlx_case(cfg, batch, frames)
         if variant == MLX_OPS:
             fns = {k: _without_kernels(fn) for k, fn in fns.items()}
-        cases[(kind, variant)] = {"cfg": cfg, "model": model, "fns": fns, "times": {k: [] for k in fns}}
+        times = {k: [] for k in fns}
+        cases[(kind, variant)] = {
+            "cfg": cfg,
+            "model": model,
+            "fns": fns,
+            "resident": resident,
+            "times": times,
+        }
     for _ in range(repeats):  # interleaved: every case sees the same machine load
         for case in cases.values():
             for name, fn in case["fns"].items():
@@ -249,12 +267,12 @@ def backbones(
                 **{f"{k}_ms": round(v["median"] * 1e3, 2) for k, v in s.items()},
                 **{f"{k}_iqr_ms": round(v["iqr"] * 1e3, 2) for k, v in s.items()},
                 **{f"{k}_{q}_ms": round(v[q] * 1e3, 2) for k, v in s.items() for q in ("q25", "q75")},
-                "peak_mb": round(_peak_mb(case["fns"]["step"]), 1),
+                "peak_mb": round(_peak_mb(case["fns"]["step"], case["resident"]()), 1),
             }
         )
     matched = {r["backbone"]: r for r in rows if r["variant"] == "matched"}
     ops = {**matched, **{r["backbone"]: r for r in rows if r["variant"] == MLX_OPS}}
-    sweep = _length_sweep(base, matched, quick)
+    sweep = _length_sweep(matched, quick, repeats)
     for r in rows:
         r.pop("cfg")
     result = {
@@ -293,59 +311,72 @@ def backbones(
     return result
 
 
-def _length_sweep(base: ModelConfig, matched: dict, quick: bool) -> list[dict]:
-    """Forward time (batch 1) against sequence length for each backbone; attention also windowed."""
+def _length_sweep(matched: dict, quick: bool, repeats: int) -> list[dict]:
+    """Forward time (batch 1) against sequence length for each backbone, attention also windowed; the
+    backbones interleaved at each length, median and quartiles of ``repeats`` (at least 3) calls."""
     from dfn4lab.inference import build
 
     lengths = [25, 50, 100] if quick else [100, 500, 1000, 2000, 4000]
-    out = []
     windowed = {"kind": "attention", "window": 64}
-    for kind, cfg in [(k, r["cfg"]) for k, r in matched.items()] + [
-        ("attention-w64", matched["attention"]["cfg"].replace(backbone=windowed))
-    ]:
-        model = build(cfg)
-        model.eval()
-        for n in lengths:
-            x = _batch(cfg, 1, n)
-            t = timeit(lambda m=model, x=x: mx.eval(m(*x)[0]), repeats=1 if n > 1000 else 3)
-            out.append({"backbone": kind, "frames": n, "fwd_ms": round(stats(t)["median"] * 1e3, 2)})
+    cfgs = {k: r["cfg"] for k, r in matched.items()}
+    cfgs["attention-w64"] = cfgs["attention"].replace(backbone=windowed)
+    models = {k: build(cfg).eval() for k, cfg in cfgs.items()}
+    out = []
+    for n in lengths:
+        x = {k: _batch(cfgs[k], 1, n) for k in models}
+        times: dict[str, list[float]] = {k: [] for k in models}
+        for _ in range(max(repeats, 3)):
+            for k, m in models.items():
+                times[k] += timeit(
+                    lambda m=m, x=x[k]: mx.eval(m(*x)[0]), repeats=1, warmup=0 if times[k] else 1
+                )
+        for k, t in times.items():
+            s = {q: round(v * 1e3, 2) for q, v in stats(t).items() if q != "n"}
+            out.append(
+                {
+                    "backbone": k,
+                    "frames": n,
+                    "fwd_ms": s["median"],
+                    "fwd_q25_ms": s["q25"],
+                    "fwd_q75_ms": s["q75"],
+                }
+            )
     return out
 
 
-def _mlx_vs_torch(base: ModelConfig, quick: bool) -> dict:
-    """The same network (``torch_ref``) with the same weights: inference at batch 1/4/8, a training step.
+def _mlx_vs_torch(base: ModelConfig, batch: int, frames: int, repeats: int) -> dict:
+    """The same network (``torch_ref``) with the same weights: inference at batch 1, ``batch / 2`` and
+    ``batch`` (1/4/8 by default), and a training step at ``batch``; ``repeats`` interleaved calls each.
 
     Ratios are MLX time over PyTorch time (below 1: MLX faster)."""
     from dfn4lab import torch_ref
 
     import torch
 
-    frames = 40 if quick else 500
-    model, fns = _mlx_case(base, 2 if quick else 8, frames)
+    model, fns, _ = _mlx_case(base, batch, frames)
     # the same in MLX ops only, where dfn4lab.kernels would run (as on a GPU)
-    ops_fns = {k: _without_kernels(f) for k, f in _mlx_case(base, 2 if quick else 8, frames)[1].items()}
+    ops_fns = {k: _without_kernels(f) for k, f in _mlx_case(base, batch, frames)[1].items()}
     tmodel = torch_ref.from_mlx(model)
     rows = []
-    batches = (1, 2) if quick else (1, 4, 8)
+    batches = sorted({1, max(batch // 2, 1), batch})
     for b in batches:
         x = _batch(base, b, frames)
         tx = [torch.from_numpy(np.array(a)) for a in x]
         model.eval()
         tmodel.eval()
         m_t, t_t, o_t = [], [], []
-        for _ in range(3):  # eager, as `enhance` runs (compiling the 500-frame graph measured slower)
-            m_t += timeit(lambda: mx.eval(model(*x)[0]), repeats=1)  # noqa: B023
+        for _ in range(repeats):  # eager, as `enhance` runs (compiling the 500-frame graph measured slower)
+            m_t += timeit(lambda: mx.eval(model(*x)[0]), repeats=1, warmup=0 if m_t else 1)  # noqa: B023
             with torch.inference_mode():
-                t_t += timeit(lambda: tmodel(*tx)[0], repeats=1)  # noqa: B023
+                t_t += timeit(lambda: tmodel(*tx)[0], repeats=1, warmup=0 if t_t else 1)  # noqa: B023
             if b == batches[-1]:
-                o_t += timeit(_without_kernels(lambda: mx.eval(model(*x)[0])), repeats=1)  # noqa: B023
-        rows.append(
-            {"batch": b, "mlx_ms": stats(m_t)["median"] * 1e3, "torch_ms": stats(t_t)["median"] * 1e3}
-        )
-    rows[-1]["mlx_ops_ms"] = stats(o_t)["median"] * 1e3
+                ops = _without_kernels(lambda: mx.eval(model(*x)[0]))  # noqa: B023
+                o_t += timeit(ops, repeats=1, warmup=0 if o_t else 1)
+        rows.append({"batch": b, **_ms("mlx", m_t), **_ms("torch", t_t)})
+    rows[-1] |= _ms("mlx_ops", o_t)
     model.train()
     tmodel.train()
-    tx = [torch.from_numpy(np.array(a)) for a in _batch(base, 2 if quick else 8, frames)]
+    tx = [torch.from_numpy(np.array(a)) for a in _batch(base, batch, frames)]
     opt = torch.optim.AdamW(tmodel.parameters(), 1e-4)
 
     def torch_step():
@@ -355,13 +386,14 @@ def _mlx_vs_torch(base: ModelConfig, quick: bool) -> dict:
         opt.step()
 
     m_s, t_s, o_s = [], [], []
-    for _ in range(3):
-        m_s += timeit(fns["step"], repeats=1)
-        t_s += timeit(torch_step, repeats=1)
-        o_s += timeit(ops_fns["step"], repeats=1)
-    step = {k: stats(v)["median"] * 1e3 for k, v in (("mlx_ms", m_s), ("torch_ms", t_s), ("mlx_ops_ms", o_s))}
+    for _ in range(repeats):
+        m_s += timeit(fns["step"], repeats=1, warmup=0 if m_s else 1)
+        t_s += timeit(torch_step, repeats=1, warmup=0 if t_s else 1)
+        o_s += timeit(ops_fns["step"], repeats=1, warmup=0 if o_s else 1)
+    step = {"batch": batch, **_ms("mlx", m_s), **_ms("torch", t_s), **_ms("mlx_ops", o_s)}
     infer = rows[-1]
     return {
+        "frames": frames,
         "infer": rows,
         "step": step,
         "ratios": {
@@ -370,6 +402,16 @@ def _mlx_vs_torch(base: ModelConfig, quick: bool) -> dict:
             "mlx_ops_vs_torch_infer": round(infer["mlx_ops_ms"] / infer["torch_ms"], 3),
             "mlx_ops_vs_torch_step": round(step["mlx_ops_ms"] / step["torch_ms"], 3),
         },
+    }
+
+
+def _ms(name: str, times: list[float]) -> dict[str, float]:
+    """``{name}_ms`` (median) and its quartiles ``{name}_q25_ms``, ``{name}_q75_ms`` of ``times`` (s)."""
+    s = stats(times)
+    return {
+        f"{name}_ms": s["median"] * 1e3,
+        f"{name}_q25_ms": s["q25"] * 1e3,
+        f"{name}_q75_ms": s["q75"] * 1e3,
     }
 
 

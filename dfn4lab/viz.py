@@ -184,11 +184,18 @@ def bench_memory(rows: list[dict], ax=None):
 
 
 def bench_sweep(sweep: list[dict], ax=None):
-    """Forward time against sequence length per backbone, log-log (slope 1 = linear, 2 = quadratic)."""
+    """Forward time against sequence length per backbone, log-log (slope 1 = linear, 2 = quadratic);
+    error bars from the first to the third quartile."""
     fig, ax = _ax(ax, figsize=(6, 3.5))
     for kind in dict.fromkeys(r["backbone"] for r in sweep):
-        pts = [(r["frames"], r["fwd_ms"]) for r in sweep if r["backbone"] == kind]
-        ax.loglog(*zip(*pts, strict=True), marker="o", label=kind)
+        rows = [r for r in sweep if r["backbone"] == kind]
+        ms = np.array([r["fwd_ms"] for r in rows])
+        q = np.array(
+            [[r.get("fwd_q25_ms", m), r.get("fwd_q75_ms", m)] for r, m in zip(rows, ms, strict=True)]
+        )
+        err = np.stack([ms - q[:, 0], q[:, 1] - ms])
+        ax.errorbar([r["frames"] for r in rows], ms, yerr=err, marker="o", capsize=2, label=kind)
+    ax.set(xscale="log", yscale="log")
     ax.set(xlabel="frames", ylabel="forward ms (batch 1)", title="scaling with sequence length")
     ax.grid(alpha=0.3, which="both")
     ax.legend()

@@ -22,9 +22,11 @@ HEAVY = dict(max_len_s=3.0, p_reverb=1.0, p_eq=0.5, p_bandlimit=0.5, p_clip=0.5,
 
 
 def _throughput(loader, batches: int) -> float:
-    """Samples per second over ``batches`` batches, after one untimed batch (worker start-up)."""
+    """Samples per second over ``batches`` batches, in steady state: after the batches made before the
+    timer could start (worker start-up, the prefetch queue) are drained, untimed."""
     it = iter(loader)
-    next(it)
+    for _ in range(1 + (loader.prefetch if loader.workers else 0)):
+        next(it)
     t = time.perf_counter()
     for _ in range(batches):
         next(it)
@@ -74,11 +76,13 @@ def run(args: argparse.Namespace) -> dict:
             demo.build(root, demo.DemoConfig.tiny(procedural=(4, 1, 1)), log=lambda *_: None)
         cfg = DataConfig.from_json(root / "data_config.json").replace(mix=HEAVY, samples_per_epoch=100_000)
         mixer = Mixer.from_config(cfg, "train")
-        batches = 3 if quick else 10
-        with Loader(mixer, batch_size=8, workers=0) as lo:
-            sps0 = _throughput(lo, batches)
-        with Loader(mixer, batch_size=8, workers=workers, prefetch=2 * workers) as lo:
-            spsn = _throughput(lo, batches)
+        batches, rounds = (3, 1) if quick else (10, 3)
+        sps: dict[int, list[float]] = {0: [], workers: []}
+        for _ in range(rounds):  # alternated: both see the same machine load
+            for w in sps:
+                with Loader(mixer, batch_size=8, workers=w, prefetch=2 * w) as lo:
+                    sps[w].append(_throughput(lo, batches))
+        sps0, spsn = statistics.median(sps[0]), statistics.median(sps[workers])
         with Loader(mixer, batch_size=8, workers=workers, prefetch=2 * workers) as lo:
             frac, wait, step = _wait_fraction(lo, 2 if quick else 5)
     print(
@@ -89,6 +93,7 @@ def run(args: argparse.Namespace) -> dict:
     return {
         "samples_per_s_0": round(sps0, 2),
         "samples_per_s_n": round(spsn, 2),
+        "samples_per_s_spread": {str(w): [round(min(v), 2), round(max(v), 2)] for w, v in sps.items()},
         "workers": workers,
         "wait_fraction": round(frac, 4),
         "step_s": round(step, 3),

@@ -1,0 +1,46 @@
+"""dfn4lab.bench: what the numbers measure (no timed assertions: benchmarks are run, not tested)."""
+
+from __future__ import annotations
+
+from dfn4lab import bench
+from dfn4lab.config import preset
+
+import mlx.core as mx
+import pytest
+
+
+def test_peak_memory_is_the_case_own_not_the_other_live_cases():
+    """Every case's model stays alive while the others are measured; their memory is not this case's."""
+    cfg = preset("dfn3").replace(conv_ch=16, emb_hidden_dim=64, df_hidden_dim=64)
+    _, fns, resident = bench._mlx_case(cfg, 2, 20)
+    fns["step"]()  # compiled and warm
+    alone = bench._peak_mb(fns["step"], resident())
+    other = mx.zeros((64, 2**20))  # 256 MiB held by "another case"
+    mx.eval(other)
+    beside = bench._peak_mb(fns["step"], resident())
+    assert alone > resident() / 2**20 and beside == pytest.approx(alone, rel=0.05)
+
+
+def test_enhance_does_not_time_the_official_runtime_start_up(monkeypatch):
+    from dfn4lab import inference
+
+    made = []
+    real = inference.official_runtime
+
+    def counted(*args, **kw):
+        made.append(1)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(inference, "official_runtime", counted)
+    timed = []
+    real_timeit = bench.timeit
+
+    def spy(fn, repeats=5, warmup=1):
+        before = len(made)
+        out = real_timeit(fn, repeats, warmup)
+        timed.append(len(made) - before)
+        return out
+
+    monkeypatch.setattr(bench, "timeit", spy)
+    bench.enhance(seconds=1.0, repeats=2)
+    assert len(timed) == 4 and timed == [0, 0, 0, 0]  # no runtime built inside a timed call
