@@ -111,7 +111,8 @@ def test_enhanced_files_keep_the_input_format_and_say_when_they_clip(dfn3, tmp_p
         out = inference.enhance_file(tmp_path / "pcm.wav", tmp_path / "out", dfn3)
     assert sf.info(out).subtype == "PCM_16" and np.abs(sf.read(out)[0]).max() <= 1.0
     sf.write(tmp_path / "mac.aif", x, 48000, format="AIFF", subtype="PCM_24")  # no "AIF" format in soundfile
-    out = inference.enhance_file(tmp_path / "mac.aif", tmp_path / "out", dfn3)
+    with pytest.warns(UserWarning, match="mac.aif"):  # 4 x: clipped in PCM_24 too
+        out = inference.enhance_file(tmp_path / "mac.aif", tmp_path / "out", dfn3)
     assert (out.name, sf.info(out).format, sf.info(out).subtype) == ("mac.aif", "AIFF", "PCM_24")
 
 
