@@ -723,5 +723,6 @@ class SqueezedBackbone(nn.Module):
 
 
 def param_count(module: nn.Module) -> int:
-    """Number of scalar parameters in ``module``."""
-    return sum(v.size for _, v in tree_flatten(module.parameters()))
+    """Number of trainable scalar parameters in ``module`` (BatchNorm's running statistics are state, not
+    parameters, as PyTorch counts them)."""
+    return sum(v.size for _, v in tree_flatten(module.trainable_parameters()))

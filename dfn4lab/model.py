@@ -362,11 +362,11 @@ def summary(model: DfNet, frames: int = 10) -> str:
     for name, child in [("enc", model.enc), ("erb_dec", model.erb_dec), ("df_dec", model.df_dec)]:
         for sub, mod in child.children().items():
             mods = mod if isinstance(mod, list) else [mod]
-            n = sum(v.size for m in mods for _, v in tree_flatten(m.parameters()))
+            n = sum(v.size for m in mods for _, v in tree_flatten(m.trainable_parameters()))
             if n:
                 rows.append((f"{name}.{sub}", f"{n:,}"))
     total = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
-    rows.append(("total (trainable)", f"{total:,}"))
+    rows.append(("total (trainable; BatchNorm statistics not counted)", f"{total:,}"))
     d = model.cfg.dsp
     spec = mx.zeros((1, frames, d.freq_bins, 2))
     feat_erb, feat_spec = mx.zeros((1, frames, d.nb_erb)), mx.zeros((1, frames, d.nb_df, 2))

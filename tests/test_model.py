@@ -6,6 +6,7 @@ import json
 
 import dfn4lab  # noqa: F401
 from dfn4lab import inference
+from dfn4lab.backbones import param_count
 from dfn4lab.config import ModelConfig, preset
 from dfn4lab.layers import BatchNorm, ConvBlock, deep_filter
 
@@ -65,8 +66,14 @@ def test_summary_leaves_batchnorm_statistics_alone():
 
     model = inference.build(tiny_cfg())  # fresh: in training mode
     before = {k: np.array(v) for k, v in tree_flatten(model.parameters())}
-    summary(model)
+    table = summary(model)
     assert model.training
+    lines = table.splitlines()
+    counts = [int(line.split()[-1].replace(",", "")) for line in lines[1 : next(
+        i for i, line in enumerate(lines) if line.startswith("total")
+    ) + 1]]  # fmt: skip
+    parts, total = counts[:-1], counts[-1]
+    assert sum(parts) == total == param_count(model)  # the rows add up to the total
     for k, v in tree_flatten(model.parameters()):
         np.testing.assert_array_equal(np.array(v), before[k], err_msg=k)
 

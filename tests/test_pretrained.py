@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import dfn4lab  # noqa: F401
 from dfn4lab import convert
+from dfn4lab.backbones import param_count
 from dfn4lab.model import DfNet
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 
@@ -44,9 +46,11 @@ def test_all_official_weights_are_used(official):
     model, _ = official
     from mlx.utils import tree_flatten
 
-    n = sum(v.size for _, v in tree_flatten(model.parameters()) if True)
+    n = sum(v.size for _, v in tree_flatten(model.parameters()))
     # DFN3 has ~2.1 M parameters (published); BatchNorm statistics add a few thousand here.
-    assert 2.0e6 < n < 2.4e6
+    assert 2.0e6 < n < 2.4e6 and n - param_count(model) == sum(
+        m.running_mean.size + m.running_var.size for m in model.modules() if isinstance(m, nn.BatchNorm)
+    )
 
 
 @pytest.mark.parametrize("t", [1, 7, 50])
