@@ -69,3 +69,29 @@ def test_excluded_values_match_their_metric_exactly():
     row = {"flags": "si_sdr: item: silent reference; pesq: estimate: too short"}
     assert evaluate.excluded(row, "si_sdr") and not evaluate.excluded(row, "sdr")  # "sdr" is in "si_sdr"
     assert not evaluate.excluded(row, "pesq")  # an estimate's fault counts, at the worst value
+
+
+def test_train_board_shows_an_image_and_updates_it_in_place(monkeypatch):
+    """IPython has no display formatter for a Figure made outside pyplot: displayed as such, notebook 04's
+    live board showed only "<Figure size 1200x320 with 3 Axes>"."""
+    import IPython
+    import IPython.display
+
+    shown = []
+
+    class Handle:
+        def update(self, obj):
+            shown.append(("update", obj))
+
+    def display(obj, display_id=False):
+        shown.append(("display", obj))
+        return Handle()
+
+    monkeypatch.setattr(IPython, "get_ipython", lambda: object())
+    monkeypatch.setattr(IPython.display, "display", display)
+    board = viz.TrainBoard(every=1)
+    for step in (1, 2):
+        board.update({"kind": "step", "step": step, "loss": 1.0 / step, "lr": 1e-3})
+    assert [how for how, _ in shown] == ["display", "update"]
+    for _, obj in shown:  # an IPython Image (with a PNG repr), not the Figure
+        assert isinstance(obj, IPython.display.Image) and obj.data[:4] == b"\x89PNG"
