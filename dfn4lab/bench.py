@@ -224,6 +224,8 @@ def backbones(
     if quick:
         base = base.replace(conv_ch=16, emb_hidden_dim=64, df_hidden_dim=64)
         batch, frames, repeats = min(batch, 2), min(frames, 40), min(repeats, 3)
+        print(f"quick: a smoke test (batch {batch} x {frames} frames, {repeats} repeats, a 0.14 M-parameter")
+        print("model): per-call overhead dominates its times, which compare nothing")
     from dfn4lab.inference import build
 
     # First, in a fresh process: with the cases below run and alive, the same eager MLX forward took
@@ -409,10 +411,29 @@ def _ms(name: str, times: list[float]) -> dict[str, float]:
     """``{name}_ms`` (median) and its quartiles ``{name}_q25_ms``, ``{name}_q75_ms`` of ``times`` (s)."""
     s = stats(times)
     return {
-        f"{name}_ms": s["median"] * 1e3,
-        f"{name}_q25_ms": s["q25"] * 1e3,
-        f"{name}_q75_ms": s["q75"] * 1e3,
+        f"{name}_{q}ms": round(s[k] * 1e3, 2) for q, k in (("", "median"), ("q25_", "q25"), ("q75_", "q75"))
     }
+
+
+def torch_table(torch_cmp: dict) -> str:
+    """``backbones``' MLX-vs-PyTorch block (``result["torch"]``) as a Markdown table, a ratio per row."""
+    lines = [
+        f"{torch_cmp['frames']} frames; ms: median (quartiles); ratio = MLX / PyTorch (below 1: MLX faster)",
+        "",
+        "| case | MLX | PyTorch | ratio | MLX ops only | ratio |",
+        "|---|---|---|---|---|---|",
+    ]
+
+    def cell(r: dict, name: str) -> str:
+        return f"{r[f'{name}_ms']:.1f} ({r[f'{name}_q25_ms']:.1f}-{r[f'{name}_q75_ms']:.1f})"
+
+    rows = [(f"inference, batch {r['batch']}", r) for r in torch_cmp["infer"]]
+    rows.append((f"training step, batch {torch_cmp['step']['batch']}", torch_cmp["step"]))
+    for what, r in rows:
+        ratio = f"{r['mlx_ms'] / r['torch_ms']:.2f}"
+        ops = f"{cell(r, 'mlx_ops')} | {r['mlx_ops_ms'] / r['torch_ms']:.2f}" if "mlx_ops_ms" in r else " | "
+        lines.append(f"| {what} | {cell(r, 'mlx')} | {cell(r, 'torch')} | {ratio} | {ops} |")
+    return "\n".join(lines)
 
 
 def _write(out_dir: Path, name: str, result: dict, rows: list[dict]) -> None:

@@ -44,3 +44,20 @@ def test_enhance_does_not_time_the_official_runtime_start_up(monkeypatch):
     monkeypatch.setattr(bench, "timeit", spy)
     bench.enhance(seconds=1.0, repeats=2)
     assert len(timed) == 4 and timed == [0, 0, 0, 0]  # no runtime built inside a timed call
+
+
+def test_torch_table_has_a_ratio_per_row():
+    row = {f"{n}_{q}ms": v for n, v in (("mlx", 8.0), ("torch", 10.0)) for q in ("", "q25_", "q75_")}
+    step = {
+        "batch": 8,
+        **row,
+        "mlx_ms": 30.0,
+        "mlx_ops_ms": 45.0,
+        "mlx_ops_q25_ms": 44.0,
+        "mlx_ops_q75_ms": 46.0,
+    }
+    table = bench.torch_table({"frames": 500, "infer": [{"batch": 1, **row}], "step": step})
+    lines = table.splitlines()
+    assert lines[0].startswith("500 frames") and "| inference, batch 1 | 8.0 (8.0-8.0) | 10.0" in lines[4]
+    assert lines[4].split("|")[4].strip() == "0.80" and lines[5].split("|")[4].strip() == "3.00"
+    assert lines[5].split("|")[6].strip() == "4.50"  # MLX ops only over PyTorch
