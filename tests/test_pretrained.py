@@ -26,7 +26,7 @@ def official(tmp_path_factory):
     convert.load_weights(model, weights)
     model.eval()
     sessions = {s: ort.InferenceSession(str(folder / f"{s}.onnx")) for s in ("enc", "erb_dec", "df_dec")}
-    return model, sessions
+    return model, sessions, weights
 
 
 def _features(t: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -42,20 +42,24 @@ def _nchw(x: mx.array) -> np.ndarray:
     return np.array(x).transpose(0, 3, 1, 2)
 
 
-def test_all_official_weights_are_used(official):
-    model, _ = official
+def test_every_parameter_holds_its_official_weight(official):
+    model, _, weights = official
     from mlx.utils import tree_flatten
 
-    n = sum(v.size for _, v in tree_flatten(model.parameters()))
-    # DFN3 has ~2.1 M parameters (published); BatchNorm statistics add a few thousand here.
-    assert 2.0e6 < n < 2.4e6 and n - param_count(model) == sum(
+    own = dict(tree_flatten(model.parameters()))
+    assert set(own) == set(weights)  # each parameter read from the graphs, none left at its initial value
+    for k, v in own.items():
+        np.testing.assert_array_equal(np.array(v), weights[k], err_msg=k)
+    # DFN3 has ~2.1 M parameters (published); BatchNorm statistics are state, not counted.
+    n = sum(v.size for v in own.values())
+    assert 2.0e6 < param_count(model) < 2.2e6 and n - param_count(model) == sum(
         m.running_mean.size + m.running_var.size for m in model.modules() if isinstance(m, nn.BatchNorm)
     )
 
 
 @pytest.mark.parametrize("t", [1, 7, 50])
 def test_stages_match_onnxruntime(official, t):
-    model, sess = official
+    model, sess, _ = official
     erb, spec = _features(t, seed=t)
     ref = sess["enc"].run(None, {"feat_erb": erb[:, None], "feat_spec": spec.transpose(0, 3, 1, 2)})
     names = ["e0", "e1", "e2", "e3", "emb", "c0", "lsnr"]
