@@ -10,6 +10,7 @@ from pathlib import Path
 
 import dfn4lab
 from dfn4lab.cli import command
+from dfn4lab.paths import make_folder
 
 
 def info() -> dict[str, str]:
@@ -50,14 +51,14 @@ def enhance(
     names = [Path(src).name for src in inputs]
     if len(set(names)) < len(names):  # out_dir/name would be written twice, the first result lost
         raise ValueError(f"inputs share a file name: {sorted({n for n in names if names.count(n) > 1})}")
-    if atten_lim is not None and not math.isfinite(atten_lim):
-        raise ValueError(f"--atten-lim must be a number of dB, got {atten_lim}")
+    if atten_lim is not None and not (math.isfinite(atten_lim) and atten_lim >= 0):
+        raise ValueError(f"--atten-lim must be a number of dB >= 0 (0: no limit), got {atten_lim}")
     if pf_beta is not None and not (math.isfinite(pf_beta) and pf_beta >= 0):
         raise ValueError(f"--pf-beta must be a number >= 0 (0: no post-filter), got {pf_beta}")
     net = inference.resolve(model)
     if pf_beta is not None:
         net.cfg = net.cfg.replace(mask_pf=pf_beta > 0, pf_beta=pf_beta)
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    make_folder(out_dir)
     failed = 0
     for src in tqdm(inputs, desc="enhance", unit="file", disable=len(inputs) < 2 or not sys.stderr.isatty()):
         try:
@@ -87,6 +88,11 @@ def stream(
     return 0
 
 
+MODEL_HELP = (
+    "dfn3 (official weights), a model or training run folder, or a preset (untrained: random weights)"
+)
+
+
 @command
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dfn4lab", description=__doc__)
@@ -96,16 +102,16 @@ def main(argv: list[str] | None = None) -> int:
     p_enh = sub.add_parser("enhance", help="enhance audio files")
     p_enh.add_argument("inputs", nargs="+", help="audio files (wav, flac, ogg; any rate, any channels)")
     p_enh.add_argument("-o", "--out-dir", required=True)
-    p_enh.add_argument("--model", default="dfn3", help="dfn3 (official weights), a preset, or a model folder")
+    p_enh.add_argument("--model", default="dfn3", help=MODEL_HELP)
     p_enh.add_argument(
-        "--atten-lim", type=float, default=None, help="limit noise attenuation to this many dB"
+        "--atten-lim", type=float, default=None, help="limit noise attenuation to this many dB (0: no limit)"
     )
     p_enh.add_argument("--pf-beta", type=float, default=None, help="mask post-filter strength (0 = off)")
     p_str = sub.add_parser("stream", help="enhance a file as a live stream, or the microphone (--mic)")
     p_str.add_argument("input", nargs="?", help="audio file (any rate, any channels)")
     p_str.add_argument("-o", "--out", help="output file (with --mic: record the enhanced audio)")
     p_str.add_argument("--chunk-ms", type=float, default=10.0, help="chunk length the source delivers")
-    p_str.add_argument("--model", default="dfn3", help="dfn3 (official weights), a preset, or a model folder")
+    p_str.add_argument("--model", default="dfn3", help=MODEL_HELP)
     p_str.add_argument("--mic", action="store_true", help="live: microphone in, speakers out (sounddevice)")
     p_str.add_argument("--seconds", type=float, default=None, help="with --mic: stop after this long")
     args = parser.parse_args(argv)

@@ -103,15 +103,24 @@ def save(
     """
     p = Path(path)
     x = _as_channels(x, str(p))
+    if p.is_dir():
+        raise AudioError(f"{p} is a folder: name an output file")
     fmt = format or p.suffix.lstrip(".").upper()
     if fmt not in sf.available_formats():
         raise AudioError(f"{p}: unknown audio format {p.suffix!r}")
     try:
+        p.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(p, lambda tmp: sf.write(tmp, x.T, sr, format=fmt, subtype=subtype))
     except (RuntimeError, ValueError, TypeError) as e:
         if isinstance(e, AudioError):
             raise
         raise AudioError(f"{p}: cannot write audio ({_first_line(e)})") from e
+
+
+def check_not_input(src: str | os.PathLike, dest: str | os.PathLike) -> None:
+    """Raise ``AudioError`` when writing ``dest`` would replace the input file ``src``."""
+    if Path(dest).exists() and Path(dest).resolve() == Path(src).resolve():
+        raise AudioError(f"{src}: the output would replace the input; choose another output")
 
 
 def _first_line(e: BaseException) -> str:

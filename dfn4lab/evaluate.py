@@ -543,8 +543,7 @@ def _json_safe(x):
 
 def write(result: dict, out_dir: str | Path) -> Path:
     """``results.csv``, ``results.json`` and ``results.md`` into ``out_dir``; returns the table's path."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = paths.make_folder(out_dir)
     rows = result["rows"]
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=list(rows[0]))

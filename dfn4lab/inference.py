@@ -96,9 +96,11 @@ def resolve(model: DfNet | str | Path | None) -> DfNet:
     if Path(model).is_dir():
         return load(model_folder(model))
     try:
-        return build(preset(str(model)))
+        cfg = preset(str(model))
     except ValueError:
         raise ValueError(f"model {model!r} is not a pretrained name, a preset, or a model folder") from None
+    warnings.warn(f"{model}: a preset, untrained (random weights)", stacklevel=2)
+    return build(cfg)
 
 
 def _to_ri(spec: mx.array) -> mx.array:
@@ -239,8 +241,7 @@ def enhance_file(
     from dfn4lab import audio
 
     dest = Path(out_dir) / Path(src).name
-    if dest.exists() and dest.resolve() == Path(src).resolve():
-        raise audio.AudioError(f"{src}: the output would replace the input; choose another output folder")
+    audio.check_not_input(src, dest)
     x, sr = audio.load(src)
     container, fmt = audio.file_format(src)  # .aif, .opus: the extension does not name soundfile's format
     y = enhance(x, sr, model, atten_lim_db=atten_lim_db, progress=progress)

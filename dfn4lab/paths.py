@@ -18,6 +18,15 @@ DEMO = DATA / "demo"  # the demo corpus (make data)
 FIGURES = PROJECT / "figures"
 
 
+def make_folder(path: str | os.PathLike) -> Path:
+    """``path`` as a folder, created with its parents if missing; a one-line error if it is a file."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise ValueError(f"{p} is a file, not a folder")
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
 def atomic_write(path: str | os.PathLike, content: str | Callable[[str], Any]) -> Path:
     """Write ``path`` so that it is never seen partial: ``content`` (text, or a function that writes the
     file it is given) goes to a fresh hidden name beside ``path`` with the same suffix (writers that

@@ -411,6 +411,7 @@ def stream_file(src: str | Path, dest: str | Path, model: DfNet, chunk_ms: float
     """
     if not 0 < chunk_ms < math.inf:
         raise ValueError(f"chunk_ms must be a positive number, got {chunk_ms}")
+    audio.check_not_input(src, dest)
     x, sr = audio.load(src)
     chunk = max(1, round(sr * chunk_ms / 1000))
     ch, msr = x.shape[0], model.cfg.dsp.sr

@@ -33,6 +33,7 @@ import re
 import signal
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -68,6 +69,21 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     clip_norm: float = 1.0
+
+    def __post_init__(self) -> None:
+        ok = {
+            "lr > 0": self.lr > 0,
+            "0 <= min_lr <= lr": 0 <= self.min_lr <= self.lr,
+            "warmup_steps >= 0": self.warmup_steps >= 0,
+            "0 < warmup_start <= 1": 0 < self.warmup_start <= 1,
+            "weight_decay >= 0": self.weight_decay >= 0,
+            "betas in [0, 1)": all(0 <= b < 1 for b in self.betas),
+            "eps > 0": self.eps > 0,
+            "clip_norm > 0": self.clip_norm > 0,
+        }  # NaN fails every comparison
+        bad = [k for k, v in ok.items() if not v]
+        if bad:
+            raise ValueError(f"optim needs {', '.join(bad)} (got {self})")
 
 
 @dataclass(frozen=True)
@@ -478,7 +494,14 @@ class Trainer:
         mx.random.seed(run.seed)
         self.model = build(run, self.log)
         self.freeze_bn = run.freeze_bn if run.freeze_bn is not None else run.init_from is not None
-        self.opt = make_optimizer(run.optim, total_steps(run, len(self.train_src)))
+        steps = total_steps(run, len(self.train_src))
+        if run.max_steps is not None and run.max_steps > steps:
+            warnings.warn(
+                f"max_steps {run.max_steps} is beyond the {steps} steps of {run.epochs} epochs: the run ends "
+                f"at step {steps} (set epochs to {epochs_for(run, run.max_steps)})",
+                stacklevel=2,
+            )
+        self.opt = make_optimizer(run.optim, steps)
         self.opt.init(self.model.trainable_parameters())
         self.step, self.epoch, self.batch = 0, 0, 0
         self.best: float | None = None
@@ -486,7 +509,7 @@ class Trainer:
         self.history: dict[str, Any] = {"steps": [], "epochs": [], "stopped": "done", "step": 0}
         self._resume()
         if self.lead:
-            self.out.mkdir(parents=True, exist_ok=True)
+            paths.make_folder(self.out)
             run.to_json(self.out / "run_config.json")
             _trim_log(self.out / "metrics.jsonl", self.step)
         set_mode(self.model, True, self.freeze_bn)
@@ -788,7 +811,7 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     ap.add_argument("--backbone", help="gru | mamba | attention")
     ap.add_argument("--data-config")
     ap.add_argument("--epochs", type=int)
-    ap.add_argument("--max-steps", type=int)
+    ap.add_argument("--max-steps", type=int, help="stop at this step (without --epochs: epochs to hold it)")
     ap.add_argument("--max-minutes", type=float, help="stop after this much training time")
     ap.add_argument("--batch-size", type=int)
     ap.add_argument("--batch-schedule")
@@ -842,7 +865,10 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
         except json.JSONDecodeError:
             value = v
         set_path(d, k, value)
-    return RunConfig.from_dict(d)
+    run = RunConfig.from_dict(d)
+    if a.max_steps is not None and a.epochs is None:  # enough epochs that max_steps, not the data, ends it
+        run = dataclasses.replace(run, epochs=max(run.epochs, epochs_for(run, a.max_steps)))
+    return run
 
 
 @command

@@ -268,6 +268,8 @@ def test_resume_needs_the_same_settings_and_survives_a_cut_log_line(corpus, tmp_
         (["--set", "optim.learning_rate=0.5"], "unknown OptimConfig field.* learning_rate"),
         (["--set", 'batch_size="2"'], "RunConfig.batch_size must be int, got '2'"),
         (["--set", "model.backbone.dstate=4", "--max-steps", "0"], "unknown BackboneConfig field.* dstate"),
+        (["--lr", "-1"], r"optim needs lr > 0"),  # trained, the loss rising, before
+        (["--lr", "nan"], r"optim needs lr > 0"),
     ],
 )
 def test_cli_bad_input_is_one_line(tmp_path, args, message):
@@ -297,6 +299,12 @@ def test_epochs_for_covers_the_steps_with_the_fewest_epochs(corpus, tmp_path):
     assert [train.epochs_for(sched, s) for s in (4, 6, 7)] == [1, 2, 3]
     h = train.Trainer(dataclasses.replace(run, epochs=train.epochs_for(run, 6), compile=False)).fit()
     assert h["step"] == 8  # two whole epochs
+    # --max-steps without --epochs: enough epochs to reach it (the default 10 ended a 1000-step run at 150)
+    args = ["--data-config", str(corpus), "--set", 'data={"samples_per_epoch": 8}', "--batch-size", "2"]
+    assert train.parse_args([*args, "--max-steps", "100"]).epochs == 25
+    assert train.parse_args([*args, "--max-steps", "100", "--epochs", "3"]).epochs == 3  # as asked
+    with pytest.warns(UserWarning, match=r"max_steps 100 is beyond the 12 steps of 3 epochs.*epochs to 25"):
+        train.Trainer(dataclasses.replace(run, out=str(tmp_path / "capped"), max_steps=100, compile=False))
 
 
 def test_bfloat16_step_is_finite_and_keeps_float32_weights(corpus, tmp_path):
