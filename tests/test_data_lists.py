@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 from dfn4lab.data import checks, lists
@@ -221,3 +222,9 @@ def test_scanned_split_folders_and_one_group_warning(tmp_path):
     with pytest.warns(UserWarning, match="all 20 speech files below .* form one group"):
         lists.scan([tmp_path / "corpus"], "speech")
     assert len({e.group for e in lists.scan([flat], "speech")}) == 20  # the speakers' folder: 20 groups
+    rooms = tmp_path / "rir"  # one group, but split folders place it (the demo corpus' rir/): no warning
+    for i, split in enumerate(SPLITS * 7):
+        write(rooms / split / "rooms" / f"room{i}.wav", tone(0.5, seed=i))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert {e.split for e in lists.scan([rooms], "rir")} == set(SPLITS)

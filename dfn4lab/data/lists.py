@@ -103,8 +103,8 @@ def scan(
             entries.append(
                 Entry(str(p.resolve()), kind, split, group, r.duration, r.sr, r.channels, r.sr // 2)
             )
-        groups = {e.group for e in entries[first:]}
-        if len(groups) == 1 and len(entries) - first >= 20:
+        groups, splits = {e.group for e in entries[first:]}, {e.split for e in entries[first:]}
+        if len(groups) == 1 and len(splits) == 1 and len(entries) - first >= 20:  # split folders decide not
             warnings.warn(
                 f"all {len(entries) - first} {kind} files below {root} form one group ({groups.pop()}), so "
                 "they all land in one split: scan the folder whose subfolders are the speakers (or rooms...)",
