@@ -23,7 +23,7 @@ def test_kernels_are_built_on_linux():
     """`make setup` builds them; on Linux (where CI runs) a missing build must fail, not fall back."""
     if platform.system() != "Linux":
         pytest.skip("the build is only required on Linux")
-    assert kernels.BUILT, "dfn4lab/kernels/_kernels is missing: see .venv/dfn4lab-kernels-build/build.log"
+    assert kernels.BUILT, "dfn4lab/kernels/_kernels is missing: see .venv/dfn4lab-kernels-build-*/build.log"
 
 
 def _gru_inputs(batch: int, frames: int, hidden: int, seed: int):

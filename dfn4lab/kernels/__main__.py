@@ -8,6 +8,7 @@ MLX installed in this environment (its headers and ``libmlx``) with nanobind (th
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import shutil
 import subprocess
@@ -19,7 +20,10 @@ SOURCE = Path(__file__).resolve().parent
 
 def build(build_dir: Path | None = None) -> Path:
     """Configure and build; returns the module's path. Raises RuntimeError (one line) on failure."""
-    build_dir = build_dir or Path(sys.prefix) / "dfn4lab-kernels-build"
+    # one build folder per checkout: CMake refuses a cache made for another source folder (a second
+    # clone or worktree sharing this environment)
+    tag = hashlib.sha1(str(SOURCE).encode()).hexdigest()[:8]
+    build_dir = build_dir or Path(sys.prefix) / f"dfn4lab-kernels-build-{tag}"
     build_dir.mkdir(parents=True, exist_ok=True)
     log = build_dir / "build.log"
     cmake = shutil.which("cmake", path=os.path.dirname(sys.executable)) or shutil.which("cmake")
