@@ -867,7 +867,9 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
         set_path(d, k, value)
     run = RunConfig.from_dict(d)
     if a.max_steps is not None and a.epochs is None:  # enough epochs that max_steps, not the data, ends it
-        run = dataclasses.replace(run, epochs=max(run.epochs, epochs_for(run, a.max_steps)))
+        saved = Path(run.out) / "run_config.json"  # resuming: its epochs (the lr schedule spans them)
+        epochs = RunConfig.load(saved).epochs if saved.is_file() else epochs_for(run, a.max_steps)
+        run = dataclasses.replace(run, epochs=max(run.epochs, epochs))
     return run
 
 

@@ -303,6 +303,12 @@ def test_epochs_for_covers_the_steps_with_the_fewest_epochs(corpus, tmp_path):
     args = ["--data-config", str(corpus), "--set", 'data={"samples_per_epoch": 8}', "--batch-size", "2"]
     assert train.parse_args([*args, "--max-steps", "100"]).epochs == 25
     assert train.parse_args([*args, "--max-steps", "100", "--epochs", "3"]).epochs == 3  # as asked
+    out = tmp_path / "longer"
+    first = train.parse_args([*args, "--max-steps", "4", "--out", str(out)])
+    out.mkdir()
+    first.to_json(out / "run_config.json")  # as a started run leaves it
+    resumed = train.parse_args([*args, "--max-steps", "100", "--out", str(out)])
+    assert (first.epochs, resumed.epochs) == (10, 10)  # a longer budget resumes: the saved schedule
     with pytest.warns(UserWarning, match=r"max_steps 100 is beyond the 12 steps of 3 epochs.*epochs to 25"):
         train.Trainer(dataclasses.replace(run, out=str(tmp_path / "capped"), max_steps=100, compile=False))
 
