@@ -251,3 +251,30 @@ def test_schedule_helpers():
     draws = [losses.vad_active(p, s, 7) for s in range(400)]
     assert draws == [losses.vad_active(p, s, 7) for s in range(400)]  # a function of (seed, step)
     assert 0.2 < np.mean(draws) < 0.4
+
+
+def test_compute_weighs_signs_and_sums_its_terms():
+    """Each term of the loss that is optimised falls as the estimate nears the clean speech (a flipped sign
+    or a lost weight would reward distortion), the total is their sum, and the dynamic terms follow the
+    ramp ``ctl[0]`` (the VAD term its switch ``ctl[1]``)."""
+    _, clean, noisy = _cases()["speech"]
+    lsnr, mask = mx.zeros(clean.shape[:2]), mx.full((*clean.shape[:2], CFG.nb_erb), 0.5)
+
+    def parts(alpha: float, ctl=(1.0, 1.0)) -> tuple[float, dict[str, float]]:
+        enh = clean + alpha * (noisy - clean)  # alpha 0: clean, 1: the noisy input
+        total, p = losses.compute(
+            ALL, CFG, (-15.0, 35.0), (enh, mask, lsnr, None), noisy, clean, mx.array(ctl)
+        )
+        return float(total), {k: float(v) for k, v in p.items()}
+
+    total, near = parts(0.1)
+    _, far = parts(0.7)
+    assert total == pytest.approx(sum(near.values()), rel=1e-5)
+    for k in ("mrsl", "sisdr", "spec", "dyn_speech", "dyn_noise"):  # the terms on the estimate
+        assert near[k] < far[k], (k, near[k], far[k])
+    y, s = losses.waveform(clean + 0.1 * (noisy - clean), CFG), losses.waveform(clean, CFG)
+    assert near["sisdr"] == pytest.approx(-ALL.sisdr * float(mx.mean(losses.si_sdr(y, s))), rel=1e-5)
+    _, half = parts(0.1, ctl=(0.5, 0.0))
+    for k in ("dyn_speech", "dyn_noise", "dyn_smooth"):
+        assert half[k] == pytest.approx(0.5 * near[k], rel=1e-5)
+    assert half["vad"] == 0.0 and near["vad"] != 0.0
