@@ -54,6 +54,25 @@ def test_agrees_with_official_runtime(dfn3, clip):
     assert snr(official[:-tail], ours[:-tail]) > 60.0
 
 
+@pytest.mark.parametrize(
+    "setting", [{"pf_beta": 0.02}, {"pf_beta": 0.2}, {"atten_lim_db": 6.0}, {"atten_lim_db": 12}]
+)
+def test_post_filter_and_attenuation_limit_agree_with_official_runtime(dfn3, clip, setting):
+    """Checked against the runtime's own post_filter_beta and atten_lim, not formulas written here."""
+    noisy, _ = clip
+    beta = setting.get("pf_beta", 0.0)
+    model = inference.load_pretrained("dfn3")
+    model.cfg = model.cfg.replace(mask_pf=beta > 0, pf_beta=beta)
+    ours = inference.enhance(noisy, 48000, model, atten_lim_db=setting.get("atten_lim_db"))
+    official = inference.official_enhance(
+        noisy, atten_lim_db=setting.get("atten_lim_db", 100.0), pf_beta=beta
+    )
+    plain = inference.official_enhance(noisy)
+    tail = inference.OFFICIAL_DELAY
+    assert snr(official[:-tail], ours[:-tail]) > 60.0  # measured 105-131 dB
+    assert snr(official[:-tail], plain[:-tail]) < 40.0  # the setting changes the output (24-31 dB)
+
+
 @pytest.mark.parametrize("chunk", [37, 480])
 def test_chunked_enhance_equals_offline_forward(dfn3, clip, chunk):
     noisy, _ = clip
