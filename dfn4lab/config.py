@@ -89,7 +89,8 @@ def read_json(s_or_path: str | Path) -> Any:
         return json.loads(str(s_or_path))
     p = Path(s_or_path)
     if not p.is_file():
-        raise FileNotFoundError(f"no such config file: {p}")
+        where = "" if p.is_absolute() else f" (relative to the current folder, {Path.cwd()})"
+        raise FileNotFoundError(f"no such config file: {p}{where}")
     try:
         return json.loads(p.read_text())
     except json.JSONDecodeError as e:

@@ -635,9 +635,12 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(out or paths.DATA / "eval" / "quick")
         shutil.rmtree(out / "quick_set", ignore_errors=True)
         set_spec = quick_set(out / "quick_set")
+    models = [m for m in args.models.split(",") if m]
+    if not models and not args.official:
+        raise ValueError("--models names no model (and no --official): nothing to evaluate")
     result = evaluate(
         set_spec,
-        [m for m in args.models.split(",") if m],
+        models,
         official=args.official,
         out_dir=out,
         metric_names=[m for m in args.metrics.split(",") if m],

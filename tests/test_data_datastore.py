@@ -91,6 +91,7 @@ def test_cli(corpus, tmp_path, capsys):
         "thesis.txt"
     ]
     assert datastore.main(["build", *args[:-3], "0", "--output", str(tmp_path / "none")]) == 2
+    assert datastore.main(["build", *args, "--workers", "-1"]) == 2
     assert datastore.main(["info", str(tmp_path / "missing")]) == 2
     assert "error:" in capsys.readouterr().err
     (mine / "manifest.json").write_text('{"name": "my dataset"}')  # a manifest of the user's own

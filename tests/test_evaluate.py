@@ -204,3 +204,6 @@ def test_quick_cli_end_to_end(tmp_path):
     assert abs(dfn3["pesq"] - official["pesq"]) < 0.01
     assert abs(dfn3["si_sdr"] - official["si_sdr"]) < 0.05
     assert dfn3["params"] == official["params"] > 2e6 and dfn3["rtf"] > 0
+    before = table
+    assert evaluate.main(["--quick", "--models", "", "--out", str(tmp_path)]) == 2  # nothing to evaluate
+    assert (tmp_path / "results.md").read_text() == before  # not rewritten with the noisy row alone

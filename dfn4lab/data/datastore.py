@@ -85,8 +85,8 @@ def build(
     info: dict | None = None,
 ) -> dict:
     """Mix samples ``0..samples-1`` of ``epoch`` into ``out`` (replacing it); returns the manifest."""
-    if samples < 1 or shard_size < 1:
-        raise ValueError(f"samples and shard_size must be >= 1, got {samples} and {shard_size}")
+    if samples < 1 or shard_size < 1 or workers < 0:
+        raise ValueError(f"samples, shard_size >= 1 and workers >= 0, got {samples}, {shard_size}, {workers}")
     cfg = dsp_cfg or DspConfig()
     if mixer.cfg.sr != cfg.sr:  # the features would be computed for another rate than the audio's
         raise ValueError(f"the data mixes at {mixer.cfg.sr} Hz, the model's features are for {cfg.sr} Hz")
