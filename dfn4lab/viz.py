@@ -11,7 +11,7 @@ from dfn4lab.paths import FIGURES, atomic_write
 
 import matplotlib.pyplot as plt
 import numpy as np
-from matplotlib.ticker import FormatStrFormatter, NullFormatter
+from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
 
 
 def _ax(ax=None, figsize=(8, 3)):
@@ -198,6 +198,11 @@ def bench_sweep(sweep: list[dict], ax=None):
         err = np.stack([ms - q[:, 0], q[:, 1] - ms])
         ax.errorbar([r["frames"] for r in rows], ms, yerr=err, marker="o", capsize=2, label=kind)
     ax.set(xscale="log", yscale="log")
+    ax.set_xticks(sorted({r["frames"] for r in sweep}))
+    ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    for axis in (ax.xaxis, ax.yaxis):  # 600, not 6x10^2
+        axis.set_major_formatter(FormatStrFormatter("%g"))
+        axis.set_minor_formatter(NullFormatter())
     ax.set(xlabel="frames", ylabel="forward ms (batch 1)", title="scaling with sequence length")
     ax.grid(alpha=0.3, which="both")
     ax.legend()
