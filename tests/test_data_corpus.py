@@ -184,6 +184,22 @@ def test_a_failed_rebuild_keeps_the_corpus_and_a_datastore_is_not_a_corpus(
     assert demo.is_built(out) and datastore.Datastore(store).verify() == []
 
 
+def test_a_copied_corpus_reads_its_own_files(tiny_corpus, tmp_path):
+    """Lists hold paths relative to themselves inside a corpus (a copy read the original's files before);
+    a list of files elsewhere keeps them absolute."""
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_corpus, copy)
+    cfg = DataConfig.from_json(copy / "data_config.json")
+    entries = [e for split in SPLITS for kind in lists.load_split(cfg, split).values() for e in kind]
+    assert entries and all(Path(e.path).is_relative_to(copy.resolve()) for e in entries)
+    assert all(Path(e.path).is_file() for e in entries)
+    outside = lists.Entry(str(entries[0].path), "speech", "train", "g", 1.0, 48000, 1, 24000)
+    mine = tmp_path / "mine" / "lists"
+    mine.mkdir(parents=True)
+    lists.write_list(mine / "x.csv", [outside])  # the file is not below mine/: its path stays absolute
+    assert lists.read_list(mine / "x.csv") == [outside] and str(copy) in (mine / "x.csv").read_text()
+
+
 def test_cli_never_replaces_a_folder_it_did_not_write(tmp_path, capsys):
     mine = tmp_path / "mine"
     mine.mkdir()

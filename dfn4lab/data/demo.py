@@ -254,16 +254,15 @@ def _manifest(cfg: DemoConfig, files: list[dict], skipped: dict[str, str]) -> di
     }
 
 
-def _write_lists(tmp: Path, out: Path, files: list[dict]) -> None:
+def _write_lists(tmp: Path, files: list[dict]) -> None:
     """Scan the corpus being built in ``tmp`` (so it passes the checks any data does) into lists and a
-    data config, their paths where the corpus will be (``out``): it is published complete."""
+    data config; the lists' paths are relative, so they hold once ``tmp`` is published (or moved)."""
     report, entries = Report(), []
     by_path = {f["path"]: f for f in files}
     for kind in ("speech", "noise", "rir"):
         for e in lists.scan([tmp / kind], kind, report=report):
-            rel = Path(e.path).relative_to(tmp.resolve())
-            f = by_path[str(rel)]  # the manifest knows the group and band limit better
-            entries.append(replace(e, path=str(out.resolve() / rel), group=f["group"], max_freq=f["max_freq"]))
+            f = by_path[str(Path(e.path).relative_to(tmp.resolve()))]  # the manifest knows group, band limit
+            entries.append(replace(e, group=f["group"], max_freq=f["max_freq"]))
     written = lists.write_lists(entries, tmp / "lists", report).lists
     relative = {s: {k: f"lists/{v}" for k, v in kv.items()} for s, kv in written.items()}
     DataConfig(lists=relative).to_json(tmp / "data_config.json")
@@ -292,7 +291,7 @@ def build(out: str | Path = DEFAULT_OUT, cfg: DemoConfig = DemoConfig(), log=pri
             files += _write_room(tmp, split, k, room, rirs, rt)
         manifest = _manifest(cfg, files, skipped)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
-        _write_lists(tmp, out, files)
+        _write_lists(tmp, files)
     except BaseException:  # failed or interrupted: the old corpus stays, no half-built folder
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -18,6 +18,8 @@ from __future__ import annotations
 import argparse
 import csv
 import hashlib
+import io
+import os
 import re
 import sys
 import warnings
@@ -29,6 +31,7 @@ from dfn4lab.cli import command
 from dfn4lab.data import checks
 from dfn4lab.data.checks import BadFile, NoUsableFiles, Report
 from dfn4lab.data.config import KINDS, SPLITS, CheckConfig, DataConfig, MixConfig
+from dfn4lab.paths import atomic_write
 
 AUDIO_EXTS = (".wav", ".flac", ".ogg", ".aiff", ".aif")
 
@@ -124,19 +127,31 @@ _COLUMNS = [f.name for f in fields(Entry)]
 
 
 def write_list(path: str | Path, entries: Iterable[Entry]) -> None:
-    """A CSV list: header row, one file per row."""
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(_COLUMNS)
-        for e in entries:
-            w.writerow([getattr(e, c) for c in _COLUMNS])
+    """A CSV list: header row, one file per row; written atomically. Files below the folder that holds the
+    list's folder (a corpus with its ``lists/``) are written relative to the list, so the corpus can be
+    moved or copied whole; others keep their absolute path."""
+    path = Path(path)
+    root = path.resolve().parent.parent
+
+    def row(e: Entry) -> list:
+        p = Path(e.path)
+        rel = os.path.relpath(p, path.resolve().parent) if p.is_relative_to(root) else str(p)
+        return [rel if c == "path" else getattr(e, c) for c in _COLUMNS]
+
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf)
+    w.writerow(_COLUMNS)
+    w.writerows(row(e) for e in entries)
+    atomic_write(path, buf.getvalue())
 
 
 def read_list(path: str | Path) -> list[Entry]:
-    """Entries of a list written by ``write_list``."""
+    """Entries of a list written by ``write_list``; relative paths resolved against the list's folder."""
     types = {"duration": float, "sr": int, "channels": int, "max_freq": int}
+    folder = Path(path).resolve().parent
     with open(path, newline="") as f:
-        return [Entry(**{k: types.get(k, str)(v) for k, v in row.items()}) for row in csv.DictReader(f)]
+        rows = [{k: types.get(k, str)(v) for k, v in row.items()} for row in csv.DictReader(f)]
+    return [Entry(**{**r, "path": os.path.normpath(folder / r["path"])}) for r in rows]
 
 
 def write_lists(
