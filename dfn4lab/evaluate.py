@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import dataclasses
 import datetime
 import hashlib
 import io
@@ -60,12 +61,13 @@ TAIL_S = inference.OFFICIAL_DELAY / 48000
 
 @dataclass(frozen=True)
 class Item:
-    """One test pair; ``snr`` in dB (None until known)."""
+    """One test pair; ``snr`` in dB (None until known); ``problem``: why it cannot be scored, or None."""
 
     name: str
     noisy: Path
     clean: Path
     snr: float | None = None
+    problem: str | None = None
 
 
 # --- Test sets -------------------------------------------------------------------------------------
@@ -88,7 +90,7 @@ def load_set(spec: str | Path) -> list[Item]:
     names = [it.name for it in items]
     if len(set(names)) != len(names):
         raise ValueError(f"test set {path}: file names are not unique")
-    return [it if it.snr is not None else _with_estimated_snr(it) for it in items]
+    return [_checked(it) for it in items]
 
 
 def _read_folder(folder: Path) -> list[Item]:
@@ -172,16 +174,27 @@ def estimate_snr(noisy: np.ndarray, clean: np.ndarray) -> float:
     return float(np.clip(10 * np.log10(ps / pn), -100, 100))
 
 
-def _with_estimated_snr(item: Item) -> Item:
-    noisy, clean, _ = _load_pair(item)
-    return Item(item.name, item.noisy, item.clean, estimate_snr(noisy, clean))
+def _checked(item: Item) -> Item:
+    """``item`` with its SNR estimated if unknown, or with the ``problem`` that keeps it from being scored
+    (unreadable, NaN, mismatched lengths): a bad file is skipped and counted, not the end of the run."""
+    try:
+        noisy, clean, _ = _load_pair(item)
+    except audio.AudioError as e:
+        return dataclasses.replace(item, problem=str(e))
+    return item if item.snr is not None else dataclasses.replace(item, snr=estimate_snr(noisy, clean))
 
 
 def _load_pair(item: Item) -> tuple[np.ndarray, np.ndarray, int]:
-    """Mono noisy and clean (samples,) at the noisy file's rate, cut to a common length, and the rate."""
+    """Mono noisy and clean (samples,) at the noisy file's rate, cut to a common length, and the rate.
+    Lengths that differ by more than 1 % (and 10 ms) are refused: most likely not a pair."""
     noisy, sr = audio.load(item.noisy, mono=True)
     clean, _ = audio.load(item.clean, sr=sr, mono=True)
-    n = min(noisy.shape[1], clean.shape[1])
+    a, b = noisy.shape[1], clean.shape[1]
+    if abs(a - b) > max(0.01 * max(a, b), sr // 100):
+        raise audio.AudioError(
+            f"{item.name}: noisy and clean lengths differ ({a} and {b} samples at {sr} Hz)"
+        )
+    n = min(a, b)
     return noisy[0, :n], clean[0, :n], sr
 
 
@@ -243,9 +256,20 @@ def quick_set(folder: str | Path, sr: int = 48000, seconds: float = QUICK_SECOND
 Enhancer = Callable[[np.ndarray, int], np.ndarray]  # (samples,) at sr -> (samples,) at sr
 
 
-def _official(x: np.ndarray, sr: int) -> np.ndarray:
-    y = inference.official_enhance(x if sr == 48000 else audio.resample(x, sr, 48000))
-    return y if sr == 48000 else audio.resample_to(y, 48000, sr, x.size)
+class _Official:
+    """The official runtime as an enhancer. ``prepare`` builds the fresh runtime each file needs (model
+    loading, ~0.1 s) before ``run`` starts its timer."""
+
+    def __init__(self) -> None:
+        self._runtime = None
+
+    def prepare(self) -> None:
+        self._runtime = inference.official_runtime()
+
+    def __call__(self, x: np.ndarray, sr: int) -> np.ndarray:
+        runtime, self._runtime = self._runtime, None  # used once: a runtime carries its stream's state
+        y = inference.official_enhance(x if sr == 48000 else audio.resample(x, sr, 48000), runtime=runtime)
+        return y if sr == 48000 else audio.resample_to(y, 48000, sr, x.size)
 
 
 def load_models(specs: Sequence[str], official: bool = False) -> dict[str, tuple[Enhancer, DfNet | None]]:
@@ -256,7 +280,7 @@ def load_models(specs: Sequence[str], official: bool = False) -> dict[str, tuple
     """
     models: dict[str, tuple[Enhancer, DfNet | None]] = {"noisy": (lambda x, sr: x, None)}
     if official:
-        models["official"] = (_official, None)
+        models["official"] = (_Official(), None)
     for spec in specs:
         name = Path(spec).name if Path(spec).is_dir() else spec
         if name in models or name == "table":
@@ -287,11 +311,15 @@ def run(
     rows, rtf = [], {}
     first, _, first_sr = _load_pair(items[0])
     for name, (enhance, _) in models.items():
+        prepare = getattr(enhance, "prepare", lambda: None)  # set-up that is not enhancement (untimed)
         if name != "noisy":
+            prepare()
             enhance(first[:first_sr], first_sr)  # warm-up: graph building, caches, ONNX sessions
+            shutil.rmtree(Path(out_dir) / "enhanced" / name, ignore_errors=True)  # no files of a past run
         seconds = elapsed = 0.0
         for it in tqdm(items, desc=name, unit="file", disable=not progress, file=sys.stderr):
             noisy, clean, file_sr = _load_pair(it)  # read per model: a large set need not fit in memory
+            prepare()
             t = time.perf_counter()
             est = np.asarray(enhance(noisy, file_sr), np.float32)
             elapsed += time.perf_counter() - t
@@ -311,7 +339,7 @@ def run(
                 {
                     "model": name,
                     "file": it.name,
-                    "snr": round(float(it.snr), 2),
+                    "snr": float(it.snr),  # unrounded: 4.996 dB is in the 0..5 bin
                     "seconds": round(noisy.size / file_sr, 3),
                     **values,
                     "dropouts": dropouts(noisy[:keep], est[:keep], round(file_sr / 100)),
@@ -375,7 +403,7 @@ def summarize(rows: Sequence[dict], metric_names: Sequence[str]) -> dict:
         {snr_bin(r["snr"]) for r in rows}, key=lambda b: min(r["snr"] for r in rows if snr_bin(r["snr"]) == b)
     )
     out = {
-        "overall": table(rows),
+        "overall": table([r for r in rows if snr_bin(r["snr"]) != "noise only"]),  # no speech to score
         "snr_bins": {b: table([r for r in rows if snr_bin(r["snr"]) == b]) for b in bins},
         "flagged": {m: sum(bool(r["flags"]) for r in rows if r["model"] == m) for m in models},
         "with_dropouts": {m: sum(r["dropouts"] > 0 for r in rows if r["model"] == m) for m in models},
@@ -464,7 +492,8 @@ def _git_commit() -> str:
         return "unknown"
 
 
-def _cell(s: dict, digits: int = 2) -> str:
+def mean_ci_text(s: dict, digits: int = 2) -> str:
+    """``mean ± ci`` of a :func:`mean_ci` result (the mean alone for one value, – for none)."""
     if s["mean"] is None:
         return "–"
     return f"{s['mean']:.{digits}f}" + (f" ± {s['ci']:.{digits}f}" if s["ci"] is not None else "")
@@ -484,27 +513,33 @@ def markdown(result: dict) -> str:
             f"{m['macs'] / 1e9:.3f}" if m["macs"] else "–",
             f"{m['rtf']:.3f}" if model != "noisy" else "–",
         ]
-        lines.append(f"| {model} | " + " | ".join(cost + [_cell(stats[k]) for k in names]) + " |")
+        lines.append(f"| {model} | " + " | ".join(cost + [mean_ci_text(stats[k]) for k in names]) + " |")
     lines += ["", "## Per SNR bin (dB)", "", "| SNR | Model | n | " + " | ".join(arrows) + " |"]
     lines.append("|" + "---|" * (3 + len(names)))
     for b, table in summary["snr_bins"].items():
         for model, stats in table.items():
             n = max(s["n"] for s in stats.values())
-            lines.append(f"| {b} | {model} | {n} | " + " | ".join(_cell(stats[k]) for k in names) + " |")
+            lines.append(
+                f"| {b} | {model} | {n} | " + " | ".join(mean_ci_text(stats[k]) for k in names) + " |"
+            )
     for key, which in (("dfn3_minus_official", "all files"), ("dfn3_minus_official_no_dropouts", "")):
         if key in summary:
             d = summary[key]
             n = max(s["n"] for s in d.values())
             which = which or f"the {n} files where the official output has no dropouts"
-            parts = [f"{LABELS[k]} {_cell(d[k], 3)}" for k in ("pesq", "si_sdr", "estoi") if k in d]
+            parts = [f"{LABELS[k]} {mean_ci_text(d[k], 3)}" for k in ("pesq", "si_sdr", "estoi") if k in d]
             lines += ["", f"**dfn3 (MLX) − official runtime, paired, {which}:** " + ", ".join(parts)]
     flagged = ", ".join(f"{m} {n}" for m, n in summary["flagged"].items() if n)
     lines += [
         "",
         "## Notes",
         "",
-        "- Mean ± half-width of the 95 % confidence interval (Student t) over files. Multichannel files "
-        "are scored (and enhanced) as their channel mean.",
+        "- Mean ± half-width of the 95 % confidence interval (Student t) over files, taken as independent: "
+        "mixtures that share an utterance (the demo test set mixes each of its utterances "
+        f"{CORPUS_EPOCHS} times) make the intervals too narrow. A value without ± is one file. "
+        "Multichannel files are scored (and enhanced) as their channel mean.",
+        "- The overall means leave out noise-only files (no speech to score; their own SNR bin)."
+        + (f" Files per metric, where fewer: {counts}." if (counts := _fewer(result)) else ""),
         f"- Scored at {metrics.METRIC_SR // 1000} kHz: PESQ (wide-band, P.862.2), STOI, ESTOI, SI-SDR, "
         "BSS-eval SDR, segmental SNR, CSIG/CBAK/COVL (Hu & Loizou, with wide-band PESQ), DNSMOS P.835 "
         "and P.808, Silero VAD frame agreement with the clean reference. LSD (dB, STFT 2048/512) at the "
@@ -520,6 +555,10 @@ def markdown(result: dict) -> str:
         "- Files with flagged values (a metric undefined for a silent or too short input): "
         f"{flagged or 'none'}. Undefined because of the reference: left out of the means; because of the "
         "estimate: counted at the worst value of the scale.",
+        f"- Files skipped (unreadable, NaN, or noisy and clean lengths that differ): {len(result['skipped'])}"
+        + "".join(f"; {name}: {why}" for name, why in list(result["skipped"].items())[:5])
+        + ("; ..." if len(result["skipped"]) > 5 else "")
+        + ".",
         "",
         "## Environment",
         "",
@@ -529,6 +568,14 @@ def markdown(result: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _fewer(result: dict) -> str:
+    """``metric n`` for each metric averaged over fewer files than the overall table's (the first model's)."""
+    overall = result["summary"]["overall"]
+    stats = next(iter(overall.values()))
+    most = max(s["n"] for s in stats.values())
+    return ", ".join(f"{LABELS[k]} {s['n']} of {most}" for k, s in stats.items() if s["n"] < most)
 
 
 def _json_safe(x):
@@ -571,7 +618,11 @@ def evaluate(
     unknown = set(metric_names) - set(metrics.METRICS)
     if unknown:
         raise ValueError(f"unknown metrics {sorted(unknown)}; known: {', '.join(metrics.METRICS)}")
-    items = load_set(set_spec)
+    listed = load_set(set_spec)
+    items = [it for it in listed if it.problem is None]
+    skipped = {it.name: it.problem for it in listed if it.problem is not None}
+    if not items:
+        raise ValueError(f"no file of {set_spec} can be scored: {next(iter(skipped.values()))}")
     out_dir = Path(out_dir) if out_dir is not None else paths.DATA / "eval" / Path(set_spec).stem
     loaded = load_models(models, official)
     rows, rtf = run(items, loaded, out_dir, metric_names, progress)
@@ -591,6 +642,7 @@ def evaluate(
     result = {
         "set": str(set_spec),
         "files": len(items),
+        "skipped": skipped,
         "metrics": list(metric_names),
         "tail_excluded_s": TAIL_S,
         "models": info,
@@ -647,6 +699,8 @@ def main(argv: list[str] | None = None) -> int:
         progress=sys.stderr.isatty(),
     )
     print(Path(result["table"]).read_text())
+    if result["skipped"]:
+        print(f"warning: {len(result['skipped'])} files skipped (the table's notes say why)", file=sys.stderr)
     print(json.dumps(headline(result)))
     return 0
 

@@ -101,6 +101,10 @@ def pesq_wb(clean: np.ndarray, est: np.ndarray) -> float:
     try:
         return float(pesq(METRIC_SR, clean, est, "wb"))
     except (PesqError, ValueError) as e:  # ValueError: NaN inside the C code on degenerate input
+        try:  # the reference alone fails too ("No utterances detected"): the item's fault, every model's
+            pesq(METRIC_SR, clean, clean, "wb")
+        except (PesqError, ValueError):
+            raise Undefined(f"PESQ failed on the reference itself: {e}", "item") from e
         raise Undefined(f"PESQ failed: {e}", "estimate") from e
 
 

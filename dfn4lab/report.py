@@ -74,8 +74,8 @@ def bench_table(figures: Path) -> list[str]:
 
 
 def eval_table(eval_dir: Path) -> list[str]:
-    """Means over the evaluation set per model, with the RTF."""
-    from dfn4lab.evaluate import LABELS
+    """Mean ± 95 % CI over the evaluation set per model (noise-only files left out), with the RTF."""
+    from dfn4lab.evaluate import LABELS, mean_ci_text
 
     res = _load(eval_dir / "results.json")
     if res is None:
@@ -88,11 +88,14 @@ def eval_table(eval_dir: Path) -> list[str]:
     ]
     for model, stats in res["summary"]["overall"].items():
         rtf = res["models"][model].get("rtf")
-        cells = ["–" if stats[m]["mean"] is None else f"{stats[m]['mean']:.2f}" for m in names]
+        cells = [mean_ci_text(stats[m]) for m in names]
         lines.append(f"| {model} | " + " | ".join(cells) + f" | {'–' if not rtf else f'{rtf:.3f}'} |")
+    where = eval_dir.relative_to(paths.PROJECT) if eval_dir.is_relative_to(paths.PROJECT) else eval_dir
+    lines += ["", "Mean ± half-width of the 95 % CI over files (noise-only files left out; the notes in "
+              f"`{where}/results.md` give n per metric and SNR bin)."]  # fmt: skip
     runs = [m for m in res["summary"]["overall"] if m not in ("noisy", "official", "dfn3")]
     if runs:
-        lines += ["", f"{', '.join(runs)}: training runs (notebook 04's, in `data/runs/`), best checkpoint."]
+        lines += [f"{', '.join(runs)}: training runs (notebook 04's, in `data/runs/`), best checkpoint."]
     return lines
 
 

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import dfn4lab  # noqa: F401
 from dfn4lab import audio, convert, data, evaluate, inference, macs
@@ -19,6 +20,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+import soundfile as sf
 
 SR = 16000
 
@@ -140,6 +142,64 @@ def test_statistics():
         "15..20",
         ">= 20",
     ]
+
+
+def test_the_official_runtime_is_built_outside_the_timed_call(monkeypatch, tmp_path):
+    """RTF times enhancement, not the runtime's model loading (~0.1 s a file, nearly half its time)."""
+    events = []
+
+    class Enhancer:
+        def prepare(self):
+            events.append("prepare")
+
+        def __call__(self, x, sr):
+            events.append("enhance")
+            return x
+
+    clock = iter(range(10**6))
+    monkeypatch.setattr(evaluate.time, "perf_counter", lambda: events.append("clock") or next(clock))
+    items = evaluate.load_set(evaluate.quick_set(tmp_path / "set", seconds=1.0))[:2]
+    evaluate.run(items, {"model": (Enhancer(), None)}, tmp_path / "out", ["si_sdr"], progress=False)
+    assert events[:2] == ["prepare", "enhance"]  # the warm-up
+    assert events[2:] == ["prepare", "clock", "enhance", "clock"] * 2  # each file: prepared, then timed
+
+
+def test_noise_only_files_stay_out_of_the_overall_means():
+    rows = [
+        {
+            "model": "m",
+            "file": "a",
+            "snr": evaluate.NOISE_ONLY_SNR,
+            "flags": "",
+            "dropouts": 0,
+            "dnsmos_ovrl": 1.0,
+        },
+        {"model": "m", "file": "b", "snr": 5.0, "flags": "", "dropouts": 0, "dnsmos_ovrl": 3.0},
+        {
+            "model": "m",
+            "file": "c",
+            "snr": 4.996,
+            "flags": "",
+            "dropouts": 0,
+            "dnsmos_ovrl": 3.5,
+        },  # bins unrounded
+    ]
+    s = evaluate.summarize(rows, ["dnsmos_ovrl"])
+    assert s["overall"]["m"]["dnsmos_ovrl"]["mean"] == 3.25 and s["overall"]["m"]["dnsmos_ovrl"]["n"] == 2
+    assert s["snr_bins"]["noise only"]["m"]["dnsmos_ovrl"]["mean"] == 1.0
+    assert s["snr_bins"]["0..5"]["m"]["dnsmos_ovrl"]["mean"] == 3.5
+
+
+def test_bad_pairs_are_skipped_and_counted(tmp_path):
+    folder = evaluate.quick_set(tmp_path / "set", seconds=1.0)
+    names = sorted(p.name for p in (folder / "noisy").iterdir())
+    sf.write(folder / "noisy" / names[0], np.full(48000, np.nan, np.float32), 48000, subtype="FLOAT")
+    sf.write(folder / "clean" / names[1], np.zeros(24000, np.float32), 48000)  # half as long: not its pair
+    result = evaluate.evaluate(folder, [], out_dir=tmp_path / "out", metric_names=["si_sdr"], progress=False)
+    assert sorted(result["skipped"]) == sorted(Path(n).stem for n in names[:2])
+    assert (
+        result["files"] == len(names) - 2 and "Files skipped (unreadable" in Path(result["table"]).read_text()
+    )
 
 
 def test_run_folders_skip_unpublished_saves_and_count_runs_not_bests(tmp_path):

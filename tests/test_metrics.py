@@ -181,6 +181,15 @@ def test_score_of_identical_signals_is_best_and_at_other_rates(speech):
     assert v48["pesq"] > 4.5 and v48["estoi"] == pytest.approx(1.0, abs=1e-6)
 
 
+def test_pesq_blames_a_reference_it_cannot_read_on_the_item():
+    """PESQ's "No utterances detected" on the clean signal itself is the item's fault (every model's):
+    left out of the means, not every model's worst score."""
+    sp = data.alsa_speech(SR, 2.0).astype(np.float64)[12000 : 12000 + 4320]
+    clean = sp / np.abs(sp).max() * 0.01  # 0.27 s, quiet: PESQ finds no utterance in it
+    _, flags = metrics.score(clean, clean + 0.001 * rng.standard_normal(clean.size), SR, ["pesq", "csig"])
+    assert flags["pesq"].startswith("item: PESQ failed on the reference itself")
+
+
 def test_score_reads_integer_pcm_at_its_scale(speech):
     """int16 samples (``sf.read(dtype="int16")``) score as the same float signal, not 32768 times louder
     (DNSMOS clipped them to a square wave, the VAD saw a different signal)."""
