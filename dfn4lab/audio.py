@@ -7,6 +7,7 @@ reported as ``AudioError`` (a ``ValueError``) with a one-line message naming the
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 from dfn4lab.paths import atomic_write
@@ -105,7 +106,7 @@ def save(
     x = _as_channels(x, str(p))
     if p.is_dir():
         raise AudioError(f"{p} is a folder: name an output file")
-    fmt = format or p.suffix.lstrip(".").upper()
+    fmt = format or _container(p)
     if fmt not in sf.available_formats():
         raise AudioError(f"{p}: unknown audio format {p.suffix!r}")
     try:
@@ -115,6 +116,37 @@ def save(
         if isinstance(e, AudioError):
             raise
         raise AudioError(f"{p}: cannot write audio ({_first_line(e)})") from e
+
+
+def save_like(src: str | os.PathLike, dest: str | os.PathLike, x: np.ndarray, sr: int) -> None:
+    """:func:`save` ``x`` to ``dest`` in the sample format of the file ``src`` (and its container, unless
+    ``dest``'s extension names another): an enhanced file keeps its input's format (.aif, .opus: their
+    extensions name no soundfile format). Samples beyond full scale in an integer format are clipped,
+    with a warning."""
+    container, subtype = file_format(src)
+    suffix = _container(Path(dest))
+    if suffix in sf.available_formats() and suffix != container:
+        container = suffix
+        if not sf.check_format(container, subtype):  # FLOAT into FLAC: the container's default
+            subtype = sf.default_subtype(container)
+    clipped = int(np.sum(np.abs(x) > 1.0)) if subtype.startswith("PCM") else 0
+    if clipped:
+        warnings.warn(f"{dest}: {clipped} samples beyond full scale clipped ({subtype})", stacklevel=3)
+    save(dest, x, sr, subtype=subtype, format=container)
+
+
+def as_float(x: np.ndarray) -> np.ndarray:
+    """float32 samples; integer PCM (``sf.read(dtype="int16")``) scaled to [-1, 1) as soundfile does."""
+    x = np.asarray(x)
+    if np.issubdtype(x.dtype, np.integer):
+        return (x / -float(np.iinfo(x.dtype).min)).astype(np.float32)
+    return x.astype(np.float32, copy=False)
+
+
+def _container(path: Path) -> str:
+    """soundfile's container format for ``path``'s extension (``.aif`` is AIFF, ``.opus`` Ogg)."""
+    ext = path.suffix.lstrip(".").upper()
+    return {"AIF": "AIFF", "OPUS": "OGG"}.get(ext, ext)
 
 
 def check_not_input(src: str | os.PathLike, dest: str | os.PathLike) -> None:

@@ -14,7 +14,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 from dfn4lab import convert, dsp
-from dfn4lab.audio import AudioError, resample, resample_to
+from dfn4lab.audio import AudioError, as_float, resample, resample_to
 from dfn4lab.config import ModelConfig, preset
 from dfn4lab.model import DfNet
 
@@ -171,7 +171,8 @@ def enhance(
     chunk_frames: int = 1000,
     progress: bool = False,
 ) -> np.ndarray:
-    """Enhance ``audio`` ``(samples,)`` or ``(channels, samples)`` at rate ``sr``; same shape and rate out.
+    """Enhance ``audio`` ``(samples,)`` or ``(channels, samples)`` at rate ``sr``; same shape and rate out,
+    float32 (integer PCM input is read at its scale, as soundfile does).
 
     Channels are enhanced independently (as a batch). ``atten_lim_db`` limits the noise
     attenuation by mixing back the noisy spectrum, as upstream does (default: the model config's).
@@ -182,7 +183,7 @@ def enhance(
     atten_lim_db = model.cfg.atten_lim_db if atten_lim_db is None else atten_lim_db
     model.eval()
     cfg = model.cfg.dsp
-    x = np.asarray(audio, dtype=np.float32)
+    x = as_float(audio)  # integer PCM scaled to [-1, 1)
     mono = x.ndim == 1
     x = x[None] if mono else x
     if x.ndim != 2 or x.shape[-1] == 0:
@@ -243,12 +244,7 @@ def enhance_file(
     dest = Path(out_dir) / Path(src).name
     audio.check_not_input(src, dest)
     x, sr = audio.load(src)
-    container, fmt = audio.file_format(src)  # .aif, .opus: the extension does not name soundfile's format
-    y = enhance(x, sr, model, atten_lim_db=atten_lim_db, progress=progress)
-    clipped = int(np.sum(np.abs(y) > 1.0)) if fmt.startswith("PCM") else 0
-    if clipped:
-        warnings.warn(f"{dest}: {clipped} samples beyond full scale clipped ({fmt})", stacklevel=2)
-    audio.save(dest, y, sr, subtype=fmt, format=container)
+    audio.save_like(src, dest, enhance(x, sr, model, atten_lim_db=atten_lim_db, progress=progress), sr)
     return dest
 
 

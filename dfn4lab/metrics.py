@@ -22,7 +22,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from dfn4lab.audio import resample
+from dfn4lab.audio import as_float, resample
 
 import numpy as np
 
@@ -385,14 +385,6 @@ _GROUPS: list[tuple[tuple[str, ...], Callable[[_Pair], dict[str, float]]]] = [
 ]
 
 
-def _as_float(x: np.ndarray) -> np.ndarray:
-    """float32 samples; integer PCM (``sf.read(dtype="int16")``) scaled to [-1, 1) as soundfile does."""
-    x = np.asarray(x)
-    if np.issubdtype(x.dtype, np.integer):
-        return (x / -float(np.iinfo(x.dtype).min)).astype(np.float32)
-    return x.astype(np.float32)
-
-
 def score(
     clean: np.ndarray, est: np.ndarray, sr: int, metrics: Sequence[str] = METRICS
 ) -> tuple[dict[str, float], dict[str, str]]:
@@ -409,7 +401,7 @@ def score(
         raise ValueError(
             f"score takes mono (samples,) signals, got shapes {np.shape(clean)} and {np.shape(est)}"
         )
-    clean, est = _as_float(clean), _as_float(est)
+    clean, est = as_float(clean), as_float(est)
     if clean.shape != est.shape or clean.size == 0:
         raise ValueError(f"need two non-empty signals of one length, got {clean.shape} and {est.shape}")
     bad = next((n for n, x in (("item", clean), ("estimate", est)) if not np.isfinite(x).all()), None)

@@ -303,7 +303,7 @@ class StreamingEnhancer:
     # --- public --------------------------------------------------------------------------------
 
     def _as_channels(self, chunk: np.ndarray) -> np.ndarray:
-        x = np.asarray(chunk, dtype=np.float32)
+        x = audio.as_float(chunk)  # integer PCM scaled to [-1, 1)
         x = x[None] if x.ndim == 1 else x
         if x.ndim != 2 or x.shape[0] != self.channels:
             raise AudioError(f"expected a ({self.channels}, samples) chunk, got shape {np.shape(chunk)}")
@@ -406,8 +406,8 @@ def stream_array(enh: StreamingEnhancer, x: np.ndarray, chunk: int) -> tuple[np.
 def stream_file(src: str | Path, dest: str | Path, model: DfNet, chunk_ms: float = 10.0) -> Path:
     """Enhance a file as a live source would deliver it: ``chunk_ms`` chunks, streaming resampling.
 
-    Any rate and channel count; the output keeps both and the length, delay compensated. Written
-    atomically (``audio.save``), so a failure leaves no partial file.
+    Any rate and channel count; the output keeps both, the length (delay compensated) and the input's
+    sample format (``audio.save_like``). Written atomically, so a failure leaves no partial file.
     """
     if not 0 < chunk_ms < math.inf:
         raise ValueError(f"chunk_ms must be a positive number, got {chunk_ms}")
@@ -429,7 +429,7 @@ def stream_file(src: str | Path, dest: str | Path, model: DfNet, chunk_ms: float
         outs.append(up.resample_chunk(enh.flush().T, last=True).T)
         y = np.concatenate(outs, axis=1)[:, : x.shape[1]]
         y = np.pad(y, [(0, 0), (0, x.shape[1] - y.shape[1])])
-    audio.save(dest, y, sr)
+    audio.save_like(src, dest, y, sr)  # the input's sample format, as enhance_file
     return Path(dest)
 
 

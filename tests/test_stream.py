@@ -239,7 +239,11 @@ def test_cli_streams_files(tmp_path, capsys, dfn3):
     y, sr = audio.load(out48)
     assert sr == 48000
     ref = inference.enhance(audio.load(src48)[0][0], 48000, dfn3)
-    assert np.abs(y[0] - ref).max() < TOL + 2**-15  # PCM_16 output
+    assert (
+        sf.info(out48).subtype == "FLOAT" and np.abs(y[0] - ref).max() < TOL
+    )  # the input's format, not PCM_16
+    assert main(["stream", str(src48), "-o", str(tmp_path / "mac.aif")]) == 0  # another container, asked for
+    assert (sf.info(tmp_path / "mac.aif").format, sf.info(tmp_path / "mac.aif").subtype) == ("AIFF", "FLOAT")
     # another rate and two channels: resampled to 48 kHz and back, streaming
     src16, out16 = tmp_path / "b.flac", tmp_path / "b_out.flac"
     sf.write(src16, _speechlike(4000, seed=6, channels=2).T, 16000)
@@ -287,3 +291,15 @@ def test_microphone_plays_the_delayed_stream(dfn3, tmp_path, monkeypatch):
     np.testing.assert_array_equal(np.concatenate(fake.played), expected)
     rec, sr = audio.load(tmp_path / "rec.wav")
     assert sr == 48000 and np.abs(rec[0] - expected).max() < 2**-15
+
+
+def test_integer_pcm_chunks_are_read_at_their_scale(dfn3):
+    """int16 samples (``sf.read(dtype="int16")``) stream and enhance as the float signal they encode,
+    not 32768 times louder."""
+    pcm = np.round(_speechlike(4800, seed=9) * 32767).astype(np.int16)
+    as_float = pcm / 32768.0
+    np.testing.assert_allclose(
+        inference.enhance(pcm, 48000, dfn3), inference.enhance(as_float, 48000, dfn3), atol=1e-6
+    )
+    a, b = StreamingEnhancer(dfn3), StreamingEnhancer(dfn3)
+    np.testing.assert_allclose(a.process(pcm), b.process(as_float), atol=1e-6)
