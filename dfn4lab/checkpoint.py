@@ -61,14 +61,21 @@ def read_checkpoint(folder: Path) -> tuple[dict[str, np.ndarray], dict[str, mx.a
 
 def latest_checkpoint(out: Path, log: Callable[[str], None] = print):
     """The newest readable checkpoint of ``out`` as (folder, weights, arrays, meta), or None when there
-    is none. Raises ValueError when there are checkpoints but none is readable: starting over would
-    drop the run's log."""
+    is none. Unreadable newer ones are renamed ``damaged-step-N`` (kept, no longer the run's: pruning
+    would otherwise count them and delete the checkpoints the resumed run writes). Raises ValueError
+    when there are checkpoints but none is readable: starting over would drop the run's log."""
     found = checkpoints(out)
+    damaged = []
     for folder in reversed(found):
         try:
-            return (folder, *read_checkpoint(folder))
+            loaded = (folder, *read_checkpoint(folder))
         except Exception as e:  # a damaged folder: say so and fall back to the one before
             log(f"skipping unreadable checkpoint {folder.name}: {type(e).__name__}: {str(e)[:120]}")
+            damaged.append(folder)
+            continue
+        for d in damaged:
+            d.rename(d.with_name(f"damaged-{d.name}"))
+        return loaded
     if found:
         raise ValueError(f"none of the {len(found)} checkpoints in {out / 'checkpoints'} is readable")
     return None

@@ -26,22 +26,24 @@ are averaged with ``all_sum``; only rank 0 validates and writes.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
+import os
 import re
 import signal
 import sys
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 from dfn4lab import inference, losses, paths
-from dfn4lab.checkpoint import latest_checkpoint, restore, save_checkpoint, save_step
+from dfn4lab.checkpoint import checkpoints, latest_checkpoint, restore, save_checkpoint, save_step
 from dfn4lab.cli import command
 from dfn4lab.config import JsonConfig, ModelConfig, from_dict, preset, read_json
 from dfn4lab.losses import LossConfig
@@ -199,7 +201,9 @@ class RankView:
     A ``Source`` for ``dfn4lab.data.loader.Loader(shuffle=False, batch_size=global_batch // world)``:
     its local batch k is part ``rank`` of global batch k, so N processes together see exactly the
     batches one process sees with the whole batch, and the loader's position (epoch, batch) is the
-    same on every rank. ``len()`` drops the last partial global batch.
+    same on every rank. ``len()`` drops the last partial global batch. BatchNorm in training mode is
+    not synchronised: each process normalises over its own share (the steps equal one process's only
+    with ``freeze_bn``, as fine-tuning sets it).
     """
 
     def __init__(self, source: Any, global_batch: int, rank: int = 0, world: int = 1, seed: int = 0):
@@ -295,10 +299,11 @@ def set_mode(model: DfNet, training: bool, freeze_bn: bool) -> None:
                 m.eval()
 
 
-def build(run: RunConfig, log: Callable[[str], None] = print) -> DfNet:
-    """The run's model: preset + overrides, optional initialisation and freezing."""
+def build(run: RunConfig, log: Callable[[str], None] = print, initialise: bool = True) -> DfNet:
+    """The run's model: preset + overrides, optional initialisation (``run.init_from``, unless
+    ``initialise`` is False: a resumed run's checkpoint holds every weight) and freezing."""
     model = inference.build(run.model_config())
-    if run.init_from:
+    if run.init_from and initialise:
         r = init_weights(model, run.init_from, run.skip)
         total = sum(len(v) for v in r.values())
         log(
@@ -440,17 +445,20 @@ class NonFiniteError(RuntimeError):
 
 
 class _Interrupt:
-    """SIGINT sets a flag the loop checks after each step (a second one interrupts at once)."""
+    """SIGINT or SIGTERM (what ``kill`` and ``mlx.launch`` send) sets a flag the loop checks after each
+    step: a checkpoint, then a clean stop. A second one interrupts at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
         self.hit = False
-        self._old: Any = None
+        self._old: dict[int, Any] = {}
 
     def __enter__(self) -> _Interrupt:
         try:
-            self._old = signal.signal(signal.SIGINT, self._handle)
+            self._old = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         except ValueError:  # not the main thread (e.g. a notebook worker): no handler
-            self._old = None
+            self._old = {}
         return self
 
     def _handle(self, *_: Any) -> None:
@@ -459,8 +467,8 @@ class _Interrupt:
         self.hit = True
 
     def __exit__(self, *_: Any) -> None:
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
+        for s, old in self._old.items():
+            signal.signal(s, old)
 
 
 class Trainer:
@@ -492,7 +500,8 @@ class Trainer:
         else:
             self.data_cfg, (self.train_src, self.valid_src) = DataConfig().replace(**run.data), data
         mx.random.seed(run.seed)
-        self.model = build(run, self.log)
+        resuming = bool(checkpoints(self.out))  # its weights come from the checkpoint, not init_from
+        self.model = build(run, self.log, initialise=not resuming)
         self.freeze_bn = run.freeze_bn if run.freeze_bn is not None else run.init_from is not None
         steps = total_steps(run, len(self.train_src))
         if run.max_steps is not None and run.max_steps > steps:
@@ -506,12 +515,9 @@ class Trainer:
         self.step, self.epoch, self.batch = 0, 0, 0
         self.best: float | None = None
         self.bad = 0  # non-finite steps in a row
+        self._epoch_loss = (0.0, 0)  # sum and count of the losses of this epoch's good steps
         self.history: dict[str, Any] = {"steps": [], "epochs": [], "stopped": "done", "step": 0}
         self._resume()
-        if self.lead:
-            paths.make_folder(self.out)
-            run.to_json(self.out / "run_config.json")
-            _trim_log(self.out / "metrics.jsonl", self.step)
         set_mode(self.model, True, self.freeze_bn)
         self.step_fn = make_step(self.model, self.opt, run, self.group if self.world > 1 else None)
         self._valid_items: list[dict[str, mx.array]] | None = None
@@ -536,6 +542,7 @@ class Trainer:
                 )
             restore(self.model, self.opt, weights, arrays)
             self.step, (self.epoch, self.batch), self.best = meta["step"], meta["position"], meta.get("best")
+            self.bad, self._epoch_loss = meta.get("bad", 0), tuple(meta.get("epoch_loss", (0.0, 0)))
             self.log(f"resuming from {folder} (step {self.step}, epoch {self.epoch}, batch {self.batch})")
         if self.world > 1:  # every rank starts from rank 0's state (checkpoints may be on rank 0's disk only)
             self.model.update(_broadcast(self.model.parameters(), self.group))
@@ -563,6 +570,8 @@ class Trainer:
         return {
             "step": self.step,
             "position": [self.epoch, self.batch],
+            "bad": self.bad,  # non-finite steps in a row: a resumed run stops where this one would
+            "epoch_loss": list(self._epoch_loss),  # sum, count so far this epoch (its train_loss)
             "metrics": metrics or {},
             "best": self.best,
             "rng": {"seed": self.run.seed, "next_step_seed": _step_seed(self.run.seed, self.step)},
@@ -658,7 +667,7 @@ class Trainer:
         if self.step >= limit:
             self.log(f"already at step {self.step} (max_steps {run.max_steps}): nothing to do")
         try:
-            with _Interrupt() as stop:
+            with self._own_folder(), _Interrupt() as stop:
                 return self._fit(limit, stop)
         finally:
             if self._data_loader is not None:
@@ -669,12 +678,10 @@ class Trainer:
         run = self.run
         while self.epoch < run.epochs and self.step < limit and not self._out_of_time():
             n = len(self.train_src) // run.batch_size_at(self.epoch)
-            good = self._run_epoch(n, limit, stop) if self.batch < n else []
-            if good is None:
-                self.log(f"interrupted at step {self.step}; checkpoint in {self.out}; run again to resume")
-                self.history.update(stopped="interrupted", step=self.step)
-                return self.history
+            if self.batch < n and not self._run_epoch(n, limit, stop):
+                return self._stopped()
             complete = self.batch >= n
+            (total, count), self._epoch_loss = self._epoch_loss, (0.0, 0) if complete else self._epoch_loss
             if complete:
                 self.epoch, self.batch = self.epoch + 1, 0
             v = self.validate()
@@ -683,20 +690,54 @@ class Trainer:
                 "epoch": self.epoch - 1 if complete else self.epoch,
                 "complete": complete,
                 "step": self.step,
-                "train_loss": float(np.mean(good)) if good else None,
+                "train_loss": total / count if count else None,
             }
             self.emit({**rec, **{f"valid_{k}": x for k, x in v.items()}})
             self.checkpoint(v)
+            if self._interrupted(stop):  # during validation: stop at this checkpoint, not a step later
+                return self._stopped()
         self.history["step"] = self.step
         self.log(f"finished at step {self.step}; checkpoints in {self.out / 'checkpoints'}")
         return self.history
 
-    def _run_epoch(self, n: int, limit: float, stop: _Interrupt) -> list[float] | None:
-        """Batches from the data position to the end of the epoch (of ``n`` batches) or to ``limit`` steps.
-        Returns the losses of the good steps, or None after a SIGINT (a checkpoint is saved)."""
+    @contextlib.contextmanager
+    def _own_folder(self) -> Iterator[None]:
+        """Hold ``out/.lock`` while training (rank 0): a second run on the folder would interleave the
+        log and resume from, then prune, this one's checkpoints. Then record the config, and cut the log
+        back to the checkpoint resumed from."""
+        if not self.lead:
+            yield
+            return
+        import fcntl
+
+        paths.make_folder(self.out)
+        with open(self.out / ".lock", "a+") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                raise ValueError(
+                    f"{self.out} is in use by another training process (pid {f.read().strip() or '?'}): "
+                    "wait for it to finish or use another out folder"
+                ) from None
+            f.truncate(0)
+            f.write(str(os.getpid()))
+            f.flush()
+            self.run.to_json(self.out / "run_config.json")
+            _trim_log(self.out / "metrics.jsonl", self.step)
+            yield  # the lock goes with the file's closing
+
+    def _stopped(self) -> dict[str, Any]:
+        self.log(f"interrupted at step {self.step}; checkpoint in {self.out}; run again to resume")
+        self.history.update(stopped="interrupted", step=self.step)
+        return self.history
+
+    def _run_epoch(self, n: int, limit: float, stop: _Interrupt) -> bool:
+        """Batches from the data position to the end of the epoch (of ``n`` batches) or to ``limit`` steps;
+        the good steps' losses add up in ``_epoch_loss``. False after a SIGINT (a checkpoint is saved)."""
         from tqdm.auto import tqdm
 
-        run, good = self.run, []
+        run = self.run
         bar = tqdm(
             total=n,
             initial=self.batch,
@@ -709,7 +750,8 @@ class Trainer:
                 rec = self.train_step(batch)
                 self.batch += 1
                 self.emit(rec)
-                good += [] if rec["skipped"] else [rec["loss"]]
+                if not rec["skipped"]:
+                    self._epoch_loss = (self._epoch_loss[0] + rec["loss"], self._epoch_loss[1] + 1)
                 bar.update(1)
                 bar.set_postfix(loss=f"{rec['loss']:.4g}", bad=self.bad)
                 if self.bad >= run.max_bad_steps:
@@ -718,14 +760,14 @@ class Trainer:
                         f"{self.step}, epoch {self.epoch}); stopped with the weights of the last good step. "
                         "Lower optim.lr or check the data."
                     )
+                if self.step >= limit or self._out_of_time():
+                    break  # first: a stop at the last step still validates and logs its epoch record
                 if self._interrupted(stop):
                     self.checkpoint()
-                    return None
-                if self.step >= limit or self._out_of_time():
-                    break
+                    return False
                 if self.step % run.ckpt_every == 0 and self.batch < n:
                     self.checkpoint()
-        return good
+        return True
 
     def _out_of_time(self) -> bool:
         late = time.monotonic() > self._deadline
@@ -760,7 +802,8 @@ def train(
 
 
 # What a resumed run may change: its budget and bookkeeping, nothing that shapes the weights.
-RESUMABLE = ("out", "max_steps", "max_minutes", "progress", "compile", "ckpt_every", "keep", "max_bad_steps")
+# (Not ``compile``: compiled and eager steps round differently, so the weights differ.)
+RESUMABLE = ("out", "max_steps", "max_minutes", "progress", "ckpt_every", "keep", "max_bad_steps")
 
 
 def _changed_settings(saved: dict[str, Any], run: RunConfig) -> list[str]:

@@ -94,9 +94,9 @@ def test_kill9_and_sigint_resume_to_the_same_weights(corpus, tmp_path):
     _wait_past(out, 0, p)
     p.kill()
     p.wait()
-    p = _cli(cfg, out)  # resume, then SIGINT once it has saved a checkpoint of its own
+    p = _cli(cfg, out)  # resume, then SIGTERM (kill's, mlx.launch's; Ctrl-C's SIGINT has the same handler)
     _wait_past(out, _newest(out), p)
-    p.send_signal(signal.SIGINT)
+    p.send_signal(signal.SIGTERM)
     text, _ = p.communicate(timeout=120)
     assert p.returncode == 130, text
     assert "resuming from" in text and "interrupted at step" in text
@@ -112,6 +112,10 @@ def test_kill9_and_sigint_resume_to_the_same_weights(corpus, tmp_path):
     steps, epochs = train.read_log(out)
     assert [r["step"] for r in steps] == list(range(1, 8))  # records past the checkpoint were dropped
     assert [r["loss"] for r in steps] == [r["loss"] for r in h["steps"]]
+    # each epoch's train_loss over all its steps, not those since the last resume
+    assert [(r["step"], r["train_loss"]) for r in epochs] == [
+        (r["step"], r["train_loss"]) for r in h["epochs"]
+    ]
     assert len(checkpoint.checkpoints(out)) == ref.keep
     assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]
     assert json.loads((out / "run_config.json").read_text())["max_steps"] == 7
@@ -219,12 +223,16 @@ def test_damaged_newest_checkpoint_falls_back(tmp_path):
     assert "step-00000002" in said[0]
     stale = tmp_path / "checkpoints" / ".tmp-step-00000003-999999"  # a save killed halfway, long ago
     stale.mkdir()
-    checkpoint.save_step(tmp_path, model, opt, {"step": 3, "position": [0, 3]}, keep=2)
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000002", "step-00000003"]
+    checkpoint.save_step(tmp_path, model, opt, {"step": 3, "position": [0, 3]}, keep=1)
+    # the damaged one set aside (with keep=1 it was counted, and the new step-3 pruned instead of it)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+        "damaged-step-00000002",
+        "step-00000003",
+    ]
     ckpts = tmp_path / "checkpoints"
-    shutil.copytree(ckpts / "step-00000002", ckpts / "step-00000002 copy")
+    shutil.copytree(ckpts / "step-00000003", ckpts / "step-00000003 copy")
     (tmp_path / "checkpoints" / "step-00000009.zip").write_bytes(b"")  # strays a file manager leaves
-    assert [p.name for p in checkpoint.checkpoints(tmp_path)] == ["step-00000002", "step-00000003"]
+    assert [p.name for p in checkpoint.checkpoints(tmp_path)] == ["step-00000003"]
     (tmp_path / ".tmp-best-999999").mkdir()  # the first best/ save, killed halfway
     checkpoint.save_checkpoint(tmp_path / "best", model, opt, {"step": 3, "position": [0, 3]})
     assert not (tmp_path / ".tmp-best-999999").exists()
@@ -248,6 +256,12 @@ def test_resume_needs_the_same_settings_and_survives_a_cut_log_line(corpus, tmp_
     saved = (out / "run_config.json").read_text()
     with pytest.raises(ValueError, match=r"other settings \(batch_size: 2 -> 4; seed: 0 -> 7\)"):
         train.Trainer(dataclasses.replace(run, batch_size=4, seed=7))
+    with pytest.raises(ValueError, match=r"other settings \(compile: False -> True\)"):  # rounds otherwise
+        train.Trainer(dataclasses.replace(run, compile=True))
+    trainer = train.Trainer(run)
+    trainer.bad = 2  # non-finite steps in a row, then a checkpoint: the count resumes with it
+    trainer.checkpoint()
+    assert train.Trainer(run).bad == 2
     assert (out / "run_config.json").read_text() == saved  # not overwritten by the refused run
     with open(out / "metrics.jsonl", "a") as f:  # killed while appending a record
         f.write('{"kind": "step", "step": 3, "lo')
@@ -465,3 +479,29 @@ def test_steps_on_one_batch_fit_it(corpus, tmp_path):
     batch = next(iter(trainer._loader()))
     fit = [trainer.train_step(batch)["loss"] for _ in range(30)]
     assert fit[-1] < 0.5 * fit[0], fit
+
+
+def test_a_second_run_on_a_folder_in_use_is_refused(corpus, tmp_path):
+    """Two processes on one out folder interleaved the log and pruned each other's checkpoints."""
+    import fcntl
+
+    run = _run(corpus, tmp_path / "busy", max_steps=2, compile=False)
+    (tmp_path / "busy").mkdir()
+    with open(tmp_path / "busy" / ".lock", "a+") as held:  # what a running Trainer holds
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("4242")
+        held.flush()
+        with pytest.raises(ValueError, match=r"in use by another training process \(pid 4242\)"):
+            train.Trainer(run).fit()
+        assert not (tmp_path / "busy" / "metrics.jsonl").exists()
+    assert train.Trainer(run).fit()["step"] == 2  # free again
+
+
+def test_a_stop_at_the_last_step_still_validates_its_epoch(corpus, tmp_path, monkeypatch):
+    """SIGINT/SIGTERM arriving at max_steps: the epoch record and validation are written, not lost
+    (the resumed run found nothing to do and never wrote them)."""
+    run = _run(corpus, tmp_path / "last", max_steps=4, compile=False, valid_items=2)
+    monkeypatch.setattr(train.Trainer, "_interrupted", lambda self, stop: self.step >= 4)  # the signal, there
+    train.Trainer(run).fit()
+    _, epochs = train.read_log(tmp_path / "last")
+    assert [(r["step"], r["complete"]) for r in epochs] == [(4, True)] and "valid_si_sdr" in epochs[0]
