@@ -202,6 +202,33 @@ class ModelConfig(JsonConfig):
             )
         if tuple(self.convt_kernel) != (1, 3):
             raise ValueError(f"convt_kernel={self.convt_kernel}: only DeepFilterNet3's (1, 3) is implemented")
+        if self.conv_kernel[0] != 1:  # the inner convs keep no time history between streamed frames
+            raise ValueError(f"conv_kernel={self.conv_kernel}: only one frame in time is implemented (1, k)")
+        kernels = {"conv_kernel_inp": self.conv_kernel_inp, "conv_kernel": self.conv_kernel}
+        if any(k < 1 for ks in kernels.values() for k in ks) or any(
+            ks[1] % 2 == 0 for ks in kernels.values()
+        ):
+            raise ValueError(f"kernels {kernels}: sizes >= 1, odd in frequency (they keep the band count)")
+        if self.dsp.nb_erb % 8 or self.dsp.nb_df % 2:
+            raise ValueError(
+                f"nb_erb={self.dsp.nb_erb} must divide by 8 and nb_df={self.dsp.nb_df} by 2: the encoder "
+                "halves the bands three times (erb) and once (df)"
+            )
+        counts = {
+            "emb_num_layers >= 2": self.emb_num_layers >= 2,
+            "df_num_layers >= 1": self.df_num_layers >= 1,
+        }
+        counts["df_pathway_kernel_size_t >= 1"] = self.df_pathway_kernel_size_t >= 1
+        counts["lsnr_min < lsnr_max"] = self.lsnr_min < self.lsnr_max
+        if not all(counts.values()):  # upstream refuses these too (a GRU of 0 layers)
+            raise ValueError(f"model config needs {', '.join(k for k, ok in counts.items() if not ok)}")
+        if self.df_gru_skip not in ("none", "identity", "groupedlinear"):
+            raise ValueError(f"df_gru_skip={self.df_gru_skip!r}: none, identity or groupedlinear")
+        if self.df_gru_skip == "identity" and self.conv_ch * self.dsp.nb_erb // 4 != self.df_hidden_dim:
+            raise ValueError(
+                f"df_gru_skip identity adds the embedding ({self.conv_ch * self.dsp.nb_erb // 4}) to the "
+                f"DF backbone's output: df_hidden_dim must equal it, got {self.df_hidden_dim}"
+            )
         for bins, order in self.multires_df:
             if not (0 < bins <= self.dsp.nb_df and order >= 1):
                 raise ValueError(
@@ -276,8 +303,13 @@ def from_ini(path: str | Path) -> ModelConfig:
     model = ini.get("train", "model", fallback="deepfilternet3").lower()
     if model != "deepfilternet3":
         raise ValueError(f"{path}: [train] model = {model}; only deepfilternet3 configs are read")
-    unsupported = {"emb_gru_skip": ("none", net.get("emb_gru_skip", "none").lower())}
-    unsupported["df_n_iter"] = ("1", net.get("df_n_iter", "1"))
+    unsupported = {  # options of upstream's DeepFilterNet3 that change the network: their default only
+        "emb_gru_skip": ("none", net.get("emb_gru_skip", "none").lower()),
+        "emb_gru_skip_enc": ("none", net.get("emb_gru_skip_enc", "none").lower()),
+        "dfop_method": ("df", net.get("dfop_method", "df").lower()),
+        "df_n_iter": ("1", net.get("df_n_iter", "1")),
+        **{k: ("False", str(ini.getboolean("train", k, fallback=False))) for k in ("mask_only", "df_only")},
+    }
     for key, (default, value) in unsupported.items():
         if value != default:
             raise ValueError(f"{path}: {key} = {value} is not implemented (only {default})")

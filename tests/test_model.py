@@ -25,6 +25,14 @@ from conftest import model_inputs, tiny_cfg
         ({"df_order": 2}, r"df_lookahead=2 must be in .* = 0\.\.1"),
         ({"df_lookahead": -1}, "df_lookahead=-1"),
         ({"convt_kernel": (1, 5)}, r"convt_kernel=\(1, 5\)"),
+        # streamed frames kept no history of a longer inner conv: stream and offline differed by 0.07
+        ({"conv_kernel": (2, 3)}, r"conv_kernel=\(2, 3\): only one frame"),
+        ({"conv_kernel": (1, 2)}, "odd in frequency"),
+        ({"dsp": {"nb_erb": 30}}, "nb_erb=30 must divide by 8"),
+        ({"emb_num_layers": 1}, r"emb_num_layers >= 2"),  # an ERB decoder of 0 recurrent layers, silently
+        ({"df_num_layers": 0, "lsnr_min": 40.0}, r"df_num_layers >= 1.*lsnr_min < lsnr_max"),
+        ({"df_gru_skip": "groupedlinaer"}, "none, identity or groupedlinear"),  # a typo: no skip, silently
+        ({"df_gru_skip": "identity"}, "df_hidden_dim must equal it"),
     ],
 )
 def test_config_rejects_what_the_network_cannot_run(overrides, match):
@@ -50,6 +58,13 @@ def test_from_ini_reads_dfn3_and_refuses_what_it_cannot_build(tmp_path):
         "emb_gru_skip = none": (
             "emb_gru_skip = groupedlinear is not implemented",
             "emb_gru_skip = groupedlinear",
+        ),
+        # each was read as the official network, silently
+        "dfop_method = df": ("dfop_method = real_unfold is not implemented", "dfop_method = real_unfold"),
+        "mask_only = false": ("mask_only = True is not implemented", "mask_only = true"),
+        "emb_gru_skip = none\n": (
+            "emb_gru_skip_enc = groupedlinear",
+            "emb_gru_skip = none\nemb_gru_skip_enc = groupedlinear\n",
         ),
     }
     for i, (old, (message, new)) in enumerate(cases.items()):
