@@ -41,6 +41,9 @@ system:
 	else echo "make system: not Debian as root; skipping system packages"; fi
 
 $(PY):
+	@$(PYTHON) -c 'import sys; sys.exit(not (3, 11, 5) <= sys.version_info[:3] < (3, 13))' 2>/dev/null || { \
+	  echo "dfn4lab needs Python 3.11.5 to 3.12; $(PYTHON) is $$($(PYTHON) --version 2>&1 || echo missing)."; \
+	  echo "Run with another one, e.g. make test PYTHON=python3.12"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 
 $(STAMP): pyproject.toml $(CONSTRAINTS) | $(PY)

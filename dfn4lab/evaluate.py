@@ -237,7 +237,7 @@ def quick_set(folder: str | Path, sr: int = 48000, seconds: float = QUICK_SECOND
     ``noisy/`` and ``clean/`` under ``folder``, plus a ``manifest.csv`` of the SNRs."""
     folder = Path(folder)
     n = round(seconds * sr)
-    speech = data.alsa_speech(sr, seconds * len(QUICK_SNRS))
+    speech = data.real_speech(sr, seconds * len(QUICK_SNRS))
     rows = ["name,snr"]
     for i, snr in enumerate(QUICK_SNRS):
         clean = speech[i * n : (i + 1) * n]

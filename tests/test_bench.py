@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dfn4lab import bench
+from dfn4lab import bench, data
 from dfn4lab.config import preset
 
 import mlx.core as mx
@@ -21,6 +21,7 @@ def test_peak_memory_is_the_case_own_not_the_other_live_cases():
     assert alone > resident() / 2**20 and beside == pytest.approx(alone, rel=0.05)
 
 
+@pytest.mark.skipif(not data.speech_files(), reason="no real speech: alsa-utils (Debian) or the demo corpus")
 def test_enhance_does_not_time_the_official_runtime_start_up(monkeypatch):
     from dfn4lab import inference
 

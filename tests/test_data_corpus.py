@@ -207,3 +207,19 @@ def test_cli_never_replaces_a_folder_it_did_not_write(tmp_path, capsys):
     assert demo.main(["--tiny", "--out", str(mine)]) == 2
     assert "not written by this command" in capsys.readouterr().err
     assert [p.name for p in tmp_path.iterdir()] == ["mine"] and (mine / "notes.txt").read_text() == "precious"
+
+
+def test_real_speech_comes_from_the_demo_corpus_without_alsa_utils(tiny_corpus, tmp_path, monkeypatch):
+    """On a Mac there is no /usr/share/sounds/alsa: clips, the quick test set and their tests take the
+    demo corpus's test speech instead of failing."""
+    from dfn4lab import data, paths
+
+    monkeypatch.setattr(data, "ALSA_SOUNDS", tmp_path / "no-alsa")
+    monkeypatch.setattr(paths, "DEMO", tiny_corpus)
+    files = data.speech_files()
+    assert files and all(tiny_corpus / "speech" / "test" in p.parents for p in files)
+    x = data.real_speech(16000, 1.5)
+    assert x.shape == (24000,) and np.abs(x).max() > 0.01
+    monkeypatch.setattr(paths, "DEMO", tmp_path / "no-demo")
+    with pytest.raises(FileNotFoundError, match="install alsa-utils .* or build the demo corpus"):
+        data.real_speech()

@@ -32,7 +32,7 @@ def dfn3():
 
 @pytest.fixture(scope="module")
 def clip():
-    if not data.ALSA_SOUNDS.exists():
+    if not data.speech_files():
         pytest.skip("real speech comes from Debian's alsa-utils (/usr/share/sounds/alsa), not installed")
     return data.noisy_clip(seconds=4.0, snr_db=0.0)
 

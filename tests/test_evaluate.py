@@ -144,6 +144,7 @@ def test_statistics():
     ]
 
 
+@pytest.mark.skipif(not data.speech_files(), reason="no real speech: alsa-utils (Debian) or the demo corpus")
 def test_the_official_runtime_is_built_outside_the_timed_call(monkeypatch, tmp_path):
     """RTF times enhancement, not the runtime's model loading (~0.1 s a file, nearly half its time)."""
     events = []
@@ -190,6 +191,7 @@ def test_noise_only_files_stay_out_of_the_overall_means():
     assert s["snr_bins"]["0..5"]["m"]["dnsmos_ovrl"]["mean"] == 3.5
 
 
+@pytest.mark.skipif(not data.speech_files(), reason="no real speech: alsa-utils (Debian) or the demo corpus")
 def test_bad_pairs_are_skipped_and_counted(tmp_path):
     folder = evaluate.quick_set(tmp_path / "set", seconds=1.0)
     names = sorted(p.name for p in (folder / "noisy").iterdir())
@@ -237,7 +239,9 @@ def test_run_folder_resolves_to_its_best_checkpoint(tmp_path):
     np.testing.assert_array_equal(models["noisy"][0](x, 48000), x)
 
 
-@pytest.mark.skipif(not data.ALSA_SOUNDS.exists(), reason="the quick set uses alsa-utils' speech")
+@pytest.mark.skipif(
+    not data.speech_files(), reason="the quick set needs real speech (alsa-utils or the demo corpus)"
+)
 def test_quick_cli_end_to_end(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "dfn4lab.evaluate", "--quick", "--official", "--out", str(tmp_path)],

@@ -19,6 +19,16 @@ from mlx.utils import tree_flatten
 needs_kernels = pytest.mark.skipif(not kernels.BUILT, reason="dfn4lab.kernels not built (make kernels)")
 
 
+@pytest.fixture(autouse=True)
+def _on_the_cpu():
+    """The kernels are CPU primitives: on a Mac, whose default device is the GPU, they are tested on the
+    CPU (the MLX-op reference with them)."""
+    device = mx.default_device()
+    mx.set_default_device(mx.cpu)
+    yield
+    mx.set_default_device(device)
+
+
 def test_kernels_are_built_on_linux():
     """`make setup` builds them; on Linux (where CI runs) a missing build must fail, not fall back."""
     if platform.system() != "Linux":

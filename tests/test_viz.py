@@ -95,3 +95,25 @@ def test_train_board_shows_an_image_and_updates_it_in_place(monkeypatch):
     assert [how for how, _ in shown] == ["display", "update"]
     for _, obj in shown:  # an IPython Image (with a PNG repr), not the Figure
         assert isinstance(obj, IPython.display.Image) and obj.data[:4] == b"\x89PNG"
+
+
+def test_spectrogram_axes_and_players_levels():
+    """Time runs along x and frequency along y in kHz (a 1 kHz tone reads 1 kHz); players are
+    peak-normalised WAV; the loss curve's running mean is a mean."""
+    import io
+
+    import soundfile as sf
+
+    t = np.arange(2 * SR) / SR
+    img = viz.spectrogram(np.sin(2 * np.pi * 1000 * t), SR).axes[0].images[0]
+    assert img.get_extent() == [0, 2.0, 0, SR / 2000] and img.get_array().shape[0] == 1024 // 2 + 1
+    peak_row = int(np.argmax(img.get_array().max(axis=1)))
+    assert abs(peak_row / (img.get_array().shape[0] - 1) * SR / 2000 - 1.0) < SR / 1024 / 1000  # one bin
+    y, _ = sf.read(io.BytesIO(viz.wav_bytes(0.25 * np.sin(2 * np.pi * 440 * t[:SR]), SR)))
+    assert abs(np.abs(y).max() - 32767 / 32768) < 1e-3
+    y, _ = sf.read(io.BytesIO(viz.wav_bytes(np.zeros(SR), SR)))
+    assert not y.any()
+    steps = [{"kind": "step", "step": i, "loss": 2.0 + (i % 2), "lr": 1e-3} for i in range(1, 51)]
+    fig = viz.training_curves(steps, [], smooth=10)
+    mean = next(line for line in fig.axes[0].lines if line.get_label() == "train")
+    assert mean.get_xdata()[0] == 10 and np.allclose(mean.get_ydata(), 2.5)  # alternating 2, 3

@@ -18,7 +18,7 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
-from dfn4lab import audio
+from dfn4lab import audio, paths
 
 import numpy as np
 
@@ -55,11 +55,22 @@ def mix(speech: np.ndarray, noise: np.ndarray, snr_db: float) -> np.ndarray:
     return (speech + g * noise).astype(np.float32)
 
 
-def alsa_speech(sr: int = 48000, seconds: float = 10.0) -> np.ndarray:
-    """Real speech (one male voice, alsa-utils' channel prompts) concatenated to ``seconds`` at ``sr``."""
+def speech_files() -> list[Path]:
+    """Real speech for clips and tests: alsa-utils' channel prompts (Debian; one male voice), else the
+    demo corpus's test speech (``make data``; on a Mac its ``say`` voices); [] when neither is here."""
     files = sorted(p for p in ALSA_SOUNDS.glob("*.wav") if p.stem != "Noise")
+    if not files and (paths.DEMO / "speech" / "test").is_dir():
+        files = sorted(p for p in (paths.DEMO / "speech" / "test").rglob("*") if p.suffix in (".flac", ".wav"))[:24]
+    return files
+
+
+def real_speech(sr: int = 48000, seconds: float = 10.0) -> np.ndarray:
+    """Real speech (:func:`speech_files`) concatenated and repeated to ``seconds`` at ``sr``."""
+    files = speech_files()
     if not files:
-        raise FileNotFoundError(f"no speech in {ALSA_SOUNDS} (Debian package alsa-utils)")
+        raise FileNotFoundError(
+            f"no real speech here: install alsa-utils (Debian: {ALSA_SOUNDS}) or build the demo corpus (make data)"
+        )
     parts = []
     for p in files:
         x, fs = audio.load(p, sr=sr)
@@ -82,5 +93,5 @@ def pink_noise(n: int, seed: int = 0) -> np.ndarray:
 
 def noisy_clip(sr: int = 48000, seconds: float = 10.0, snr_db: float = 5.0, seed: int = 0):
     """(noisy, clean) real speech in pink noise at ``snr_db``; both (samples,) float32."""
-    clean = alsa_speech(sr, seconds)
+    clean = real_speech(sr, seconds)
     return mix(clean, pink_noise(clean.size, seed), snr_db), clean
