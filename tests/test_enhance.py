@@ -161,6 +161,10 @@ def test_cli_enhances_and_rejects_bad_input(tmp_path):
     assert res.returncode == 2 and "share a file name" in res.stderr and not (tmp_path / "twins").exists()
     res = _cli("enhance", str(good), "-o", str(out), "--model", "nonsense")
     assert res.returncode == 2 and res.stderr.startswith("error:") and "Traceback" not in res.stderr
+    res = _cli("enhance", str(good), "-o", str(tmp_path / "lim"), "--atten-lim", "-5")  # was |-5| silently
+    assert res.returncode == 2 and "--atten-lim must be a number of dB >= 0" in res.stderr
+    res = _cli("enhance", str(good), "-o", str(good))  # -o names a file: one line, not "[Errno 17]"
+    assert res.returncode == 2 and "is a file, not a folder" in res.stderr
     for beta in ("inf", "nan", "-1"):  # inf gave NaN audio blamed on the file; nan silently disabled it
         res = _cli("enhance", str(good), "-o", str(tmp_path / "pf"), "--pf-beta", beta)
         assert res.returncode == 2 and "--pf-beta must be" in res.stderr and not (tmp_path / "pf").exists()

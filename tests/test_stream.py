@@ -264,6 +264,14 @@ def test_cli_bad_input_leaves_no_file(tmp_path, capsys):
     assert main(["stream", str(empty), "-o", str(out), "--chunk-ms", "0"]) != 0
     assert capsys.readouterr().err.count("error:") == 2
     assert list(tmp_path.iterdir()) == [empty]
+    src = tmp_path / "in.wav"
+    sf.write(src, _speechlike(4800, seed=3), 48000, subtype="FLOAT")
+    before = src.read_bytes()
+    assert main(["stream", str(src), "-o", str(src)]) == 2  # it overwrote its input before
+    assert "would replace the input" in capsys.readouterr().err and src.read_bytes() == before
+    assert main(["stream", str(src), "-o", str(tmp_path)]) == 2  # a folder: one line, not a format error
+    assert "is a folder: name an output file" in capsys.readouterr().err
+    assert main(["stream", str(src), "-o", str(tmp_path / "new" / "sub" / "o.wav")]) == 0  # folders made
 
 
 class _FakeSoundDevice:
