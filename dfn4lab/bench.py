@@ -332,17 +332,7 @@ def _length_sweep(matched: dict, quick: bool, repeats: int) -> list[dict]:
                 times[k] += timeit(
                     lambda m=m, x=x[k]: mx.eval(m(*x)[0]), repeats=1, warmup=0 if times[k] else 1
                 )
-        for k, t in times.items():
-            s = {q: round(v * 1e3, 2) for q, v in stats(t).items() if q != "n"}
-            out.append(
-                {
-                    "backbone": k,
-                    "frames": n,
-                    "fwd_ms": s["median"],
-                    "fwd_q25_ms": s["q25"],
-                    "fwd_q75_ms": s["q75"],
-                }
-            )
+        out += [{"backbone": k, "frames": n, **_ms("fwd", t)} for k, t in times.items()]
     return out
 
 

@@ -217,9 +217,9 @@ class ModelConfig(JsonConfig):
         counts = {
             "emb_num_layers >= 2": self.emb_num_layers >= 2,
             "df_num_layers >= 1": self.df_num_layers >= 1,
+            "df_pathway_kernel_size_t >= 1": self.df_pathway_kernel_size_t >= 1,
+            "lsnr_min < lsnr_max": self.lsnr_min < self.lsnr_max,
         }
-        counts["df_pathway_kernel_size_t >= 1"] = self.df_pathway_kernel_size_t >= 1
-        counts["lsnr_min < lsnr_max"] = self.lsnr_min < self.lsnr_max
         if not all(counts.values()):  # upstream refuses these too (a GRU of 0 layers)
             raise ValueError(f"model config needs {', '.join(k for k, ok in counts.items() if not ok)}")
         if self.df_gru_skip not in ("none", "identity", "groupedlinear"):

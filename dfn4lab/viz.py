@@ -153,6 +153,14 @@ def save(fig, name: str) -> Path:
 # --- Backbone benchmark (notebook 03) ---------------------------------------------------------------
 
 
+def _quartile_err(rows: list[dict], name: str) -> list[list[float]]:
+    """Error bars (below, above) from ``{name}_ms`` to its quartiles ``{name}_q25_ms``/``_q75_ms`` (none
+    in results saved before quartiles were)."""
+    med = [r[f"{name}_ms"] for r in rows]
+    lo = [m - r.get(f"{name}_q25_ms", m) for r, m in zip(rows, med, strict=True)]
+    return [lo, [r.get(f"{name}_q75_ms", m) - m for r, m in zip(rows, med, strict=True)]]
+
+
 def bench_bars(rows: list[dict], metrics=("fwd", "fwdbwd", "step"), ax=None):
     """Median time per backbone and measurement, error bars from the first to the third quartile; rows
     from ``bench.backbones``."""
@@ -165,10 +173,7 @@ def bench_bars(rows: list[dict], metrics=("fwd", "fwdbwd", "step"), ax=None):
             x + i * width,
             [r[f"{m}_ms"] for r in rows],
             width,
-            yerr=[
-                [r[f"{m}_ms"] - r[f"{m}_q25_ms"] for r in rows],
-                [r[f"{m}_q75_ms"] - r[f"{m}_ms"] for r in rows],
-            ],
+            yerr=_quartile_err(rows, m),
             capsize=3,
             label={"fwd": "forward", "fwdbwd": "forward+backward", "step": "train step"}[m],
         )
@@ -191,12 +196,15 @@ def bench_sweep(sweep: list[dict], ax=None):
     fig, ax = _ax(ax, figsize=(6, 3.5))
     for kind in dict.fromkeys(r["backbone"] for r in sweep):
         rows = [r for r in sweep if r["backbone"] == kind]
-        ms = np.array([r["fwd_ms"] for r in rows])
-        q = np.array(
-            [[r.get("fwd_q25_ms", m), r.get("fwd_q75_ms", m)] for r, m in zip(rows, ms, strict=True)]
+        ms = [r["fwd_ms"] for r in rows]
+        ax.errorbar(
+            [r["frames"] for r in rows],
+            ms,
+            yerr=_quartile_err(rows, "fwd"),
+            marker="o",
+            capsize=2,
+            label=kind,
         )
-        err = np.stack([ms - q[:, 0], q[:, 1] - ms])
-        ax.errorbar([r["frames"] for r in rows], ms, yerr=err, marker="o", capsize=2, label=kind)
     ax.set(xscale="log", yscale="log")
     ax.set_xticks(sorted({r["frames"] for r in sweep}))
     ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))

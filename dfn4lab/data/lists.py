@@ -130,12 +130,11 @@ def write_list(path: str | Path, entries: Iterable[Entry]) -> None:
     """A CSV list: header row, one file per row; written atomically. Files below the folder that holds the
     list's folder (a corpus with its ``lists/``) are written relative to the list, so the corpus can be
     moved or copied whole; others keep their absolute path."""
-    path = Path(path)
-    root = path.resolve().parent.parent
+    folder = Path(path).resolve().parent
 
     def row(e: Entry) -> list:
         p = Path(e.path)
-        rel = os.path.relpath(p, path.resolve().parent) if p.is_relative_to(root) else str(p)
+        rel = os.path.relpath(p, folder) if p.is_relative_to(folder.parent) else str(p)
         return [rel if c == "path" else getattr(e, c) for c in _COLUMNS]
 
     buf = io.StringIO(newline="")
