@@ -3,7 +3,11 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
+# MLX's Linux backend (a pip extra of ours): cuda where nvidia-smi sees a GPU, else cpu. Choose with
+# `make lab MLX_BACKEND=cpu`; switching reinstalls (the two write the same files, so the other one
+# is removed first). macOS ignores it (MLX brings Metal there).
+MLX_BACKEND ?= $(shell nvidia-smi -L 2>/dev/null | grep -q '^GPU' && echo cuda || echo cpu)
+STAMP := $(VENV)/.installed-$(MLX_BACKEND)
 CONSTRAINTS := .ci/constraints.txt
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
@@ -47,8 +51,11 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 $(STAMP): pyproject.toml $(CONSTRAINTS) | $(PY)
+	@case "$(MLX_BACKEND)" in cpu|cuda) ;; *) echo "MLX_BACKEND must be cpu or cuda, not '$(MLX_BACKEND)'"; exit 1;; esac
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c $(CONSTRAINTS) -e ".[test,kernels]"
+	@$(PY) -m pip uninstall -q -y $(if $(filter cuda,$(MLX_BACKEND)),mlx-cpu,mlx-cuda-12) 2>/dev/null || true
+	$(PY) -m pip install -q -c $(CONSTRAINTS) -e ".[test,kernels,$(MLX_BACKEND)]"
+	rm -f $(VENV)/.installed*
 	touch $(STAMP)
 
 install: $(STAMP)

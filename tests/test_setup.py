@@ -24,13 +24,13 @@ def _name(req: str) -> str:
 def test_environment_yml_matches_pyproject():
     py = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     extras = py["optional-dependencies"]
-    declared = {_name(r) for r in py["dependencies"] + extras["test"] + extras["kernels"]}
+    declared = {_name(r) for r in py["dependencies"] + extras["test"] + extras["kernels"] + extras["cpu"]}
     lines = (ROOT / "environment.yml").read_text().splitlines()
     pip_start = next(i for i, line in enumerate(lines) if line.strip() == "- pip:")
     env = {_name(line.strip()[2:]) for line in lines[pip_start + 1 :] if line.strip().startswith("- ")}
     env.discard("-e")
     assert declared == env, f"only in pyproject: {declared - env}; only in environment.yml: {env - declared}"
-    assert '-e ".[test,kernels]"' in (ROOT / "environment.yml").read_text()
+    assert '-e ".[test,kernels,cpu]"' in (ROOT / "environment.yml").read_text()
 
 
 def test_torch_is_pinned_everywhere():
@@ -99,6 +99,13 @@ def test_missing_blas_warns_once_and_still_works():
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "64.0"
     assert out.stderr.count("no optimized BLAS") == 1
+
+
+def test_mlx_without_a_backend_names_the_extras():
+    # what a Linux `pip install -e .` without `[cpu]` or `[cuda]` meets: mlx.core cannot load its library
+    out = _run("import sys; sys.modules['mlx.core'] = None; import dfn4lab")
+    assert out.returncode == 1
+    assert "pip install -e '.[cpu]' or -e '.[cuda]'" in out.stderr.splitlines()[-1]
 
 
 def test_info_cli():
