@@ -27,6 +27,11 @@ def snr_db(s: np.ndarray, n: np.ndarray) -> float:
     return float(10 * np.log10(np.sum(s.astype(np.float64) ** 2) / np.sum(n.astype(np.float64) ** 2)))
 
 
+def span(x) -> slice:
+    """Where the speech of a mixture is (its SNR is set there)."""
+    return slice(x.meta["offset"], x.meta["offset"] + x.meta["length"])
+
+
 def test_mixtures_hit_the_target_snr(cfg):
     # Without reverb and clipping the noisy signal is clean + noise: measure the SNR from noisy itself.
     m = Mixer.from_config(cfg.replace(mix=dict(ALL_ON, p_reverb=0.0, p_clip=0.0)), "train")
@@ -34,7 +39,8 @@ def test_mixtures_hit_the_target_snr(cfg):
     for i in range(24):
         x = m.sample(0, i)
         assert x.noisy.shape == x.clean.shape == (SR,) and x.noisy.dtype == np.float32
-        assert abs(snr_db(x.clean, x.noisy - x.clean) - x.snr) < 0.5, x.meta
+        s = span(x)
+        assert abs(snr_db(x.clean[s], (x.noisy - x.clean)[s]) - x.snr) < 0.5, x.meta
         seen.add(x.snr)
     assert len(seen) >= 4  # SNRs drawn from the list
     assert seen <= set(MixConfig().snrs)
@@ -44,13 +50,46 @@ def test_snr_holds_with_reverb_clipping_and_gain(cfg):
     m = Mixer.from_config(cfg.replace(mix=dict(ALL_ON, p_reverb=1.0, p_clip=0.5)), "train")
     for i in range(12):
         x = m.sample(1, i)
-        assert abs(snr_db(x.clean, x.noise) - x.snr) < 0.5
+        assert abs(snr_db(x.clean[span(x)], x.noise[span(x)]) - x.snr) < 0.5
         assert np.max(np.abs(x.noisy)) <= 1.0 and np.max(np.abs(x.clean)) <= 1.0
         if "clip" not in x.meta:  # the mixture is reverberant speech + noise
             assert snr_db(x.clean, x.noisy - x.noise - x.clean) < 30  # late reverb is not in the target
         else:  # clipped at the recorded level (after the gain), several samples flat at it
             assert np.max(np.abs(x.noisy)) <= x.meta["clip"] + 1e-6
             assert np.sum(np.abs(x.noisy) >= 0.999 * np.max(np.abs(x.noisy))) > 10
+
+
+def test_a_short_utterance_is_at_the_drawn_snr_where_it_is(tmp_path):
+    """0.5 s of speech in a 3 s window at 0 dB: 0 dB over the speech, not over the window (+7.8 dB where
+    the speech is, before)."""
+    rng = np.random.default_rng(0)
+    sp = _tone_entry(
+        tmp_path, "s.wav", (rng.standard_normal(SR // 2) * 0.1).astype(np.float32), "speech", "a"
+    )
+    nz = _tone_entry(tmp_path, "n.wav", (rng.standard_normal(SR) * 0.1).astype(np.float32), "noise", "n")
+    off = dict(p_eq=0.0, p_clip=0.0, p_bandlimit=0.0, p_noise_only=0.0, p_reverb=0.0, p_interferer=0.0)
+    x = Mixer([sp], [nz], cfg=MixConfig(max_len_s=3.0, snrs=(0.0,), **off)).sample(0, 0)
+    assert x.meta["length"] == SR // 2
+    assert abs(snr_db(x.clean[span(x)], x.noise[span(x)])) < 0.1
+    assert snr_db(x.clean, x.noise) < -7  # over the whole window the speech is a sixth of the time
+
+
+def test_short_epochs_still_go_through_every_speech_file(tmp_path):
+    x = (np.random.default_rng(0).standard_normal(SR) * 0.1).astype(np.float32)
+    speech = [_tone_entry(tmp_path, f"s{i}.wav", x, "speech", f"g{i}") for i in range(10)]
+    noise = [_tone_entry(tmp_path, "n.wav", x, "noise", "n")]
+    m = Mixer(speech, noise, cfg=MixConfig(max_len_s=0.5), samples_per_epoch=3)
+    files = [m.sample(e, i).meta["speech"] for e in range(4) for i in range(3)]
+    assert len(set(files[:10])) == 10  # the first 10 samples of 4 epochs: each file once
+
+    def order(seed: int) -> list[int]:
+        return [
+            Mixer(speech, noise, seed=seed, samples_per_epoch=3).speech_index(e, i)
+            for e in range(7)
+            for i in range(3)
+        ]
+
+    assert order(0) == order(0) and order(0) != order(1)  # a function of (seed, epoch, index)
 
 
 def test_noise_only_samples_have_a_silent_target(cfg):

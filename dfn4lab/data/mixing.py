@@ -2,13 +2,20 @@
 
 Per sample: a speech segment (up to ``max_len_s``; shorter speech sits at a random offset in a
 window that long), random EQ, 1-3 noise segments (each EQ'd, at unit RMS, at a random relative
-gain; sometimes another speaker among them), reverb (the mixture gets the full RIR, the target
-only the direct path and early reflections), band limitation, the noise scaled to an SNR drawn
-from a list (or a noise-only sample with a silent target), an overall gain, clipping of the
-mixture only, and a guard against peaks above 1.
+gain; sometimes another speaker among them), reverb (the mixture gets the full RIR; the target keeps
+the direct path and early reflections, its later tail decayed to -60 dB over ``target_rt60``, as
+libDF's ``supress_late``: a long room's target stays somewhat reverberant), band limitation, the noise
+scaled to an SNR drawn from a list (or a noise-only sample with a silent target), an overall gain,
+clipping of the mixture only, and a guard against peaks above 1.
 
-The SNR is exact between the returned ``clean`` and ``noise``: ``noisy = reverberant speech + noise``
-(before clipping); without reverb and clipping, ``noisy = clean + noise``.
+The SNR is exact between the returned ``clean`` and ``noise`` over the speech's span (``meta``'s
+``offset`` and ``length``; the noise fills the window, so a short utterance is not heard at a higher
+SNR than drawn): ``noisy = reverberant speech + noise`` (before clipping); without reverb and
+clipping, ``noisy = clean + noise``.
+
+Epochs read the speech list in seeded permutations laid end to end: with ``samples_per_epoch``
+below the list's length, successive epochs take successive parts of a permutation, so every file
+is used in turn (not only the first ``samples_per_epoch`` of the list, in every epoch).
 
 Bad files met while reading are skipped (the next file of the list takes their place), counted in
 ``Mixer.report``; the sample drawn for (seed, epoch, index) does not depend on whether a bad file
@@ -74,6 +81,7 @@ class Mixer:
         self.report = Report()
         self._bad: set[str] = set()
         self._rir_cache: dict[str, np.ndarray] = {}
+        self._order: tuple[int, np.ndarray] = (-1, np.empty(0, np.int64))  # (cycle, its permutation)
 
     @classmethod
     def from_config(cls, cfg: DataConfig, split: str = "train") -> Mixer:
@@ -86,6 +94,15 @@ class Mixer:
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_rir_cache": {}}  # workers refill their own cache
+
+    def speech_index(self, epoch: int, index: int) -> int:
+        """The speech file of sample ``index`` of ``epoch``: position ``epoch * len(self) + index`` in
+        seeded permutations of the speech list laid end to end (a pure function of seed, epoch, index)."""
+        cycle, k = divmod(epoch * self.samples_per_epoch + index, len(self.speech))
+        if self._order[0] != cycle:  # a spawn key keeps these streams apart from the samples' own
+            rng = np.random.default_rng(np.random.SeedSequence([self.seed, cycle], spawn_key=(1,)))
+            self._order = (cycle, rng.permutation(len(self.speech)))
+        return int(self._order[1][k])
 
     # --- reading --------------------------------------------------------------------------------
 
@@ -160,8 +177,9 @@ class Mixer:
         rng = np.random.default_rng([self.seed, epoch, index])
         meta: dict = {"index": index, "epoch": epoch}
 
-        e, seg = self._slot(self.speech, index % len(self.speech), n, rng)
+        e, seg = self._slot(self.speech, self.speech_index(epoch, index), n, rng)
         offset = int(rng.integers(0, n - seg.size + 1))
+        span = slice(offset, offset + seg.size)  # where the speech is: its power sets the SNR
         speech = np.zeros(n, np.float32)
         speech[offset : offset + seg.size] = seg
         meta.update(speech=e.path, speaker=e.group, offset=offset, length=seg.size)
@@ -196,7 +214,7 @@ class Mixer:
             speech, noise = augment.lowpass(speech, sr, max_freq), augment.lowpass(noise, sr, max_freq)
             wet = speech if dry_is_wet else augment.lowpass(wet, sr, max_freq)
 
-        ps, pn = augment.rms(speech) ** 2, augment.rms(noise) ** 2
+        ps, pn = augment.rms(speech[span]) ** 2, augment.rms(noise) ** 2
         snr = float(rng.choice(c.snrs))
         if noise_only or ps == 0:
             k, snr = math.sqrt(max(ps, 10 ** (-50 / 10)) / pn), NOISE_ONLY_SNR
