@@ -680,7 +680,7 @@ def make_core(cfg: BackboneConfig, hidden_size: int, num_layers: int = 1) -> nn.
         return MambaCore(cfg, hidden_size, num_layers, scan=cfg.scan)
     if cfg.kind == "attention":
         return AttentionCore(cfg, hidden_size, num_layers)
-    raise ValueError(f"unknown backbone kind {cfg.kind!r}; choose gru, mamba or attention")
+    raise ValueError(f"backbone kind {cfg.kind!r} is in config.BACKBONES but make_core builds no such core")
 
 
 class SqueezedBackbone(nn.Module):

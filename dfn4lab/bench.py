@@ -20,7 +20,7 @@ from pathlib import Path
 import dfn4lab  # noqa: F401  (binds the BLAS before mlx.core)
 from dfn4lab import kernels, paths
 from dfn4lab.cli import command
-from dfn4lab.config import ModelConfig, preset
+from dfn4lab.config import BACKBONES, ModelConfig, preset
 from dfn4lab.data.bench import run as data_bench
 from dfn4lab.paths import atomic_write
 
@@ -234,7 +234,7 @@ def backbones(
     torch_cmp = _mlx_vs_torch(base, batch, frames, repeats)
     target = param_count(build(base))
     variants = [("gru", "matched", base)]
-    for kind in ("mamba", "attention"):
+    for kind in (k for k in BACKBONES if k != "gru"):
         variants.append((kind, "matched", matched_config(kind, target, base)))
         variants.append((kind, "same-width", base.replace(backbone=kind)))
     if kernels.ENABLED:  # the fused CPU kernels (GRU, Mamba's scan, attention) against MLX ops, as on a GPU

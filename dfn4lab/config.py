@@ -61,7 +61,10 @@ def _as_field(t: Any, v: Any, name: str) -> Any:
                 return from_dict(arm, v)
         elif typing.get_origin(arm) is tuple:
             if isinstance(v, list | tuple):
-                items = [a for a in typing.get_args(arm) if a is not Ellipsis] or [Any]
+                args = typing.get_args(arm)
+                items = [a for a in args if a is not Ellipsis] or [Any]
+                if Ellipsis not in args and len(v) != len(items):
+                    raise ValueError(f"{name} must hold {len(items)} values, got {v!r}")
                 return tuple(_as_field(items[min(i, len(items) - 1)], x, name) for i, x in enumerate(v))
         else:  # dicts of overrides, Any: checked where they are used
             return v
@@ -123,6 +126,17 @@ class DspConfig:
     norm_tau: float = 1.0  # seconds of the exponential mean used by both feature norms
     min_nb_erb_freqs: int = 2
 
+    def __post_init__(self) -> None:
+        names = ("sr", "fft_size", "hop_size", "nb_erb", "nb_df", "min_nb_erb_freqs")
+        sizes = {k: getattr(self, k) for k in names}
+        if any(v < 1 for v in sizes.values()) or not self.norm_tau > 0:
+            raise ValueError(f"dsp sizes must be >= 1 and norm_tau > 0: {sizes}, norm_tau={self.norm_tau}")
+        if self.hop_size > self.fft_size or max(self.nb_erb, self.nb_df) > self.freq_bins:
+            raise ValueError(
+                f"dsp: hop_size ({self.hop_size}) <= fft_size ({self.fft_size}) and nb_erb ({self.nb_erb}), "
+                f"nb_df ({self.nb_df}) <= the {self.freq_bins} frequency bins"
+            )
+
     @property
     def freq_bins(self) -> int:
         return self.fft_size // 2 + 1
@@ -138,11 +152,15 @@ class DspConfig:
         return a
 
 
+# The temporal cores ``backbones.make_core`` builds; a new core adds its name here (and a branch there).
+BACKBONES = ("gru", "mamba", "attention")
+
+
 @dataclass(frozen=True)
 class BackboneConfig:
     """The temporal model used at every recurrent site (encoder, ERB decoder, DF decoder)."""
 
-    kind: str = "gru"  # gru | mamba | attention
+    kind: str = "gru"  # one of BACKBONES
     # mamba
     d_state: int = 16
     d_conv: int = 4
@@ -154,6 +172,17 @@ class BackboneConfig:
     heads: int = 4
     window: int | None = None  # sliding window in frames; None = full causal
     ffn_mult: int = 2
+
+    def __post_init__(self) -> None:
+        if self.kind not in BACKBONES:
+            raise ValueError(f"backbone kind {self.kind!r}: one of {', '.join(BACKBONES)}")
+        if self.scan not in ("sequential", "chunked"):
+            raise ValueError(f"backbone scan {self.scan!r}: sequential or chunked")
+        sizes = {k: getattr(self, k) for k in ("d_state", "d_conv", "expand", "chunk", "heads", "ffn_mult")}
+        if self.window is not None:
+            sizes["window"] = self.window
+        if any(v < 1 for v in sizes.values()):
+            raise ValueError(f"backbone sizes must be >= 1, got {sizes}")
 
 
 @dataclass(frozen=True)
@@ -194,6 +223,11 @@ class ModelConfig(JsonConfig):
 
     def __post_init__(self) -> None:
         """Reject what the network cannot be built for, in one line (a config file's typo included)."""
+        pairs = {k: getattr(self, k) for k in ("conv_kernel_inp", "conv_kernel", "convt_kernel")}
+        pairs |= {f"multires_df[{i}]": head for i, head in enumerate(self.multires_df)}
+        for k, v in pairs.items():
+            if len(v) != 2:
+                raise ValueError(f"ModelConfig.{k} must hold 2 values, got {v!r}")
         if not 0 <= self.df_lookahead <= min(self.conv_lookahead, self.df_order - 1):
             raise ValueError(
                 f"df_lookahead={self.df_lookahead} must be in 0..min(conv_lookahead, df_order - 1) = "
@@ -213,6 +247,15 @@ class ModelConfig(JsonConfig):
             raise ValueError(
                 f"nb_erb={self.dsp.nb_erb} must divide by 8 and nb_df={self.dsp.nb_df} by 2: the encoder "
                 "halves the bands three times (erb) and once (df)"
+            )
+        sizes = ("df_order", "conv_ch", "emb_hidden_dim", "df_hidden_dim")
+        sizes += ("enc_linear_groups", "linear_groups", "df_linear_groups")
+        if any(getattr(self, k) < 1 for k in sizes):
+            raise ValueError(f"model sizes must be >= 1, got { ({k: getattr(self, k) for k in sizes}) }")
+        if self.pf_beta < 0 or (self.atten_lim_db is not None and self.atten_lim_db < 0):
+            raise ValueError(
+                f"pf_beta={self.pf_beta} and atten_lim_db={self.atten_lim_db} must be >= 0 "
+                "(atten_lim_db: the most noise is attenuated, in dB; None: no limit)"
             )
         counts = {
             "emb_num_layers >= 2": self.emb_num_layers >= 2,
@@ -294,8 +337,11 @@ def from_ini(path: str | Path) -> ModelConfig:
     field, another model (``[train] model``) or an option this network does not implement is a
     ValueError naming it, never a silently different network."""
     ini = configparser.ConfigParser()
-    if not ini.read(path):
-        raise FileNotFoundError(f"no such config file: {path}")
+    try:
+        if not ini.read(path):
+            raise FileNotFoundError(f"no such config file: {path}")
+    except configparser.Error as e:
+        raise ValueError(f"{path}: not an INI file ({str(e).splitlines()[0]})") from None
     for section in ("df", "deepfilternet"):
         if section not in ini:
             raise ValueError(f"{path}: no [{section}] section")

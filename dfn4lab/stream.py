@@ -35,7 +35,7 @@ from typing import Any
 
 from dfn4lab import audio, blas, data, dsp, inference, kernels
 from dfn4lab.audio import AudioError
-from dfn4lab.config import preset
+from dfn4lab.config import BACKBONES, preset
 from dfn4lab.inference import _to_complex, _to_ri
 from dfn4lab.layers import ConvBlock
 from dfn4lab.model import DfNet
@@ -57,6 +57,7 @@ _NATIVE_CONVS = (
 )
 _NATIVE_LINEARS = ("enc.df_fc_emb", "df_dec.df_skip", "df_dec.df_out")
 _NATIVE_BACKBONES = ("enc.emb_gru", "erb_dec.emb_gru", "df_dec.df_gru")
+_NATIVE_KINDS = ("gru", "mamba", "attention")  # the cores kernels/stream.cpp runs
 
 
 def _attr(obj: Any, path: str) -> Any:
@@ -73,6 +74,8 @@ def native_unsupported(model: DfNet) -> str | None:
     extras = [n for n in _DFN4_EXTRAS if getattr(c, n)] + (["multires_df"] if c.multires_df else [])
     if not kernels.ENABLED:
         return f"the C++ kernels are {kernels.status()}"
+    if c.backbone.kind not in _NATIVE_KINDS:
+        return f"it runs {', '.join(_NATIVE_KINDS)} cores, not {c.backbone.kind}"
     if mx.default_device().type != mx.DeviceType.cpu:
         return "it runs on the CPU only"
     if extras or c.df_gru_skip != "groupedlinear":
@@ -117,13 +120,15 @@ def native_net(model: DfNet, lim: float | None = None) -> tuple[dict[str, Any], 
                 for m in c.layers
             ]
             extra: tuple = ()
-        else:
+        elif bb.kind == "attention":
             layers = [
                 (a.norm1.weight, a.qkv.weight, a.out.weight, a.norm2.weight)
                 + (a.ffn_in.weight, a.ffn_in.bias, a.ffn_out.weight, a.ffn_out.bias)
                 for a in c.layers
             ]
             extra = (bb.heads, bb.window or 0)
+        else:
+            raise ValueError(f"the native hop has no {bb.kind} core")
         return bb.kind, [tuple(map(arr, layer)) for layer in layers], arr(c.norm.weight), *extra
 
     def squeezed(s: Any) -> tuple:
@@ -484,7 +489,7 @@ def benchmark(seconds: float = 10.0, rounds: int = 3, window: int = 64) -> dict[
     noisy, _ = data.noisy_clip(seconds=seconds, snr_db=5.0)
     cases: dict[tuple[str, str, str], StreamingEnhancer] = {}  # (model, backbone, "default" | "compiled")
     for name in ("dfn3", "dfn4"):
-        for kind in ("gru", "mamba", "attention"):
+        for kind in BACKBONES:
             bb = {"kind": kind, "window": window if kind == "attention" else None}
             model = inference.load_pretrained("dfn3") if (name, kind) == ("dfn3", "gru") else None
             enh = StreamingEnhancer(model or inference.build(preset(name, backbone=bb)))

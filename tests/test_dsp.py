@@ -211,7 +211,7 @@ def test_alpha_rounding_matches_upstream(sr, hop, tau):
     while a >= 1.0:
         a = round(a_, precision)
         precision += 1
-    assert DspConfig(sr=sr, hop_size=hop, fft_size=2 * hop, norm_tau=tau).alpha == a
+    assert DspConfig(sr=sr, hop_size=hop, fft_size=2 * hop, norm_tau=tau, nb_df=32).alpha == a
 
 
 def _torch_reference_loss(x: torch.Tensor, cfg: DspConfig, g: torch.Tensor) -> torch.Tensor:

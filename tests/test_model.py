@@ -33,6 +33,18 @@ from conftest import model_inputs, tiny_cfg
         ({"df_num_layers": 0, "lsnr_min": 40.0}, r"df_num_layers >= 1.*lsnr_min < lsnr_max"),
         ({"df_gru_skip": "groupedlinaer"}, "none, identity or groupedlinear"),  # a typo: no skip, silently
         ({"df_gru_skip": "identity"}, "df_hidden_dim must equal it"),
+        # a ZeroDivisionError, a broadcast error or (d_state 0, pf_beta < 0) a silently useless model, before
+        ({"backbone": {"kind": "gur"}}, "backbone kind 'gur': one of gru, mamba, attention"),
+        ({"backbone": {"heads": 0}}, r"backbone sizes must be >= 1.*'heads': 0"),
+        ({"backbone": {"d_state": 0}}, r"backbone sizes must be >= 1.*'d_state': 0"),
+        ({"backbone": {"scan": "parallel"}}, "sequential or chunked"),
+        ({"conv_ch": 0}, r"model sizes must be >= 1.*'conv_ch': 0"),
+        ({"dsp": {"norm_tau": 0}}, "norm_tau > 0"),
+        ({"dsp": {"nb_df": 600}}, r"nb_df \(600\) <= the 481 frequency bins"),
+        ({"pf_beta": -1.0}, "pf_beta=-1.0 and atten_lim_db=None must be >= 0"),
+        ({"atten_lim_db": -5.0}, "atten_lim_db=-5.0 must be >= 0"),
+        ({"conv_kernel_inp": [3, 3, 3]}, r"ModelConfig.conv_kernel_inp must hold 2 values"),
+        ({"multires_df": [[48]]}, r"ModelConfig.multires_df(\[0\])? must hold 2 values, got \[48\]"),
     ],
 )
 def test_config_rejects_what_the_network_cannot_run(overrides, match):
@@ -52,6 +64,9 @@ def test_from_ini_reads_dfn3_and_refuses_what_it_cannot_build(tmp_path):
     ini = (convert.extract_official(tmp_path) / "config.ini").read_text()
     (tmp_path / "ok.ini").write_text(ini.replace("[deepfilternet]", "[deepfilternet]\npf_beta = 0.1"))
     assert from_ini(tmp_path / "ok.ini") == preset("dfn3", pf_beta=0.1)  # the official one, pf_beta read
+    (tmp_path / "run.json").write_text('{"preset": "dfn3"}')  # not an INI: configparser's own error, before
+    with pytest.raises(ValueError, match=r"run.json: not an INI file \(File contains no section headers"):
+        from_ini(tmp_path / "run.json")
     cases = {
         "df_pathway_kernel_size_t = 5\n": (r"\[deepfilternet\] lacks df_pathway_kernel_size_t", ""),
         "model = deepfilternet3": ("only deepfilternet3 configs", "model = deepfilternet2"),

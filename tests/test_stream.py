@@ -6,9 +6,10 @@ from __future__ import annotations
 import contextlib
 import sys
 import threading
+from types import SimpleNamespace
 
 import dfn4lab  # noqa: F401
-from dfn4lab import audio, data, inference, kernels
+from dfn4lab import audio, config, data, inference, kernels
 from dfn4lab.__main__ import main
 from dfn4lab.audio import AudioError
 from dfn4lab.backbones import MambaBlock
@@ -152,6 +153,11 @@ def test_engine_choice():
         assert "kernels" in native_unsupported(gru)
     if NATIVE:
         assert native_unsupported(gru) is None and StreamingEnhancer(gru).engine == "native"
+    if NATIVE:  # a core a researcher adds is not run as attention's math (or a crash in native_net)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(config, "BACKBONES", (*config.BACKBONES, "conv"))
+            conv = SimpleNamespace(cfg=tiny_cfg(backbone="conv"))
+            assert native_unsupported(conv) == "it runs gru, mamba, attention cores, not conv"
     odd = inference.build(tiny_cfg(dsp={"fft_size": 961, "hop_size": 480}))
     assert "even FFT" in native_unsupported(odd) and StreamingEnhancer(odd).engine == "compiled"
     with pytest.raises(ValueError, match="channels must be >= 1"):
@@ -269,8 +275,10 @@ def test_cli_bad_input_leaves_no_file(tmp_path, capsys):
     before = src.read_bytes()
     assert main(["stream", str(src), "-o", str(src)]) == 2  # it overwrote its input before
     assert "would replace the input" in capsys.readouterr().err and src.read_bytes() == before
-    assert main(["stream", str(src), "-o", str(tmp_path)]) == 2  # a folder: one line, not a format error
-    assert "is a folder: name an output file" in capsys.readouterr().err
+    assert main(["stream", str(src), "-o", str(tmp_path)]) == 2  # the folder holds the input: its name
+    assert "would replace the input" in capsys.readouterr().err and src.read_bytes() == before
+    assert main(["stream", str(src), "-o", f"{tmp_path / 'new'}/"]) == 0  # a folder: a file "new", before
+    assert (tmp_path / "new" / "in.wav").is_file()
     assert main(["stream", str(src), "-o", str(tmp_path / "new" / "sub" / "o.wav")]) == 0  # folders made
 
 
