@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -42,12 +43,18 @@ def info() -> dict[str, str]:
 def enhance(
     inputs: list[str], out_dir: str, model: str, atten_lim: float | None, pf_beta: float | None
 ) -> int:
-    """Enhance files into ``out_dir``; bad files get one line each and a non-zero exit."""
-    from dfn4lab import inference
+    """Enhance files into ``out_dir`` (one file: ``out_dir`` may name the output file); bad files get
+    one line each and a non-zero exit."""
+    from dfn4lab import audio, inference
     from dfn4lab.audio import AudioError
 
     from tqdm import tqdm
 
+    name = None
+    if audio.is_audio_name(out_dir) and not Path(out_dir).is_dir():  # -o clean.wav
+        if len(inputs) > 1:
+            raise ValueError(f"-o {out_dir} names a file: {len(inputs)} inputs need a folder")
+        out_dir, name = str(Path(out_dir).parent), Path(out_dir).name
     names = [Path(src).name for src in inputs]
     if len(set(names)) < len(names):  # out_dir/name would be written twice, the first result lost
         raise ValueError(f"inputs share a file name: {sorted({n for n in names if names.count(n) > 1})}")
@@ -62,7 +69,7 @@ def enhance(
     failed = 0
     for src in tqdm(inputs, desc="enhance", unit="file", disable=len(inputs) < 2 or not sys.stderr.isatty()):
         try:
-            print(inference.enhance_file(src, out_dir, net, atten_lim, progress=sys.stderr.isatty()))
+            print(inference.enhance_file(src, out_dir, net, atten_lim, sys.stderr.isatty(), name))
         except AudioError as e:
             tqdm.write(f"error: {e}", file=sys.stderr)
             failed += 1
@@ -80,6 +87,8 @@ def stream(
         raise ValueError("give either an input file or --mic")
     if src is not None and out is None:
         raise ValueError("an input file needs -o OUT")
+    if src is not None and (out.endswith(("/", os.sep)) or Path(out).is_dir()):
+        out = str(make_folder(out) / Path(src).name)  # -o FOLDER/: the input's name in it
     net = inference.resolve(model)
     if mic:
         streaming.microphone(net, seconds, out)
@@ -101,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     p_info.add_argument("--json", action="store_true")
     p_enh = sub.add_parser("enhance", help="enhance audio files")
     p_enh.add_argument("inputs", nargs="+", help="audio files (wav, flac, ogg; any rate, any channels)")
-    p_enh.add_argument("-o", "--out-dir", required=True)
+    p_enh.add_argument("-o", "--out-dir", required=True, help="output folder (one input: or file)")
     p_enh.add_argument("--model", default="dfn3", help=MODEL_HELP)
     p_enh.add_argument(
         "--atten-lim", type=float, default=None, help="limit noise attenuation to this many dB (0: no limit)"
@@ -109,7 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     p_enh.add_argument("--pf-beta", type=float, default=None, help="mask post-filter strength (0 = off)")
     p_str = sub.add_parser("stream", help="enhance a file as a live stream, or the microphone (--mic)")
     p_str.add_argument("input", nargs="?", help="audio file (any rate, any channels)")
-    p_str.add_argument("-o", "--out", help="output file (with --mic: record the enhanced audio)")
+    p_str.add_argument(
+        "-o", "--out", help="output file or folder/ (with --mic: record the enhanced audio to a file)"
+    )
     p_str.add_argument("--chunk-ms", type=float, default=10.0, help="chunk length the source delivers")
     p_str.add_argument("--model", default="dfn3", help=MODEL_HELP)
     p_str.add_argument("--mic", action="store_true", help="live: microphone in, speakers out (sounddevice)")

@@ -149,6 +149,12 @@ def _container(path: Path) -> str:
     return {"AIF": "AIFF", "OPUS": "OGG"}.get(ext, ext)
 
 
+def is_audio_name(path: str | os.PathLike) -> bool:
+    """Whether ``path`` names an audio file by its extension (``.wav``, ``.flac``, ``.aif``...), not a
+    folder (a trailing ``/`` names a folder)."""
+    return not str(path).endswith(("/", os.sep)) and _container(Path(path)) in sf.available_formats()
+
+
 def check_not_input(src: str | os.PathLike, dest: str | os.PathLike) -> None:
     """Raise ``AudioError`` when writing ``dest`` would replace the input file ``src``."""
     if Path(dest).exists() and Path(dest).resolve() == Path(src).resolve():

@@ -29,6 +29,7 @@ import io
 import json
 import math
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -272,19 +273,31 @@ class _Official:
         return y if sr == 48000 else audio.resample_to(y, 48000, sr, x.size)
 
 
+def model_name(spec: str) -> str:
+    """A model's name in tables and as a folder of enhanced files: a preset or pretrained name as given,
+    a folder's last component, a run's checkpoint after its run too (``runs/gru/best``: ``gru-best``)."""
+    p = Path(spec)
+    if not p.is_dir():
+        return spec
+    if p.name == "best" or re.fullmatch(r"step-\d+", p.name):
+        return f"{inference.run_root(p.resolve()).name}-{p.name}"
+    return p.resolve().name
+
+
 def load_models(specs: Sequence[str], official: bool = False) -> dict[str, tuple[Enhancer, DfNet | None]]:
     """``noisy``, then ``official`` (if asked), then each spec: name -> (enhancer, MLX model or None).
 
-    Specs are resolved as ``inference.resolve`` does, run folders to their checkpoint; a folder is named
-    by its last component.
+    Specs are resolved as ``inference.resolve`` does, run folders to their checkpoint; names are
+    :func:`model_name`'s.
     """
     models: dict[str, tuple[Enhancer, DfNet | None]] = {"noisy": (lambda x, sr: x, None)}
     if official:
         models["official"] = (_Official(), None)
     for spec in specs:
-        name = Path(spec).name if Path(spec).is_dir() else spec
+        name = model_name(spec)
         if name in models or name == "table":
-            raise ValueError(f"model name {name!r} is taken: rename the folder")
+            fix = "rename the folder" if Path(spec).is_dir() else "give each model once"
+            raise ValueError(f"model name {name!r} is taken: {fix}")
         net = inference.resolve(spec)
         models[name] = ((lambda x, sr, net=net: inference.enhance(x, sr, net)), net)
     return models

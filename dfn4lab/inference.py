@@ -72,7 +72,7 @@ def model_folder(path: str | Path) -> Path:
     )
     if not found:
         raise ValueError(f"{path} holds no model (config.json + model.safetensors)")
-    runs = {_run_root(p) for p in found}
+    runs = {run_root(p) for p in found}
     if len(runs) > 1:
         names = ", ".join(sorted(str(p.relative_to(path)) for p in runs))
         raise ValueError(f"{path} holds several runs ({names}): name one")
@@ -80,7 +80,7 @@ def model_folder(path: str | Path) -> Path:
     return best[0] if best else found[-1]
 
 
-def _run_root(model: Path) -> Path:
+def run_root(model: Path) -> Path:
     """The training run a model folder belongs to: ``RUN`` for ``RUN/checkpoints/step-N``, else its parent
     (``RUN/best`` and its siblings)."""
     return model.parent.parent if model.parent.name == "checkpoints" else model.parent
@@ -235,13 +235,14 @@ def enhance_file(
     model: DfNet,
     atten_lim_db: float | None = None,
     progress: bool = False,
+    name: str | None = None,
 ) -> Path:
-    """Enhance one file into ``out_dir`` (same name, rate, channels and sample format); written
-    atomically, never over ``src`` itself. Samples beyond full scale in an integer format are clipped,
-    with a warning."""
+    """Enhance one file into ``out_dir`` as ``name`` (default: ``src``'s; same rate, channels and sample
+    format); written atomically, never over ``src`` itself. Samples beyond full scale in an integer
+    format are clipped, with a warning."""
     from dfn4lab import audio
 
-    dest = Path(out_dir) / Path(src).name
+    dest = Path(out_dir) / (name or Path(src).name)
     audio.check_not_input(src, dest)
     x, sr = audio.load(src)
     audio.save_like(src, dest, enhance(x, sr, model, atten_lim_db=atten_lim_db, progress=progress), sr)

@@ -45,7 +45,7 @@ from typing import Any
 from dfn4lab import inference, losses, paths
 from dfn4lab.checkpoint import checkpoints, latest_checkpoint, restore, save_checkpoint, save_step
 from dfn4lab.cli import command
-from dfn4lab.config import JsonConfig, ModelConfig, from_dict, preset, read_json
+from dfn4lab.config import BACKBONES, JsonConfig, ModelConfig, from_dict, preset, read_json
 from dfn4lab.losses import LossConfig
 from dfn4lab.model import DfNet
 from dfn4lab.validation import validate, validation_items
@@ -163,12 +163,24 @@ class RunConfig(JsonConfig):
 
     @classmethod
     def load(cls, path: str | Path) -> RunConfig:
-        """From a JSON or YAML file."""
-        if Path(path).suffix not in (".yaml", ".yml"):
-            return cls.from_dict(read_json(path))
+        """From a JSON or YAML file (``1e-3`` is a number in YAML too, as YAML 1.2 reads it)."""
+        p = Path(path)
+        if p.suffix not in (".yaml", ".yml"):
+            return cls.from_dict(read_json(p))
         import yaml
 
-        return cls.from_dict(yaml.safe_load(Path(path).read_text()) or {})
+        class Loader(yaml.SafeLoader):  # PyYAML reads YAML 1.1, where 1e-3 (no dot) is a string
+            pass
+
+        exponent = re.compile(r"^[-+]?(?:[0-9][0-9_]*)?\.?[0-9_]*[eE][-+]?[0-9]+$")
+        Loader.add_implicit_resolver("tag:yaml.org,2002:float", exponent, list("-+0123456789."))
+        if not p.is_file():
+            raise FileNotFoundError(f"no such config file: {p}")
+        try:
+            d = yaml.load(p.read_text(), Loader=Loader)  # noqa: S506 - a SafeLoader
+        except yaml.YAMLError as e:
+            raise ValueError(f"{p}: not valid YAML ({' '.join(str(e).split())})") from None
+        return cls.from_dict(d or {})
 
     def model_config(self) -> ModelConfig:
         """The preset with the overrides (JSON-normalised, so it compares equal to a saved config)."""
@@ -533,7 +545,10 @@ class Trainer:
         if found is not None:
             folder, weights, arrays, meta = found
             if ModelConfig.from_json(folder / "config.json") != self.model.cfg:
-                raise ValueError(f"{folder} holds another model config than this run; use another out folder")
+                raise ValueError(
+                    f"{folder} holds another model config than this run; to go on with that run: --config "
+                    f"{self.out / 'run_config.json'}, else use another out folder"
+                )
             changed = _changed_settings(meta["run"], self.run) if "run" in meta else []
             if changed:  # the same run or none: the data order, schedule and seeds depend on these
                 raise ValueError(
@@ -803,14 +818,22 @@ def train(
 
 # What a resumed run may change: its budget and bookkeeping, nothing that shapes the weights.
 # (Not ``compile``: compiled and eager steps round differently, so the weights differ.)
+# Samples are a function of (seed, epoch, index): how many processes mix them is bookkeeping too.
 RESUMABLE = ("out", "max_steps", "max_minutes", "progress", "ckpt_every", "keep", "max_bad_steps")
+RESUMABLE_DATA = ("workers", "prefetch")
 
 
 def _changed_settings(saved: dict[str, Any], run: RunConfig) -> list[str]:
     """``key: saved -> now`` for the settings of ``run`` that differ from a checkpoint's, but RESUMABLE."""
     now = json.loads(json.dumps(run.to_dict()))  # tuples as the checkpoint's JSON holds them: lists
+
+    def shaping(k: str, v: Any) -> Any:
+        return {a: b for a, b in v.items() if a not in RESUMABLE_DATA} if k == "data" and v else v
+
     return [
-        f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in now.items() if k not in RESUMABLE and saved.get(k) != v
+        f"{k}: {saved.get(k)!r} -> {v!r}"
+        for k, v in now.items()
+        if k not in RESUMABLE and shaping(k, saved.get(k)) != shaping(k, v)
     ]
 
 
@@ -851,7 +874,7 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     ap.add_argument("--config", help="run config file (.json, .yaml)")
     ap.add_argument("--out")
     ap.add_argument("--preset")
-    ap.add_argument("--backbone", help="gru | mamba | attention")
+    ap.add_argument("--backbone", help=" | ".join(BACKBONES))
     ap.add_argument("--data-config")
     ap.add_argument("--epochs", type=int)
     ap.add_argument("--max-steps", type=int, help="stop at this step (without --epochs: epochs to hold it)")
@@ -875,6 +898,7 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     )
     a = ap.parse_args(argv)
     d = RunConfig.load(a.config).to_dict() if a.config else RunConfig().to_dict()
+    epochs_given = a.epochs is not None or (a.config is not None and "epochs" in _file_keys(a.config))
     flags = {
         "out": a.out,
         "preset": a.preset,
@@ -909,11 +933,21 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
             value = v
         set_path(d, k, value)
     run = RunConfig.from_dict(d)
-    if a.max_steps is not None and a.epochs is None:  # enough epochs that max_steps, not the data, ends it
+    if run.max_steps is not None and not epochs_given:  # the lr schedule spans max_steps, not 10 epochs
         saved = Path(run.out) / "run_config.json"  # resuming: its epochs (the lr schedule spans them)
-        epochs = RunConfig.load(saved).epochs if saved.is_file() else epochs_for(run, a.max_steps)
-        run = dataclasses.replace(run, epochs=max(run.epochs, epochs))
+        epochs = RunConfig.load(saved).epochs if saved.is_file() else epochs_for(run, run.max_steps)
+        run = dataclasses.replace(run, epochs=epochs)
     return run
+
+
+def _file_keys(path: str) -> set[str]:
+    """The top-level keys a run config file sets."""
+    p = Path(path)
+    if p.suffix in (".yaml", ".yml"):
+        import yaml
+
+        return set(yaml.safe_load(p.read_text()) or {})
+    return set(read_json(p))
 
 
 @command

@@ -18,7 +18,8 @@ def test_peak_memory_is_the_case_own_not_the_other_live_cases():
     other = mx.zeros((64, 2**20))  # 256 MiB held by "another case"
     mx.eval(other)
     beside = bench._peak_mb(fns["step"], resident())
-    assert alone > resident() / 2**20 and beside == pytest.approx(alone, rel=0.05)
+    # buffer reuse moves a peak by up to ~1 MiB between runs; counting the other case would add 256
+    assert alone > resident() / 2**20 and beside == pytest.approx(alone, abs=4.0)
 
 
 @pytest.mark.skipif(not data.speech_files(), reason="no real speech: alsa-utils (Debian) or the demo corpus")

@@ -163,7 +163,15 @@ def test_cli_enhances_and_rejects_bad_input(tmp_path):
     assert res.returncode == 2 and res.stderr.startswith("error:") and "Traceback" not in res.stderr
     res = _cli("enhance", str(good), "-o", str(tmp_path / "lim"), "--atten-lim", "-5")  # was |-5| silently
     assert res.returncode == 2 and "--atten-lim must be a number of dB >= 0" in res.stderr
-    res = _cli("enhance", str(good), "-o", str(good))  # -o names a file: one line, not "[Errno 17]"
+    res = _cli("enhance", str(good), "-o", str(good))  # -o names the input file itself
+    assert res.returncode == 1 and "would replace the input" in res.stderr
+    res = _cli("enhance", str(good), "-o", str(tmp_path / "clean.flac"))  # a folder clean.flac/, before
+    assert res.returncode == 0 and res.stdout.strip() == str(tmp_path / "clean.flac")
+    assert sf.info(str(tmp_path / "clean.flac")).format == "FLAC"
+    res = _cli("enhance", str(good), str(twin), "-o", str(tmp_path / "two.wav"))
+    assert res.returncode == 2 and "two.wav names a file: 2 inputs need a folder" in res.stderr
+    (tmp_path / "file").write_bytes(b"x")
+    res = _cli("enhance", str(good), "-o", str(tmp_path / "file"))  # not audio, not a folder
     assert res.returncode == 2 and "is a file, not a folder" in res.stderr
     for beta in ("inf", "nan", "-1"):  # inf gave NaN audio blamed on the file; nan silently disabled it
         res = _cli("enhance", str(good), "-o", str(tmp_path / "pf"), "--pf-beta", beta)

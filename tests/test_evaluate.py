@@ -235,6 +235,16 @@ def test_run_folder_resolves_to_its_best_checkpoint(tmp_path):
         inference.model_folder(tmp_path)
     models = evaluate.load_models([str(run)])
     assert list(models) == ["noisy", "myrun"]
+    # the best checkpoints of two runs: "model name 'best' is taken", before
+    assert list(evaluate.load_models([str(run / "ckpt" / "best"), str(tmp_path / "other" / "best")])) == [
+        "noisy",
+        "ckpt-best",
+        "other-best",
+    ]
+    convert.save(run / "checkpoints" / "step-00000004", model, cfg)
+    assert evaluate.model_name(str(run / "checkpoints" / "step-00000004")) == "myrun-step-00000004"
+    with pytest.raises(ValueError, match="model name 'dfn3' is taken: give each model once"):
+        evaluate.load_models(["dfn3", "dfn3"])
     x = np.random.default_rng(0).standard_normal(4800).astype(np.float32) * 0.1
     np.testing.assert_array_equal(models["noisy"][0](x, 48000), x)
 

@@ -184,6 +184,19 @@ def test_rank_views_split_each_global_batch():
     assert [whole.sample(2, i) for i in range(8)] != [whole.sample(1, i) for i in range(8)]
 
 
+def test_yaml_run_configs_read_numbers_as_people_write_them_and_refuse_bad_yaml(tmp_path, capsys):
+    y = tmp_path / "run.yaml"
+    y.write_text("optim: {lr: 1e-3, weight_decay: 5E-2, eps: 1.5e-8}\nepochs: 3\nskip: [df_dec]\n")
+    r = RunConfig.load(y)  # PyYAML alone reads 1e-3 as a string: "OptimConfig.lr must be float"
+    assert (r.optim.lr, r.optim.weight_decay, r.optim.eps, r.epochs) == (1e-3, 5e-2, 1.5e-8, 3)
+    y.write_text("model: {backbone: {kind: attention}\n")
+    assert train.main(["--config", str(y)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {y}: not valid YAML (") and err.count("\n") == 1
+    assert train.main(["--config", str(tmp_path / "nosuch.yaml")]) == 2
+    assert capsys.readouterr().err == f"error: no such config file: {tmp_path / 'nosuch.yaml'}\n"
+
+
 def test_run_config_files_and_cli_overrides(tmp_path):
     run = RunConfig(model={"conv_ch": 16}, loss=LossConfig(mrsl_ffts=(512, 1024)), skip=("df_dec",))
     assert RunConfig.from_dict(json.loads(run.to_json())) == run
@@ -258,6 +271,11 @@ def test_resume_needs_the_same_settings_and_survives_a_cut_log_line(corpus, tmp_
         train.Trainer(dataclasses.replace(run, batch_size=4, seed=7))
     with pytest.raises(ValueError, match=r"other settings \(compile: False -> True\)"):  # rounds otherwise
         train.Trainer(dataclasses.replace(run, compile=True))
+    with pytest.raises(ValueError, match=r"other settings \(data: .*'samples_per_epoch': 8.* -> .*: 9"):
+        train.Trainer(dataclasses.replace(run, data={**run.data, "samples_per_epoch": 9}))
+    with pytest.raises(ValueError, match=f"another model config .*--config {out / 'run_config.json'}, else"):
+        train.Trainer(dataclasses.replace(run, model={**run.model, "conv_ch": 16}))
+    train.Trainer(dataclasses.replace(run, data={**run.data, "workers": 1, "prefetch": 1}))  # bookkeeping
     trainer = train.Trainer(run)
     trainer.bad = 2  # non-finite steps in a row, then a checkpoint: the count resumes with it
     trainer.checkpoint()
@@ -276,7 +294,7 @@ def test_resume_needs_the_same_settings_and_survives_a_cut_log_line(corpus, tmp_
         (["--config", "missing.json"], "no such config file: missing.json"),
         (["--config", "cut.json"], r"cut.json: not valid JSON"),
         (["--preset", "dfn5"], "unknown preset 'dfn5'"),
-        (["--backbone", "lstm", "--max-steps", "0"], "unknown backbone kind 'lstm'"),
+        (["--backbone", "lstm", "--max-steps", "0"], "backbone kind 'lstm': one of gru, mamba, attention"),
         (["--batch-size", "0"], r"batch_size >= 1 \(got 0\)"),
         (["--batch-schedule", "0-8"], "'0-8' is not EPOCH/SIZE"),
         (["--set", "optim.learning_rate=0.5"], "unknown OptimConfig field.* learning_rate"),
@@ -322,7 +340,13 @@ def test_epochs_for_covers_the_steps_with_the_fewest_epochs(corpus, tmp_path):
     out.mkdir()
     first.to_json(out / "run_config.json")  # as a started run leaves it
     resumed = train.parse_args([*args, "--max-steps", "100", "--out", str(out)])
-    assert (first.epochs, resumed.epochs) == (10, 10)  # a longer budget resumes: the saved schedule
+    assert (first.epochs, resumed.epochs) == (1, 1)  # a longer budget resumes: the saved schedule
+    # a short run's schedule spans it (10 epochs, 40 steps, before: stopped at step 4 with the lr barely down)
+    y = tmp_path / "short.yaml"
+    y.write_text("max_steps: 6\n")
+    assert train.parse_args([*args, "--config", str(y)]).epochs == 2
+    y.write_text("max_steps: 6\nepochs: 5\n")
+    assert train.parse_args([*args, "--config", str(y)]).epochs == 5  # as the file asks
     with pytest.warns(UserWarning, match=r"max_steps 100 is beyond the 12 steps of 3 epochs.*epochs to 25"):
         train.Trainer(dataclasses.replace(run, out=str(tmp_path / "capped"), max_steps=100, compile=False))
 
