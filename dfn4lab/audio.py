@@ -21,6 +21,10 @@ class AudioError(ValueError):
     """An audio file or array that cannot be used: missing, unreadable, empty, or not finite."""
 
 
+# audio files the project reads (soundfile/libsndfile; .opus is Ogg Opus, .mp3 needs libsndfile 1.1)
+AUDIO_EXTS = (".wav", ".flac", ".ogg", ".opus", ".aiff", ".aif", ".mp3")
+
+
 def _as_channels(x: np.ndarray, what: str) -> np.ndarray:
     """``(samples,)`` or ``(channels, samples)`` -> float32 ``(channels, samples)``, checked."""
     x = np.asarray(x, dtype=np.float32)

@@ -51,7 +51,6 @@ import numpy as np
 DEMO = paths.DEMO  # the demo corpus (``make data``); its test split gives the default set
 CORPUS_EPOCHS = 4  # mixtures drawn per test-split speech file when a corpus is turned into a test set
 LAYOUTS = (("noisy", "clean"), ("noisy_testset_wav", "clean_testset_wav"))
-AUDIO_EXTS = (".wav", ".flac", ".ogg")
 SNR_BIN_DB = 5
 QUICK_SNRS = (-5.0, 0.0, 5.0, 10.0)
 QUICK_SECONDS = 3.0
@@ -103,7 +102,7 @@ def _read_folder(folder: Path) -> list[Item]:
         raise FileNotFoundError(f"test set {folder}: expected subfolders {layouts}")
     snrs = _manifest_snrs(folder)
     items = []
-    for noisy in sorted(p for p in (folder / noisy_dir).iterdir() if p.suffix.lower() in AUDIO_EXTS):
+    for noisy in sorted(p for p in (folder / noisy_dir).iterdir() if p.suffix.lower() in audio.AUDIO_EXTS):
         clean = folder / clean_dir / noisy.name
         if not clean.exists():
             raise FileNotFoundError(
@@ -214,23 +213,25 @@ def corpus_test_set(corpus: str | Path, epochs: int = CORPUS_EPOCHS) -> Path:
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources) + str(epochs).encode()).hexdigest()
     if (out / "source.sha256").exists() and (out / "source.sha256").read_text() == digest:
         return out
+    paths.check_replaceable(out, "source.sha256")  # a folder of the user's by that name is never replaced
     mixer = Mixer.from_config(cfg, "test")
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     rows = ["name,snr"]
-    for epoch in range(epochs):
-        for i in range(len(mixer)):
-            m = mixer.sample(epoch, i)
-            name = f"test_{epoch}_{i:04d}.wav"
-            for sub, x in (("noisy", m.noisy), ("clean", m.clean)):
-                (tmp / sub).mkdir(parents=True, exist_ok=True)
-                audio.save(tmp / sub / name, x, mixer.cfg.sr, subtype="FLOAT")
-            rows.append(f"{name},{m.snr:g}")
-    (tmp / "manifest.csv").write_text("\n".join(rows) + "\n")
-    (tmp / "source.sha256").write_text(digest)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    return out
+    try:
+        for epoch in range(epochs):
+            for i in range(len(mixer)):
+                m = mixer.sample(epoch, i)
+                name = f"test_{epoch}_{i:04d}.wav"
+                for sub, x in (("noisy", m.noisy), ("clean", m.clean)):
+                    (tmp / sub).mkdir(parents=True, exist_ok=True)
+                    audio.save(tmp / sub / name, x, mixer.cfg.sr, subtype="FLOAT")
+                rows.append(f"{name},{m.snr:g}")
+        (tmp / "manifest.csv").write_text("\n".join(rows) + "\n")
+        (tmp / "source.sha256").write_text(digest)
+        return paths.publish(tmp, out, marker="source.sha256")
+    finally:  # interrupted or failed: no half-built set left behind
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def quick_set(folder: str | Path, sr: int = 48000, seconds: float = QUICK_SECONDS) -> Path:

@@ -112,6 +112,9 @@ class RunConfig(JsonConfig):
     ckpt_every: int = 500  # batches
     keep: int = 3  # newest checkpoints kept (best/ is kept apart)
     valid_items: int = 32  # fixed validation set: the first items of the valid split (0: no validation)
+    # a datastore folder (python -m dfn4lab.data.datastore build) to validate on: its first valid_items,
+    # the same mixtures for every run that names it; None: mix them from the valid split
+    valid_store: str | None = None
     # SNRs of the validation mixtures (None: the data config's); near-clean items (20, 40 dB) would
     # dominate a mean SI-SDR and hide what enhancement does where it matters
     valid_snrs: tuple[float, ...] | None = (-5.0, 0.0, 5.0, 10.0)
@@ -166,7 +169,7 @@ class RunConfig(JsonConfig):
         """From a JSON or YAML file (``1e-3`` is a number in YAML too, as YAML 1.2 reads it)."""
         p = Path(path)
         if p.suffix not in (".yaml", ".yml"):
-            return cls.from_dict(read_json(p))
+            return cls.from_dict(read_json(path))  # a file, or JSON text
         import yaml
 
         class Loader(yaml.SafeLoader):  # PyYAML reads YAML 1.1, where 1e-3 (no dot) is a string
@@ -257,7 +260,15 @@ def load_data(run: RunConfig):
         path = paths.DEMO / "data_config.json"
     cfg = DataConfig.from_json(path).replace(**{**run.data, "seed": run.seed})
     valid = None
-    if run.valid_items > 0 and cfg.list_path("valid", "speech"):
+    if run.valid_items > 0 and run.valid_store:
+        from dfn4lab.data.datastore import Datastore
+
+        valid = Datastore(run.valid_store)
+        if valid.dsp_cfg != run.model_config().dsp:  # its features would not be this model's inputs
+            raise ValueError(
+                f"valid_store {run.valid_store} was built with another DSP config than the model's"
+            )
+    elif run.valid_items > 0 and cfg.list_path("valid", "speech"):
         valid = Mixer.from_config(
             cfg.replace(mix={"snrs": run.valid_snrs}) if run.valid_snrs else cfg, "valid"
         )
@@ -889,6 +900,9 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     ap.add_argument("--seed", type=int)
     ap.add_argument("--ckpt-every", type=int)
     ap.add_argument("--valid-items", type=int)
+    ap.add_argument(
+        "--valid-store", help="a datastore folder to validate on (python -m dfn4lab.data.datastore)"
+    )
     ap.add_argument("--precision", choices=["float32", "bfloat16"])
     ap.add_argument("--deterministic", action="store_true", default=None)
     ap.add_argument("--no-compile", dest="compile", action="store_false", default=None)
@@ -917,6 +931,7 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
         "seed": a.seed,
         "ckpt_every": a.ckpt_every,
         "valid_items": a.valid_items,
+        "valid_store": a.valid_store,
         "precision": a.precision,
         "deterministic": a.deterministic,
         "compile": a.compile,
@@ -947,7 +962,7 @@ def _file_keys(path: str) -> set[str]:
         import yaml
 
         return set(yaml.safe_load(p.read_text()) or {})
-    return set(read_json(p))
+    return set(read_json(path))
 
 
 @command

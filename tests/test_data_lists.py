@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 import warnings
@@ -97,10 +99,12 @@ def test_scan_skips_each_kind_of_bad_file_and_reports_it(tmp_path, caplog):
     assert {e.sr for e in entries} == {SR, 16000} and entries[1].max_freq == 8000
 
 
-def test_a_list_whose_files_all_fail_stops_with_a_clear_error(tmp_path, capsys):
+def test_a_list_whose_files_all_fail_stops_with_a_clear_error(tmp_path, capsys, caplog):
     write_bad_files(tmp_path / "bad")
-    with pytest.raises(NoUsableFiles, match=r"all 7 speech files .* unusable: 7 files skipped"):
-        lists.scan([tmp_path / "bad"], "speech")
+    with caplog.at_level("WARNING", logger="dfn4lab.data"):
+        with pytest.raises(NoUsableFiles, match=r"all 7 speech files .* unusable: 7 files skipped"):
+            lists.scan([tmp_path / "bad"], "speech")
+    assert len([r for r in caplog.records if "skipping" in r.message]) == 7  # once each (twice, before)
     rc = lists.main(["--speech-dirs", str(tmp_path / "bad"), "--output-dir", str(tmp_path / "out")])
     assert rc == 2
     err = capsys.readouterr().err
@@ -126,7 +130,86 @@ def test_splits_come_from_folders_or_group_hashes(tmp_path):
     counts = {s: sum(e.split == s for e in entries) for s in SPLITS}
     assert counts["train"] > counts["valid"] and counts["train"] > counts["test"]
     # stable: the same group always lands in the same split
-    assert lists.hash_split("noise/fire", (0.8, 0.1, 0.1)) == fires[0].split
+    assert lists.hash_split("fire", (0.8, 0.1, 0.1)) == fires[0].split
+
+
+def test_split_folders_in_any_case_and_librispeech_names_fix_the_split(tmp_path):
+    root = tmp_path / "sp"  # TIMIT's TRAIN/TEST, LibriSpeech's dev-clean: groups hashed into splits, before
+    for split in ("TRAIN", "dev-clean", "Test", "train_other"):
+        write(root / split / "spk" / "a.wav", tone(0.6))
+    got = {Path(e.path).parent.parent.name: e.split for e in lists.scan([root], "speech")}
+    assert got == {"TRAIN": "train", "dev-clean": "valid", "Test": "test", "train_other": "train"}
+    assert lists.split_name("development") is None and lists.split_name("p225") is None
+
+
+def test_the_split_does_not_depend_on_the_corpus_folder_name_or_path(tmp_path):
+    """Moved, renamed or reached through a link, a corpus splits the same: a training speaker landed in
+    test when the lists were rebuilt after a rename, before."""
+    root = tmp_path / "speech"
+    for k in range(12):
+        write(root / f"spk_{k:02d}" / "u.wav", tone(0.6, seed=k))
+    (tmp_path / "speechlink").symlink_to(root)
+    copy = tmp_path / "alt" / "clean"
+    copy.parent.mkdir()
+    shutil.copytree(root, copy)
+
+    def splits(d: Path) -> dict[str, str]:
+        return {Path(e.path).parent.name: e.split for e in lists.scan([d], "speech")}
+
+    assert (
+        splits(root) == splits(tmp_path / "speechlink") == splits(copy) == splits(Path(os.path.relpath(root)))
+    )
+    assert len(set(splits(root).values())) > 1
+
+
+def test_flat_speaker_names_group_by_pattern_and_warn_without_one(tmp_path):
+    """DNS Challenge's flat names: one group per chapter spread a reader over splits, without a word."""
+    root = tmp_path / "clean"
+    root.mkdir()
+    for r in range(4):
+        for c in range(6):
+            sf.write(root / f"book_{c:05d}_chp_{c:04d}_reader_{r:05d}_{c}.wav", tone(0.6, seed=r * 6 + c), SR)
+    with pytest.warns(UserWarning, match=r"24 speech files sit directly in .*--group-pattern"):
+        lists.scan([root], "speech")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        entries = lists.scan([root], "speech", group_pattern=r"reader_\d+")
+    by_reader: dict[str, set[str]] = {}
+    for e in entries:
+        by_reader.setdefault(e.group, set()).add(e.split)
+    assert sorted(by_reader) == [f"clean/reader_{r:05d}" for r in range(4)]
+    assert all(len(s) == 1 for s in by_reader.values())  # a reader stays in one split
+    with pytest.raises(ValueError, match="is no regular expression"):
+        lists.scan([root], "speech", group_pattern="reader_(")
+
+
+def test_linked_folders_mp3_and_overlaps_are_listed_once_and_dead_channels_skipped(tmp_path):
+    root = tmp_path / "sp"
+    write(root / "a" / "1.wav", tone(0.6))
+    write(tmp_path / "elsewhere" / "2.flac", tone(0.6, seed=1))
+    (root / "b").symlink_to(tmp_path / "elsewhere")  # a speaker folder linked in: left out, before
+    (root / "loop").symlink_to(root)  # a link back up the tree is walked once
+    sf.write(root / "a" / "3.mp3", tone(0.6, seed=2), SR)
+    stereo = np.stack([tone(0.6, seed=3), np.zeros(int(0.6 * SR), np.float32)], axis=1)
+    sf.write(root / "a" / "dead.wav", stereo, SR)  # one dead channel: silent targets half the time, before
+    report = checks.Report()
+    with pytest.warns(UserWarning, match="3 speech files were reached twice"):
+        entries = lists.scan([root, root / "a"], "speech", report=report)
+    assert sorted(Path(e.path).name for e in entries) == ["1.wav", "2.flac", "3.mp3"]
+    (bad,) = report.bad
+    assert (Path(bad.path).name, bad.reason) == ("dead.wav", "silent") and bad.detail.startswith(
+        "channel 2 of 2"
+    )
+
+
+def test_cli_warns_when_a_split_gets_no_files_of_a_kind(tmp_path, capsys):
+    for k in range(3):
+        write(tmp_path / "sp" / "train" / f"s{k}" / "u.wav", tone(0.6, seed=k))
+    write(tmp_path / "nz" / "train" / "n" / "n.wav", tone(0.6, seed=9))
+    args = ["--speech-dirs", str(tmp_path / "sp"), "--noise-dirs", str(tmp_path / "nz"), "--output-dir"]
+    assert lists.main([*args, str(tmp_path / "lists")]) == 0
+    err = capsys.readouterr().err
+    assert "warning: no speech in valid, speech in test, noise in valid, noise in test:" in err
 
 
 def test_cli_writes_lists_and_a_config_training_reads(tmp_path, capsys):

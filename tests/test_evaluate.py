@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -70,6 +71,14 @@ def test_corpus_test_split_becomes_cached_pairs(tmp_path):
     assert evaluate.load_set(corpus)[0].noisy.stat().st_mtime_ns == first  # cached, not rewritten
     x, _ = audio.load(items[0].noisy)
     assert x.shape[1] == MixConfig().samples
+    # a folder of the user's by that name is never replaced (rmtree'd with the user's files, before)
+    shutil.rmtree(tmp_path / "corpus-testset")
+    (tmp_path / "corpus-testset").mkdir()
+    (tmp_path / "corpus-testset" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="corpus-testset exists and was not written by this command"):
+        evaluate.load_set(corpus)
+    assert (tmp_path / "corpus-testset" / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "corpus-testset"]  # no .tmp left
 
 
 def test_dropouts_count_silent_blocks_of_the_output_only():

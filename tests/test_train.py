@@ -394,6 +394,34 @@ def test_lr_schedule_reaches_min_lr_at_the_last_step():
     assert float(lr(mx.array(9))) == pytest.approx(1e-6)
 
 
+def test_a_run_validates_on_a_datastore(corpus, tmp_path):
+    """README's "Your own data" built a datastore no command could use, before."""
+    from dfn4lab.data import datastore
+    from dfn4lab.data.config import DataConfig
+
+    cfg = DataConfig.from_json(corpus).replace(mix={"max_len_s": 0.3})
+    datastore.build(tmp_path / "store", Mixer.from_config(cfg, "valid"), samples=3)
+    args = ["--config", json.dumps(dataclasses.asdict(_run(corpus, tmp_path / "run")))]
+    run = train.parse_args([*args, "--valid-store", str(tmp_path / "store"), "--valid-items", "2"])
+    t = train.Trainer(run)
+    assert isinstance(t.valid_src, datastore.Datastore)
+    stored = datastore.Datastore(tmp_path / "store").sample(0, 1)
+    rec = t.validate()
+    assert np.isfinite(rec["loss"])
+    np.testing.assert_array_equal(
+        np.array(t._valid_items[0]["feat_erb"][1]), stored.feat_erb
+    )  # the stored mixtures
+    other = _run(
+        corpus,
+        tmp_path / "run16",
+        valid_store=str(tmp_path / "store"),
+        valid_items=2,
+        model={**TINY, "dsp": {"nb_df": 64}},
+    )
+    with pytest.raises(ValueError, match="another DSP config"):
+        train.Trainer(other)
+
+
 def test_validation_loss_weighs_items_not_batches(corpus, tmp_path):
     from dfn4lab import validation
 

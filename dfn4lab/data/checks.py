@@ -67,6 +67,13 @@ class Report:
             "skipping %s file %s: %s (%s) [%d skipped]", bad.kind, bad.path, bad.reason, bad.detail, n
         )
 
+    @classmethod
+    def of(cls, bad: list[BadFile]) -> Report:
+        """A report of files already reported (nothing logged again)."""
+        r = cls()
+        r.bad, r._seen = list(bad), {(b.path, b.reason) for b in bad}
+        return r
+
     def merge(self, other: Report | list[BadFile]) -> None:
         for b in other.bad if isinstance(other, Report) else other:
             self.add(b)
@@ -106,26 +113,40 @@ def info(path: str | Path, kind: str, checks: CheckConfig) -> FileInfo | BadFile
 
 
 def content(x: np.ndarray, path: str | Path, kind: str, checks: CheckConfig) -> BadFile | None:
-    """Sample check of ``(..., samples)`` read from ``path``: finite and not silent."""
+    """Sample check of ``(samples,)`` or ``(samples, channels)`` read from ``path``: finite, and no
+    channel silent (mixing reads one channel at random, as libDF: a dead one makes a silent target)."""
     if not np.isfinite(x).all():
         return BadFile(str(path), kind, "nan", "NaN or inf samples")
-    peak = float(np.max(np.abs(x))) if x.size else 0.0
-    if peak <= 10 ** (checks.silence_db / 20):
-        level = 20 * np.log10(peak) if peak > 0 else -np.inf
-        return BadFile(str(path), kind, "silent", f"peak {level:.1f} dBFS <= {checks.silence_db} dBFS")
-    return None
+    x = x[:, None] if x.ndim == 1 else x
+    return _silence(np.max(np.abs(x), axis=0, initial=0.0), path, kind, checks)
+
+
+def _silence(peaks: np.ndarray, path: str | Path, kind: str, checks: CheckConfig) -> BadFile | None:
+    """A ``silent`` BadFile when a channel's peak (one per channel) is at or below the silence level."""
+    quiet = np.flatnonzero(peaks <= 10 ** (checks.silence_db / 20))
+    if not quiet.size:
+        return None
+    peak = float(peaks[quiet[0]])
+    level = f"peak {20 * np.log10(peak) if peak > 0 else -np.inf:.1f} dBFS <= {checks.silence_db} dBFS"
+    where = f"channel {quiet[0] + 1} of {peaks.size}: " if quiet.size < peaks.size else ""
+    return BadFile(str(path), kind, "silent", where + level)
 
 
 def check_file(path: str | Path, kind: str, checks: CheckConfig, full: bool = True) -> FileInfo | BadFile:
-    """``info`` and, with ``full``, a read of every sample through ``content``."""
+    """``info`` and, with ``full``, a read of every sample (in blocks: an hour-long file costs no
+    more memory than a minute) checked as ``content`` checks."""
     fi = info(path, kind, checks)
     if isinstance(fi, BadFile) or not full:
         return fi
+    peaks = np.zeros(fi.channels, np.float32)
     try:
-        x, _ = sf.read(str(path), dtype="float32", always_2d=True)
+        for block in sf.blocks(str(path), blocksize=1 << 18, dtype="float32", always_2d=True):
+            if not np.isfinite(block).all():
+                return BadFile(str(path), kind, "nan", "NaN or inf samples")
+            peaks = np.maximum(peaks, np.abs(block).max(axis=0, initial=0.0))
     except Exception as e:
         return BadFile(str(path), kind, "unreadable", first_line(e))
-    return content(x, path, kind, checks) or fi
+    return _silence(peaks, path, kind, checks) or fi
 
 
 def first_line(e: BaseException) -> str:

@@ -3,14 +3,20 @@
     python -m dfn4lab.data.lists --speech-dirs S.. --noise-dirs N.. --rir-dirs R.. \\
         --output-dir DIR --generate-config
 
-Each file gets a split and a group. A path component named ``train``/``valid``/``test`` (the scanned
-folder's own name included) fixes the split; otherwise the group's hash picks one (``--split 0.8 0.1
-0.1``), so a group (a speaker, a noise with its variants, a room) never spans two splits. The group is the first folder below the
-split folder (or below the scanned folder); a file directly in it is its own group, with trailing
-variant numbers removed (``fire.1.ogg`` and ``fire.2.ogg`` are group ``fire``).
+Each file gets a split and a group. A path component that names a split fixes it (the scanned
+folder's own name included; any case: ``train``, ``training``; ``valid``, ``validation``, ``val``, ``dev``;
+``test``, ``testing``; also as a prefix, as LibriSpeech's ``train-clean-100``, ``dev-clean``); otherwise the
+group's hash picks one (``--split 0.8 0.1 0.1``), so a group (a speaker, a noise with its variants, a
+room) never spans two splits. The group is the first folder below the split folder (or below the
+scanned folder); a file directly in it is its own group, with trailing variant numbers removed
+(``fire.1.ogg`` and ``fire.2.ogg`` are group ``fire``). ``--group-pattern REGEX`` takes the group from
+the file's path instead (its first capture group, else the match), for corpora that name the speaker in
+flat file names (DNS Challenge: ``'reader_\d+'``). The hash is of the group as found below the scanned
+folder, so the split does not change when the corpus is moved, renamed or reached through a link.
 
-Unusable files (see ``checks``) are skipped with a counted warning and listed in ``report.json``; a
-kind whose files all fail stops with a clear error.
+Symlinked folders are followed; a file reached twice (overlapping folders) is listed once. Unusable
+files (see ``checks``) are skipped with a counted warning and listed in ``report.json``; a kind whose
+files all fail stops with a clear error.
 """
 
 from __future__ import annotations
@@ -27,13 +33,19 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from dfn4lab import audio
 from dfn4lab.cli import command
 from dfn4lab.data import checks
 from dfn4lab.data.checks import BadFile, NoUsableFiles, Report
 from dfn4lab.data.config import KINDS, SPLITS, CheckConfig, DataConfig, MixConfig
 from dfn4lab.paths import atomic_write
 
-AUDIO_EXTS = (".wav", ".flac", ".ogg", ".aiff", ".aif")
+# a split folder's name (lower case), or its head before "-"/"_" (LibriSpeech's train-clean-100, dev-clean)
+SPLIT_NAMES = {
+    **dict.fromkeys(("train", "training"), "train"),
+    **dict.fromkeys(("valid", "validation", "val", "dev"), "valid"),
+    **dict.fromkeys(("test", "testing"), "test"),
+}
 
 
 @dataclass(frozen=True)
@@ -51,24 +63,42 @@ class Entry:
 
 
 def find_audio(root: str | Path) -> list[Path]:
-    """Audio files below ``root`` (or ``root`` itself), sorted."""
+    """Audio files below ``root`` (or ``root`` itself), sorted; symlinked folders are followed (once)."""
     root = Path(root)
     if root.is_file():
         return [root]
-    return sorted(p for p in root.rglob("*") if p.suffix.lower() in AUDIO_EXTS and p.is_file())
+    found, seen = [], set()
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:  # a link back up the tree, or a second way to the same folder
+            dirs.clear()
+            continue
+        seen.add(real)
+        found += [Path(folder, f) for f in files if Path(f).suffix.lower() in audio.AUDIO_EXTS]
+    return sorted(p for p in found if p.is_file())
 
 
-def split_and_group(path: Path, root: Path, fractions: Sequence[float]) -> tuple[str, str]:
+def split_name(folder: str) -> str | None:
+    """The split a folder's name fixes (see the module docstring), or None."""
+    name = folder.lower()
+    return SPLIT_NAMES.get(name) or SPLIT_NAMES.get(re.split(r"[-_]", name, maxsplit=1)[0])
+
+
+def split_and_group(
+    path: Path, root: Path, fractions: Sequence[float], group_pattern: str | None = None
+) -> tuple[str, str]:
     """``(split, group)`` of ``path`` found below ``root``; see the module docstring."""
     parts = path.relative_to(root).parts if path != root else (path.name,)
     dirs, name = parts[:-1], parts[-1]
-    split = next((d for d in dirs if d in SPLITS), None)
-    below = dirs[dirs.index(split) + 1 :] if split else dirs
-    if split is None and root.name in SPLITS:  # the scanned folder is itself a split folder
-        split = root.name
-    group = below[0] if below else re.sub(r"[._-]?\d+$", "", Path(name).stem) or Path(name).stem
-    group = f"{root.name}/{group}"
-    return (split or hash_split(group, fractions)), group
+    at = next((i for i, d in enumerate(dirs) if split_name(d)), None)
+    split = split_name(dirs[at]) if at is not None else split_name(root.resolve().name)
+    below = dirs[at + 1 :] if at is not None else dirs
+    match = re.search(group_pattern, Path(*parts).as_posix()) if group_pattern else None
+    if match:
+        key = match.group(1) if match.re.groups else match.group(0)
+    else:
+        key = below[0] if below else re.sub(r"[._-]?\d+$", "", Path(name).stem) or Path(name).stem
+    return (split or hash_split(key, fractions)), f"{root.resolve().name}/{key}"
 
 
 def hash_split(group: str, fractions: Sequence[float]) -> str:
@@ -85,6 +115,7 @@ def scan(
     fractions: Sequence[float] = (0.8, 0.1, 0.1),
     report: Report | None = None,
     full: bool = True,
+    group_pattern: str | None = None,
 ) -> list[Entry]:
     """Usable ``kind`` files below ``dirs``; skipped ones go to ``report``.
 
@@ -93,16 +124,26 @@ def scan(
     """
     report = report if report is not None else Report()
     check = check or CheckConfig()
-    entries, found = [], 0
+    if group_pattern is not None:
+        try:
+            re.compile(group_pattern)
+        except re.error as e:
+            raise ValueError(f"--group-pattern {group_pattern!r} is no regular expression ({e})") from None
+    entries, found, seen, twice = [], 0, set(), 0
     for d in dirs:
-        root, first = Path(d), len(entries)
+        root, first, flat = Path(d), len(entries), 0
         for p in find_audio(root):
+            if (real := os.path.realpath(p)) in seen:
+                twice += 1
+                continue
+            seen.add(real)
             found += 1
             r = checks.check_file(p, kind, check, full=full)
             if isinstance(r, BadFile):
                 report.add(r)
                 continue
-            split, group = split_and_group(p, root, fractions)
+            split, group = split_and_group(p, root, fractions, group_pattern)
+            flat += p.parent == root
             entries.append(
                 Entry(str(p.resolve()), kind, split, group, r.duration, r.sr, r.channels, r.sr // 2)
             )
@@ -113,12 +154,20 @@ def scan(
                 "they all land in one split: scan the folder whose subfolders are the speakers (or rooms...)",
                 stacklevel=2,
             )
+        elif kind == "speech" and flat >= 20 and group_pattern is None:
+            warnings.warn(
+                f"{flat} speech files sit directly in {root}: each file name (without trailing numbers) is "
+                "a group, so one speaker may span splits; --group-pattern names the speaker in file names "
+                "(DNS Challenge: 'reader_\\d+')",
+                stacklevel=2,
+            )
+    if twice:
+        warnings.warn(f"{twice} {kind} files were reached twice (overlapping folders): listed once", stacklevel=2)
     if not entries:
         dirs_s = ", ".join(str(d) for d in dirs)
         if found == 0:
-            raise NoUsableFiles(f"no {kind} audio ({', '.join(AUDIO_EXTS)}) found in {dirs_s}")
-        bad = Report()
-        bad.merge([b for b in report.bad if b.kind == kind])
+            raise NoUsableFiles(f"no {kind} audio ({', '.join(audio.AUDIO_EXTS)}) found in {dirs_s}")
+        bad = Report.of([b for b in report.bad if b.kind == kind])
         raise NoUsableFiles(f"all {found} {kind} files in {dirs_s} are unusable: {bad.summary()}")
     return entries
 
@@ -195,6 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--min-sr", type=int, default=CheckConfig.min_sr)
     ap.add_argument("--headers-only", action="store_true", help="skip the NaN/silence read of every file")
+    ap.add_argument(
+        "--group-pattern", metavar="REGEX", help="the group (speaker) from each file's path: 'reader_\\d+'"
+    )
     args = ap.parse_args(argv)
     if not args.speech_dirs:
         ap.error("--speech-dirs is required")
@@ -206,17 +258,26 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for kind, dirs in (("speech", args.speech_dirs), ("noise", args.noise_dirs), ("rir", args.rir_dirs)):
             if dirs:
-                entries += scan(dirs, kind, check, args.split, report, full=not args.headers_only)
+                full = not args.headers_only
+                entries += scan(dirs, kind, check, args.split, report, full, args.group_pattern)
     except NoUsableFiles as e:
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
         report.save(Path(args.output_dir) / "report.json")
         print(f"error: {e} (details in {Path(args.output_dir) / 'report.json'})", file=sys.stderr)
         return 2
     write_lists(entries, args.output_dir, report, args.generate_config)
+    empty = []
     for kind in KINDS:
         n = {s: sum(e.kind == kind and e.split == s for e in entries) for s in SPLITS}
         if any(n.values()):
             print(f"{kind}: " + ", ".join(f"{s} {c}" for s, c in n.items()))
+            empty += [f"{kind} in {s}" for s, c in n.items() if c == 0 and kind != "rir"]
+    if empty:  # training needs speech and noise in train, validation in valid, evaluate --set in test
+        print(
+            f"warning: no {', '.join(empty)}: training, validation and evaluation each need speech and noise "
+            "in their split (more groups, other --split fractions, or train/valid/test folders)",
+            file=sys.stderr,
+        )
     print(f"{report.summary()}; lists in {args.output_dir}")
     return 0
 
