@@ -28,6 +28,7 @@ import hashlib
 import io
 import json
 import math
+import os
 import platform
 import re
 import shutil
@@ -209,14 +210,16 @@ def corpus_test_set(corpus: str | Path, epochs: int = CORPUS_EPOCHS) -> Path:
     corpus = Path(corpus)
     out = corpus.with_name(f"{corpus.name}-testset")
     cfg = DataConfig.from_json(corpus / "data_config.json")
+    mixer = Mixer.from_config(cfg, "test")
     sources = [corpus / "data_config.json", *(Path(p) for p in cfg.lists.get("test", {}).values())]
-    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources) + str(epochs).encode()).hexdigest()
+    # the audio too, by size and time (a file edited in place changes the set; reading it all would not pay)
+    stats = [(e.path, *_size_time(e.path)) for e in mixer.speech + mixer.noise + mixer.rirs]
+    blob = b"".join(p.read_bytes() for p in sources) + repr((stats, epochs)).encode()
+    digest = hashlib.sha256(blob).hexdigest()
     if (out / "source.sha256").exists() and (out / "source.sha256").read_text() == digest:
         return out
     paths.check_replaceable(out, "source.sha256")  # a folder of the user's by that name is never replaced
-    mixer = Mixer.from_config(cfg, "test")
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = out.with_name(f".{out.name}.tmp.{os.getpid()}")  # per process: two runs never share one
     rows = ["name,snr"]
     try:
         for epoch in range(epochs):
@@ -234,23 +237,37 @@ def corpus_test_set(corpus: str | Path, epochs: int = CORPUS_EPOCHS) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _size_time(path: str) -> tuple[int, int]:
+    """A file's size and modification time (ns); (-1, -1) when it is gone (the mixer skips it)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return -1, -1
+    return st.st_size, st.st_mtime_ns
+
+
 def quick_set(folder: str | Path, sr: int = 48000, seconds: float = QUICK_SECONDS) -> Path:
     """A small test set of real speech (alsa-utils' prompts) in pink noise at ``QUICK_SNRS``, written as
     ``noisy/`` and ``clean/`` under ``folder``, plus a ``manifest.csv`` of the SNRs."""
     folder = Path(folder)
+    paths.check_replaceable(folder, "manifest.csv")  # replaces its own set, never a folder of the user's
     n = round(seconds * sr)
     speech = data.real_speech(sr, seconds * len(QUICK_SNRS))
     rows = ["name,snr"]
-    for i, snr in enumerate(QUICK_SNRS):
-        clean = speech[i * n : (i + 1) * n]
-        noisy = data.mix(clean, data.pink_noise(n, seed=i), snr)
-        name = f"quick_{i:02d}.wav"
-        for sub, x in (("clean", clean), ("noisy", noisy)):
-            (folder / sub).mkdir(parents=True, exist_ok=True)
-            audio.save(folder / sub / name, x, sr, subtype="FLOAT")
-        rows.append(f"{name},{snr:g}")
-    (folder / "manifest.csv").write_text("\n".join(rows) + "\n")
-    return folder
+    tmp = folder.with_name(f".{folder.name}.tmp.{os.getpid()}")
+    try:
+        for i, snr in enumerate(QUICK_SNRS):
+            clean = speech[i * n : (i + 1) * n]
+            noisy = data.mix(clean, data.pink_noise(n, seed=i), snr)
+            name = f"quick_{i:02d}.wav"
+            for sub, x in (("clean", clean), ("noisy", noisy)):
+                (tmp / sub).mkdir(parents=True, exist_ok=True)
+                audio.save(tmp / sub / name, x, sr, subtype="FLOAT")
+            rows.append(f"{name},{snr:g}")
+        (tmp / "manifest.csv").write_text("\n".join(rows) + "\n")
+        return paths.publish(tmp, folder, marker="manifest.csv")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # --- Models ----------------------------------------------------------------------------------------
@@ -307,6 +324,9 @@ def load_models(specs: Sequence[str], official: bool = False) -> dict[str, tuple
 # --- Running -------------------------------------------------------------------------------------
 
 
+ENHANCED_MARKER = ".dfn4lab-enhanced"  # in every enhanced/MODEL folder this command writes
+
+
 def run(
     items: Sequence[Item],
     models: dict[str, tuple[Enhancer, DfNet | None]],
@@ -318,10 +338,19 @@ def run(
     real-time factor (enhancement wall time / audio duration, after one untimed warm-up call).
 
     Enhanced audio goes to ``out_dir/enhanced/MODEL/NAME.wav`` (float WAV); the last ``TAIL_S`` seconds
-    of every file are left out of the scores (see ``TAIL_S``).
+    of every file are left out of the scores (see ``TAIL_S``). The folders are written beside, then
+    replace a past run's together when every model is done: an interrupted run leaves the past run's
+    audio as its tables describe it. A folder of that name that this command did not write is refused.
     """
     from tqdm import tqdm
 
+    enhanced = Path(out_dir) / "enhanced"
+    staged = {name: enhanced / f".{name}.partial" for name in models if name != "noisy"}
+    for name, tmp in staged.items():  # refused before minutes of work, not after
+        paths.check_replaceable(enhanced / name, ENHANCED_MARKER)
+        shutil.rmtree(tmp, ignore_errors=True)  # an interrupted run's
+        tmp.mkdir(parents=True)
+        (tmp / ENHANCED_MARKER).write_text("enhanced by python -m dfn4lab.evaluate\n")
     rows, rtf = [], {}
     first, _, first_sr = _load_pair(items[0])
     for name, (enhance, _) in models.items():
@@ -329,7 +358,6 @@ def run(
         if name != "noisy":
             prepare()
             enhance(first[:first_sr], first_sr)  # warm-up: graph building, caches, ONNX sessions
-            shutil.rmtree(Path(out_dir) / "enhanced" / name, ignore_errors=True)  # no files of a past run
         seconds = elapsed = 0.0
         for it in tqdm(items, desc=name, unit="file", disable=not progress, file=sys.stderr):
             noisy, clean, file_sr = _load_pair(it)  # read per model: a large set need not fit in memory
@@ -340,9 +368,8 @@ def run(
             seconds += noisy.size / file_sr
             path = it.noisy
             if name != "noisy":
-                path = Path(out_dir) / "enhanced" / name / f"{it.name}.wav"
-                path.parent.mkdir(parents=True, exist_ok=True)
-                audio.save(path, est, file_sr, subtype="FLOAT")
+                path = enhanced / name / f"{it.name}.wav"
+                audio.save(staged[name] / path.name, est, file_sr, subtype="FLOAT")
             keep = (
                 noisy.size - round(TAIL_S * file_sr)
                 if noisy.size > 2 * round(TAIL_S * file_sr)
@@ -362,6 +389,8 @@ def run(
                 }
             )
         rtf[name] = elapsed / seconds if name != "noisy" else 0.0
+    for name, tmp in staged.items():
+        paths.publish(tmp, enhanced / name, marker=ENHANCED_MARKER)
     return rows, rtf
 
 
@@ -639,20 +668,21 @@ def evaluate(
         raise ValueError(f"no file of {set_spec} can be scored: {next(iter(skipped.values()))}")
     out_dir = Path(out_dir) if out_dir is not None else paths.DATA / "eval" / Path(set_spec).stem
     loaded = load_models(models, official)
-    rows, rtf = run(items, loaded, out_dir, metric_names, progress)
     nets = {name: net for name, (_, net) in loaded.items()}
     if "official" in nets:  # the same DeepFilterNet3 network as dfn3
         nets["official"] = (
             next((n for k, n in nets.items() if k == "dfn3"), None) or inference.load_pretrained()
         )
-    info = {
+    info = {  # before the run: its tables are written right after its audio is published
         name: {
             "params": param_count(net) if net is not None else None,
             "macs": model_macs(net) if net is not None else None,
-            "rtf": rtf[name],
         }
         for name, net in nets.items()
     }
+    rows, rtf = run(items, loaded, out_dir, metric_names, progress)
+    for name in info:
+        info[name]["rtf"] = rtf[name]
     result = {
         "set": str(set_spec),
         "files": len(items),
@@ -699,7 +729,6 @@ def main(argv: list[str] | None = None) -> int:
     set_spec, out = args.set or DEMO, args.out
     if args.set is None and args.quick:  # the generated set lives beside its results, replaced each run
         out = Path(out or paths.DATA / "eval" / "quick")
-        shutil.rmtree(out / "quick_set", ignore_errors=True)
         set_spec = quick_set(out / "quick_set")
     models = [m for m in args.models.split(",") if m]
     if not models and not args.official:

@@ -69,6 +69,10 @@ def test_corpus_test_split_becomes_cached_pairs(tmp_path):
     assert snrs <= {*MixConfig().snrs, -100.0}  # mixed at the recipe's SNRs (or noise only)
     first = items[0].noisy.stat().st_mtime_ns
     assert evaluate.load_set(corpus)[0].noisy.stat().st_mtime_ns == first  # cached, not rewritten
+    noise = lists.read_list(corpus / "lists" / "noise_test.csv")[0].path
+    x, sr = sf.read(noise)
+    sf.write(noise, x * 0.5, sr)  # a test file edited in place: the cached set was reused, before
+    assert evaluate.load_set(corpus)[0].noisy.stat().st_mtime_ns != first
     x, _ = audio.load(items[0].noisy)
     assert x.shape[1] == MixConfig().samples
     # a folder of the user's by that name is never replaced (rmtree'd with the user's files, before)
@@ -211,6 +215,43 @@ def test_bad_pairs_are_skipped_and_counted(tmp_path):
     assert (
         result["files"] == len(names) - 2 and "Files skipped (unreadable" in Path(result["table"]).read_text()
     )
+
+
+def test_an_interrupted_rerun_leaves_the_past_run_whole_and_user_folders_alone(tmp_path):
+    """The enhanced audio of a past run was deleted first, so an interrupted rerun left its tables
+    describing files that were gone or another model's."""
+    folder = evaluate.quick_set(tmp_path / "set", seconds=1.0)
+    items, out = evaluate.load_set(folder), tmp_path / "out"
+
+    def halve(x, sr):
+        return x * 0.5
+
+    evaluate.run(items, {"noisy": (lambda x, sr: x, None), "m": (halve, None)}, out, ["si_sdr"], False)
+    before = {p.name: p.read_bytes() for p in (out / "enhanced" / "m").iterdir()}
+    calls = []
+
+    def breaks(x, sr):
+        calls.append(1)
+        if len(calls) > 2:  # the warm-up and one file, then Ctrl-C
+            raise KeyboardInterrupt
+        return x * 0.25
+
+    with pytest.raises(KeyboardInterrupt):
+        evaluate.run(items, {"m": (breaks, None)}, out, ["si_sdr"], False)
+    assert {p.name: p.read_bytes() for p in (out / "enhanced" / "m").iterdir()} == before
+    rows, _ = evaluate.run(items, {"m": (halve, None)}, out, ["si_sdr"], False)  # a rerun after it
+    assert sorted(p.name for p in (out / "enhanced").iterdir()) == ["m"]  # no partial folder left
+    assert all(Path(r["path"]).is_file() for r in rows)
+
+    (out / "enhanced" / "mine").mkdir()
+    (out / "enhanced" / "mine" / "notes.txt").write_text("my notes")  # deleted, before
+    with pytest.raises(ValueError, match="mine exists and was not written by this command"):
+        evaluate.run(items, {"mine": (halve, None)}, out, ["si_sdr"], False)
+    assert (out / "enhanced" / "mine" / "notes.txt").read_text() == "my notes"
+    (tmp_path / "user").mkdir()
+    (tmp_path / "user" / "mine.txt").write_text("x")
+    with pytest.raises(ValueError, match="user exists and was not written by this command"):
+        evaluate.quick_set(tmp_path / "user")  # --quick --out DIR deleted DIR/quick_set's files, before
 
 
 def test_run_folders_skip_unpublished_saves_and_count_runs_not_bests(tmp_path):
