@@ -159,6 +159,23 @@ def is_audio_name(path: str | os.PathLike) -> bool:
     return not str(path).endswith(("/", os.sep)) and _container(Path(path)) in sf.available_formats()
 
 
+def check_output(dest: str | os.PathLike) -> Path:
+    """Refuse, before any work, an output ``save`` would refuse after it: a folder, an unknown format, a
+    folder that cannot be made or written. Returns ``dest`` as a path."""
+    p = Path(dest)
+    if str(dest).endswith(("/", os.sep)) or p.is_dir():
+        raise AudioError(f"{p} is a folder: name an output file")
+    if _container(p) not in sf.available_formats():
+        raise AudioError(f"{p}: unknown audio format {p.suffix!r}")
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise AudioError(f"{p.parent}: cannot make the folder ({e.strerror})") from None
+    if not os.access(p.parent, os.W_OK):
+        raise AudioError(f"{p.parent}: not writable")
+    return p
+
+
 def check_not_input(src: str | os.PathLike, dest: str | os.PathLike) -> None:
     """Raise ``AudioError`` when writing ``dest`` would replace the input file ``src``."""
     if Path(dest).exists() and Path(dest).resolve() == Path(src).resolve():

@@ -1,12 +1,16 @@
 """What every command line shares: a user's mistake (a bad path, config, number or audio file) ends in
-one line ``error: ...`` and exit code 2, not a traceback; a warning is one line ``warning: ...``.
+one line ``error: ...`` and exit code 2, not a traceback; a warning is one line ``warning: ...``;
+Ctrl-C or SIGTERM (``kill``) ends in one line ``interrupted`` and exit code 130, after the command's
+clean-ups ran (temporary files and folders removed; outputs are whole or absent).
 ``DFN4LAB_DEBUG=1`` shows the traceback."""
 
 from __future__ import annotations
 
 import functools
 import os
+import signal
 import sys
+import threading
 import warnings
 from collections.abc import Callable
 
@@ -22,6 +26,9 @@ def command(main: Callable[..., int]) -> Callable[..., int]:
     def run(*args, **kwargs) -> int:
         if not os.environ.get("DFN4LAB_DEBUG"):
             warnings.formatwarning = lambda message, *_, **__: f"warning: {message}\n"
+        term = None  # SIGTERM raises like Ctrl-C, so `finally` clean-ups run (killed outright, they did not)
+        if threading.current_thread() is threading.main_thread():
+            term = signal.signal(signal.SIGTERM, _interrupt)
         try:
             return main(*args, **kwargs)
         except USER_ERRORS as e:
@@ -29,5 +36,17 @@ def command(main: Callable[..., int]) -> Callable[..., int]:
                 raise
             print(f"error: {e}", file=sys.stderr)
             return 2
+        except KeyboardInterrupt:
+            if os.environ.get("DFN4LAB_DEBUG"):
+                raise
+            print("interrupted", file=sys.stderr)
+            return 130
+        finally:
+            if term is not None:
+                signal.signal(signal.SIGTERM, term)
 
     return run
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt

@@ -103,7 +103,11 @@ def _read_folder(folder: Path) -> list[Item]:
         raise FileNotFoundError(f"test set {folder}: expected subfolders {layouts}")
     snrs = _manifest_snrs(folder)
     items = []
-    for noisy in sorted(p for p in (folder / noisy_dir).iterdir() if p.suffix.lower() in audio.AUDIO_EXTS):
+    for noisy in sorted(
+        p
+        for p in (folder / noisy_dir).iterdir()
+        if p.suffix.lower() in audio.AUDIO_EXTS and not p.name.startswith(".")
+    ):
         clean = folder / clean_dir / noisy.name
         if not clean.exists():
             raise FileNotFoundError(
@@ -219,7 +223,7 @@ def corpus_test_set(corpus: str | Path, epochs: int = CORPUS_EPOCHS) -> Path:
     if (out / "source.sha256").exists() and (out / "source.sha256").read_text() == digest:
         return out
     paths.check_replaceable(out, "source.sha256")  # a folder of the user's by that name is never replaced
-    tmp = out.with_name(f".{out.name}.tmp.{os.getpid()}")  # per process: two runs never share one
+    tmp = paths.staging(out)  # this process's: two runs never share one
     rows = ["name,snr"]
     try:
         for epoch in range(epochs):
@@ -254,7 +258,7 @@ def quick_set(folder: str | Path, sr: int = 48000, seconds: float = QUICK_SECOND
     n = round(seconds * sr)
     speech = data.real_speech(sr, seconds * len(QUICK_SNRS))
     rows = ["name,snr"]
-    tmp = folder.with_name(f".{folder.name}.tmp.{os.getpid()}")
+    tmp = paths.staging(folder)
     try:
         for i, snr in enumerate(QUICK_SNRS):
             clean = speech[i * n : (i + 1) * n]

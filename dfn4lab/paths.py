@@ -4,6 +4,7 @@ are written atomically: complete under a temporary name first, then renamed into
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import secrets
@@ -31,14 +32,18 @@ def atomic_write(path: str | os.PathLike, content: str | Callable[[str], Any]) -
     """Write ``path`` so that it is never seen partial: ``content`` (text, or a function that writes the
     file it is given) goes to a fresh hidden name beside ``path`` with the same suffix (writers that
     append a missing extension or infer the format from it keep working), then replaces ``path``. On
-    any error the temporary file is removed and ``path`` stays as it was."""
-    path = Path(path)
+    any error the temporary file is removed and ``path`` stays as it was. The data reach the disk before
+    the rename (a power cut leaves the old file or the new, not an empty one); a symlink ``path`` has
+    its target replaced, not the link."""
+    path = Path(os.path.realpath(path)) if Path(path).is_symlink() else Path(path)
     tmp = path.with_name(f".{path.stem}.{secrets.token_hex(6)}.tmp{path.suffix}")
     try:
         if isinstance(content, str):
             tmp.write_text(content)
         else:
             content(str(tmp))
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -68,11 +73,37 @@ def check_replaceable(dest: str | os.PathLike, marker: str, keys: tuple[str, ...
     )
 
 
+def staging(dest: str | os.PathLike) -> Path:
+    """A fresh, empty hidden folder beside ``dest`` to build it in, this process's own (two runs building
+    the same ``dest`` never share one); those of processes no longer alive (killed) are removed."""
+    dest = Path(dest)
+    for old in dest.parent.glob(f".{glob.escape(dest.name)}.building.*"):
+        pid = old.name.rsplit(".", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    tmp = dest.with_name(f".{dest.name}.building.{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def publish(tmp: str | os.PathLike, dest: str | os.PathLike, marker: str, keys: tuple[str, ...] = ()) -> Path:
     """Rename the finished folder ``tmp`` to ``dest``, replacing an older ``dest`` of the same kind (see
     :func:`check_replaceable`) without a gap."""
     tmp, dest = Path(tmp), Path(dest)
     check_replaceable(dest, marker, keys)
+    for stale in dest.parent.glob(f".{glob.escape(dest.name)}.old.*"):  # a publish killed between renames
+        shutil.rmtree(stale, ignore_errors=True)
     if dest.exists():
         old = dest.with_name(f".{dest.name}.old.{os.getpid()}")
         os.rename(dest, old)

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from dfn4lab import paths
+from dfn4lab.cli import command
 from dfn4lab.paths import atomic_write
 
 BEGIN = "<!-- results: written by `make run` (python -m dfn4lab.report); edits here are replaced -->"
@@ -119,6 +120,7 @@ def update(readme: Path, block: str) -> bool:
     return True
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m dfn4lab.report", description=__doc__)
     ap.add_argument("readme", nargs="?", default=str(paths.PROJECT / "README.md"))

@@ -417,6 +417,7 @@ def stream_file(src: str | Path, dest: str | Path, model: DfNet, chunk_ms: float
     if not 0 < chunk_ms < math.inf:
         raise ValueError(f"chunk_ms must be a positive number, got {chunk_ms}")
     audio.check_not_input(src, dest)
+    audio.check_output(dest)  # before the stream, not after it
     x, sr = audio.load(src)
     chunk = max(1, round(sr * chunk_ms / 1000))
     ch, msr = x.shape[0], model.cfg.dsp.sr
@@ -441,13 +442,16 @@ def stream_file(src: str | Path, dest: str | Path, model: DfNet, chunk_ms: float
 def microphone(model: DfNet, seconds: float | None = None, dest: str | Path | None = None) -> None:
     """Enhance the default microphone to the default speakers live (needs ``sounddevice``).
 
-    Runs until Ctrl-C or ``seconds``; ``dest`` records the enhanced audio. Delay is not compensated
-    (``delay_samples`` of output latency, one hop out for every hop in).
+    Runs until Ctrl-C (or SIGTERM, from the command line) or ``seconds``; ``dest`` records the enhanced
+    audio, checked before the session starts. Delay is not compensated (``delay_samples`` of output
+    latency, one hop out for every hop in).
     """
     try:
         import sounddevice as sd
     except ImportError:
         raise RuntimeError("live input needs sounddevice: pip install sounddevice") from None
+    if dest is not None:  # a recording refused after the session, before: lost
+        audio.check_output(dest)
     enh = StreamingEnhancer(model, compensate_delay=False)
     enh.warmup()
     recorded: list[np.ndarray] = []

@@ -81,3 +81,18 @@ def test_stages_match_onnxruntime(official, t):
     (coefs,), alpha, _ = model.df_dec(mx.array(ref["emb"]), mx.array(ref["c0"].transpose(0, 2, 3, 1)))
     np.testing.assert_allclose(np.array(coefs), coefs_ref, atol=TOL, err_msg="coefs")
     np.testing.assert_allclose(np.array(alpha), alpha_ref, atol=TOL, err_msg="alpha")
+
+
+def test_a_damaged_weights_cache_is_converted_anew(tmp_path, monkeypatch, official):
+    """A truncated cached conversion was an error on every run until the cache was found and deleted."""
+    from dfn4lab import inference
+
+    monkeypatch.setenv("DFN4LAB_CACHE", str(tmp_path))
+    inference.load_pretrained()
+    (weights,) = tmp_path.glob("pretrained/*/model.safetensors")
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.warns(UserWarning, match="cached conversion .* is unreadable .*: converted anew"):
+        model = inference.load_pretrained()
+    got = dict(nn.utils.tree_flatten(model.parameters()))
+    want = dict(nn.utils.tree_flatten(official[0].parameters()))
+    assert got.keys() == want.keys() and all(mx.array_equal(got[k], want[k]).item() for k in got)

@@ -309,6 +309,16 @@ def test_microphone_plays_the_delayed_stream(dfn3, tmp_path, monkeypatch):
     np.testing.assert_array_equal(np.concatenate(fake.played), expected)
     rec, sr = audio.load(tmp_path / "rec.wav")
     assert sr == 48000 and np.abs(rec[0] - expected).max() < 2**-15
+    # an output save cannot write is refused before the session, not after it (the recording lost)
+    fake.played.clear()
+    (tmp_path / "recdir").mkdir()
+    for dest, message in (
+        (tmp_path / "rec.xyz", "unknown audio format"),
+        (tmp_path / "recdir", "is a folder"),
+    ):
+        with pytest.raises(AudioError, match=message):
+            microphone(dfn3, seconds=0.1, dest=dest)
+    assert fake.played == []
 
 
 def test_integer_pcm_chunks_are_read_at_their_scale(dfn3):

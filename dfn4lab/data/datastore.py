@@ -29,9 +29,9 @@ from dfn4lab.cli import command
 from dfn4lab.config import DspConfig
 from dfn4lab.data.checks import Report
 from dfn4lab.data.config import DataConfig
-from dfn4lab.data.loader import featurize
+from dfn4lab.data.loader import exit_with_parent, featurize
 from dfn4lab.data.mixing import Mixer
-from dfn4lab.paths import check_replaceable, publish
+from dfn4lab.paths import check_replaceable, publish, staging
 
 import numpy as np
 from safetensors import SafetensorError, safe_open
@@ -92,12 +92,11 @@ def build(
         raise ValueError(f"the data mixes at {mixer.cfg.sr} Hz, the model's features are for {cfg.sr} Hz")
     out = Path(out)
     check_replaceable(out, "manifest.json", MANIFEST_KEYS)  # a user's folder is never replaced
-    tmp = out.with_name(f".{out.name}.building")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = staging(out)
     chunks = [list(range(i, min(i + shard_size, samples))) for i in range(0, samples, shard_size)]
     report, meta, shards = Report(), [], []
-    pool = ProcessPoolExecutor(workers, multiprocessing.get_context("spawn")) if workers > 0 else None
+    ctx = multiprocessing.get_context("spawn")
+    pool = ProcessPoolExecutor(workers, ctx, initializer=exit_with_parent) if workers > 0 else None
     try:
         if pool is not None:
             results = pool.map(_chunk, *zip(*[(mixer, epoch, c, cfg) for c in chunks], strict=True))
@@ -105,7 +104,10 @@ def build(
             results = (_chunk(mixer, epoch, c, cfg) for c in chunks)
         for k, (arrays, metas) in enumerate(results):
             name = f"shard-{k:05d}.safetensors"
-            save_file(arrays, str(tmp / name), metadata={"first": str(chunks[k][0]), "version": str(VERSION)})
+            try:
+                save_file(arrays, str(tmp / name), metadata={"first": str(chunks[k][0]), "version": str(VERSION)})
+            except SafetensorError as e:  # a full disk, say: one line, not the library's traceback
+                raise OSError(f"{out}: cannot write {name} ({e})") from None
             for m, bad in metas:
                 meta.append(m)
                 report.merge(bad)
@@ -113,13 +115,7 @@ def build(
             shards.append(
                 {"file": name, "first": chunks[k][0], "n": len(chunks[k]), "bytes": size, "sha256": digest}
             )
-    except BaseException:  # failed or interrupted: no half-built folder left, no workers still mixing
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
-    manifest = {
+        manifest = {
         "version": VERSION,
         "samples": samples,
         "shard_size": shard_size,
@@ -132,9 +128,15 @@ def build(
         "shards": shards,
         "report": report.to_dict(),
         "meta": meta,
-    }
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
-    publish(tmp, out, marker="manifest.json", keys=MANIFEST_KEYS)
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+        publish(tmp, out, marker="manifest.json", keys=MANIFEST_KEYS)
+    except BaseException:  # failed or interrupted: no half-built folder left, no workers still mixing
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
     return manifest
 
 

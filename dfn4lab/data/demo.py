@@ -38,6 +38,7 @@ from dfn4lab.cli import command
 from dfn4lab import audio, paths
 from dfn4lab.data import lists, rooms, sources, synth
 from dfn4lab.data.checks import Report
+from dfn4lab.data.loader import exit_with_parent
 from dfn4lab.data.config import SPLITS, DataConfig
 from dfn4lab.data.sources import SR, Clip
 
@@ -273,15 +274,14 @@ def build(out: str | Path = DEFAULT_OUT, cfg: DemoConfig = DemoConfig(), log=pri
     t0 = time.perf_counter()
     out = Path(out)
     paths.check_replaceable(out, "manifest.json", MANIFEST_KEYS)  # before a minute of work, not after
-    tmp = out.with_name(f".{out.name}.building")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = paths.staging(out)
     jobs = [
         (cfg.seed, s, k, cfg.mics, cfg.rt60) for s, n in zip(SPLITS, cfg.rooms, strict=True) for k in range(n)
     ]
     pool, rooms_done = None, map(_simulate, jobs)  # lazy: simulated when the RIRs are written
     if cfg.workers > 1:  # rooms simulate while the sources are read; spawn, as the caller may run MLX
-        pool = ProcessPoolExecutor(min(cfg.workers, len(jobs)), multiprocessing.get_context("spawn"))
+        ctx = multiprocessing.get_context("spawn")
+        pool = ProcessPoolExecutor(min(cfg.workers, len(jobs)), ctx, initializer=exit_with_parent)
         rooms_done = pool.map(_simulate, jobs)
     try:
         clips, skipped = _collect(cfg, log)

@@ -63,7 +63,8 @@ class Entry:
 
 
 def find_audio(root: str | Path) -> list[Path]:
-    """Audio files below ``root`` (or ``root`` itself), sorted; symlinked folders are followed (once)."""
+    """Audio files below ``root`` (or ``root`` itself), sorted; symlinked folders are followed (once),
+    hidden files and folders (``.name``: a killed write's temporary file) are not."""
     root = Path(root)
     if root.is_file():
         return [root]
@@ -74,7 +75,8 @@ def find_audio(root: str | Path) -> list[Path]:
             dirs.clear()
             continue
         seen.add(real)
-        found += [Path(folder, f) for f in files if Path(f).suffix.lower() in audio.AUDIO_EXTS]
+        dirs[:] = [d for d in dirs if not d.startswith(".")]  # hidden: a killed write's temporary files
+        found += [Path(folder, f) for f in files if Path(f).suffix.lower() in audio.AUDIO_EXTS and f[0] != "."]
     return sorted(p for p in found if p.is_file())
 
 

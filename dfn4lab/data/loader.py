@@ -19,7 +19,10 @@ are made in the calling thread.
 from __future__ import annotations
 
 import multiprocessing
+import os
 import signal
+import threading
+import time
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import asdict, dataclass
@@ -109,10 +112,23 @@ def make_batch(source: Source, epoch: int, indices: list[int], cfg: DspConfig) -
 _worker_source: Source | None = None
 
 
-def _init_worker(source: Source) -> None:
-    # Ctrl-C reaches every process of the group: the main process handles it (and closes the pool);
-    # a worker would only print its own KeyboardInterrupt traceback
+def exit_with_parent(poll_s: float = 1.0) -> None:
+    """In a worker process: exit when the process that started it is gone (killed outright, it cannot
+    shut its pool down; its workers were left blocked on a pipe, for good). Ctrl-C is the parent's to
+    handle (a worker would only print its own KeyboardInterrupt traceback)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def _init_worker(source: Source) -> None:
+    exit_with_parent()
     global _worker_source
     _worker_source = source
 
