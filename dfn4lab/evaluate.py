@@ -351,7 +351,10 @@ def run(
     enhanced = Path(out_dir) / "enhanced"
     staged = {name: enhanced / f".{name}.partial" for name in models if name != "noisy"}
     for name, tmp in staged.items():  # refused before minutes of work, not after
-        paths.check_replaceable(enhanced / name, ENHANCED_MARKER)
+        past = enhanced / name
+        if past.is_dir() and all(p.suffix == ".wav" for p in past.iterdir()):  # written before the marker
+            (past / ENHANCED_MARKER).touch()
+        paths.check_replaceable(past, ENHANCED_MARKER)
         shutil.rmtree(tmp, ignore_errors=True)  # an interrupted run's
         tmp.mkdir(parents=True)
         (tmp / ENHANCED_MARKER).write_text("enhanced by python -m dfn4lab.evaluate\n")

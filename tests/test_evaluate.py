@@ -248,6 +248,10 @@ def test_an_interrupted_rerun_leaves_the_past_run_whole_and_user_folders_alone(t
     with pytest.raises(ValueError, match="mine exists and was not written by this command"):
         evaluate.run(items, {"mine": (halve, None)}, out, ["si_sdr"], False)
     assert (out / "enhanced" / "mine" / "notes.txt").read_text() == "my notes"
+    (out / "enhanced" / "old").mkdir()  # an earlier version's folder (.wav files only, no marker) is ours
+    shutil.copy(rows[0]["path"], out / "enhanced" / "old" / "x.wav")
+    evaluate.run(items, {"old": (halve, None)}, out, ["si_sdr"], False)
+    assert not (out / "enhanced" / "old" / "x.wav").exists()
     (tmp_path / "user").mkdir()
     (tmp_path / "user" / "mine.txt").write_text("x")
     with pytest.raises(ValueError, match="user exists and was not written by this command"):
