@@ -346,7 +346,6 @@ def run(
     replace a past run's together when every model is done: an interrupted run leaves the past run's
     audio as its tables describe it. A folder of that name that this command did not write is refused.
     """
-    from tqdm import tqdm
 
     enhanced = Path(out_dir) / "enhanced"
     staged = {name: enhanced / f".{name}.partial" for name in models if name != "noisy"}
@@ -358,47 +357,69 @@ def run(
         shutil.rmtree(tmp, ignore_errors=True)  # an interrupted run's
         tmp.mkdir(parents=True)
         (tmp / ENHANCED_MARKER).write_text("enhanced by python -m dfn4lab.evaluate\n")
-    rows, rtf = [], {}
-    first, _, first_sr = _load_pair(items[0])
-    for name, (enhance, _) in models.items():
-        prepare = getattr(enhance, "prepare", lambda: None)  # set-up that is not enhancement (untimed)
-        if name != "noisy":
-            prepare()
-            enhance(first[:first_sr], first_sr)  # warm-up: graph building, caches, ONNX sessions
-        seconds = elapsed = 0.0
-        for it in tqdm(items, desc=name, unit="file", disable=not progress, file=sys.stderr):
-            noisy, clean, file_sr = _load_pair(it)  # read per model: a large set need not fit in memory
-            prepare()
-            t = time.perf_counter()
-            est = np.asarray(enhance(noisy, file_sr), np.float32)
-            elapsed += time.perf_counter() - t
-            seconds += noisy.size / file_sr
-            path = it.noisy
-            if name != "noisy":
-                path = enhanced / name / f"{it.name}.wav"
-                audio.save(staged[name] / path.name, est, file_sr, subtype="FLOAT")
-            keep = (
-                noisy.size - round(TAIL_S * file_sr)
-                if noisy.size > 2 * round(TAIL_S * file_sr)
-                else noisy.size
+    try:
+        rows, rtf = [], {}
+        first, _, first_sr = _load_pair(items[0])
+        for name, (enhance, _) in models.items():
+            r, rtf[name] = _run_model(
+                name, enhance, items, (first, first_sr), enhanced, staged, metric_names, progress
             )
-            values, flags = metrics.score(clean[:keep], est[:keep], file_sr, metric_names)
-            rows.append(
-                {
-                    "model": name,
-                    "file": it.name,
-                    "snr": float(it.snr),  # unrounded: 4.996 dB is in the 0..5 bin
-                    "seconds": round(noisy.size / file_sr, 3),
-                    **values,
-                    "dropouts": dropouts(noisy[:keep], est[:keep], round(file_sr / 100)),
-                    "flags": "; ".join(f"{m}: {r}" for m, r in flags.items()),
-                    "path": str(path),
-                }
-            )
-        rtf[name] = elapsed / seconds if name != "noisy" else 0.0
+            rows += r
+    except BaseException:  # failed or interrupted: the past run stays, no partial folder is left
+        for tmp in staged.values():
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     for name, tmp in staged.items():
         paths.publish(tmp, enhanced / name, marker=ENHANCED_MARKER)
     return rows, rtf
+
+
+def _run_model(
+    name: str,
+    enhance: Enhancer,
+    items: Sequence[Item],
+    warmup: tuple[np.ndarray, int],
+    enhanced: Path,
+    staged: dict[str, Path],
+    metric_names: Sequence[str],
+    progress: bool,
+) -> tuple[list[dict], float]:
+    """One model of :func:`run`: its rows (audio written to ``staged[name]``, named for ``enhanced``)
+    and its real-time factor."""
+    from tqdm import tqdm
+
+    prepare = getattr(enhance, "prepare", lambda: None)  # set-up that is not enhancement (untimed)
+    if name != "noisy":
+        prepare()
+        enhance(warmup[0][: warmup[1]], warmup[1])  # warm-up: graph building, caches, ONNX sessions
+    rows, seconds, elapsed = [], 0.0, 0.0
+    for it in tqdm(items, desc=name, unit="file", disable=not progress, file=sys.stderr):
+        noisy, clean, file_sr = _load_pair(it)  # read per model: a large set need not fit in memory
+        prepare()
+        t = time.perf_counter()
+        est = np.asarray(enhance(noisy, file_sr), np.float32)
+        elapsed += time.perf_counter() - t
+        seconds += noisy.size / file_sr
+        path = it.noisy
+        if name != "noisy":
+            path = enhanced / name / f"{it.name}.wav"
+            audio.save(staged[name] / path.name, est, file_sr, subtype="FLOAT")
+        tail = round(TAIL_S * file_sr)
+        keep = noisy.size - tail if noisy.size > 2 * tail else noisy.size
+        values, flags = metrics.score(clean[:keep], est[:keep], file_sr, metric_names)
+        rows.append(
+            {
+                "model": name,
+                "file": it.name,
+                "snr": float(it.snr),  # unrounded: 4.996 dB is in the 0..5 bin
+                "seconds": round(noisy.size / file_sr, 3),
+                **values,
+                "dropouts": dropouts(noisy[:keep], est[:keep], round(file_sr / 100)),
+                "flags": "; ".join(f"{m}: {r}" for m, r in flags.items()),
+                "path": str(path),
+            }
+        )
+    return rows, (elapsed / seconds if name != "noisy" else 0.0)
 
 
 def dropouts(noisy: np.ndarray, est: np.ndarray, block: int) -> int:

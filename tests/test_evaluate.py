@@ -239,6 +239,7 @@ def test_an_interrupted_rerun_leaves_the_past_run_whole_and_user_folders_alone(t
     with pytest.raises(KeyboardInterrupt):
         evaluate.run(items, {"m": (breaks, None)}, out, ["si_sdr"], False)
     assert {p.name: p.read_bytes() for p in (out / "enhanced" / "m").iterdir()} == before
+    assert sorted(p.name for p in (out / "enhanced").iterdir()) == ["m"]  # no partial folder left
     rows, _ = evaluate.run(items, {"m": (halve, None)}, out, ["si_sdr"], False)  # a rerun after it
     assert sorted(p.name for p in (out / "enhanced").iterdir()) == ["m"]  # no partial folder left
     assert all(Path(r["path"]).is_file() for r in rows)
