@@ -31,7 +31,6 @@ import math
 import os
 import platform
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -223,9 +222,8 @@ def corpus_test_set(corpus: str | Path, epochs: int = CORPUS_EPOCHS) -> Path:
     if (out / "source.sha256").exists() and (out / "source.sha256").read_text() == digest:
         return out
     paths.check_replaceable(out, "source.sha256")  # a folder of the user's by that name is never replaced
-    tmp = paths.staging(out)  # this process's: two runs never share one
     rows = ["name,snr"]
-    try:
+    with paths.staging(out) as tmp:  # this process's: two runs never share one
         for epoch in range(epochs):
             for i in range(len(mixer)):
                 m = mixer.sample(epoch, i)
@@ -237,8 +235,6 @@ def corpus_test_set(corpus: str | Path, epochs: int = CORPUS_EPOCHS) -> Path:
         (tmp / "manifest.csv").write_text("\n".join(rows) + "\n")
         (tmp / "source.sha256").write_text(digest)
         return paths.publish(tmp, out, marker="source.sha256")
-    finally:  # interrupted or failed: no half-built set left behind
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _size_time(path: str) -> tuple[int, int]:
@@ -258,8 +254,7 @@ def quick_set(folder: str | Path, sr: int = 48000, seconds: float = QUICK_SECOND
     n = round(seconds * sr)
     speech = data.real_speech(sr, seconds * len(QUICK_SNRS))
     rows = ["name,snr"]
-    tmp = paths.staging(folder)
-    try:
+    with paths.staging(folder) as tmp:
         for i, snr in enumerate(QUICK_SNRS):
             clean = speech[i * n : (i + 1) * n]
             noisy = data.mix(clean, data.pink_noise(n, seed=i), snr)
@@ -270,8 +265,6 @@ def quick_set(folder: str | Path, sr: int = 48000, seconds: float = QUICK_SECOND
             rows.append(f"{name},{snr:g}")
         (tmp / "manifest.csv").write_text("\n".join(rows) + "\n")
         return paths.publish(tmp, folder, marker="manifest.csv")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # --- Models ----------------------------------------------------------------------------------------
@@ -348,16 +341,16 @@ def run(
     """
 
     enhanced = Path(out_dir) / "enhanced"
-    staged = {name: enhanced / f".{name}.partial" for name in models if name != "noisy"}
-    for name, tmp in staged.items():  # refused before minutes of work, not after
+    names = [name for name in models if name != "noisy"]
+    for name in names:  # refused before minutes of work, not after
         past = enhanced / name
         if past.is_dir() and all(p.suffix == ".wav" for p in past.iterdir()):  # written before the marker
             (past / ENHANCED_MARKER).touch()
         paths.check_replaceable(past, ENHANCED_MARKER)
-        shutil.rmtree(tmp, ignore_errors=True)  # an interrupted run's
-        tmp.mkdir(parents=True)
-        (tmp / ENHANCED_MARKER).write_text("enhanced by python -m dfn4lab.evaluate\n")
-    try:
+    with contextlib.ExitStack() as stack:  # failed or interrupted: the past run stays, nothing partial
+        staged = {name: stack.enter_context(paths.staging(enhanced / name)) for name in names}
+        for tmp in staged.values():
+            (tmp / ENHANCED_MARKER).write_text("enhanced by python -m dfn4lab.evaluate\n")
         rows, rtf = [], {}
         first, _, first_sr = _load_pair(items[0])
         for name, (enhance, _) in models.items():
@@ -365,12 +358,8 @@ def run(
                 name, enhance, items, (first, first_sr), enhanced, staged, metric_names, progress
             )
             rows += r
-    except BaseException:  # failed or interrupted: the past run stays, no partial folder is left
-        for tmp in staged.values():
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    for name, tmp in staged.items():
-        paths.publish(tmp, enhanced / name, marker=ENHANCED_MARKER)
+        for name, tmp in staged.items():
+            paths.publish(tmp, enhanced / name, marker=ENHANCED_MARKER)
     return rows, rtf
 
 

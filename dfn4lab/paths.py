@@ -4,12 +4,13 @@ are written atomically: complete under a temporary name first, then renamed into
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
 import secrets
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -73,9 +74,12 @@ def check_replaceable(dest: str | os.PathLike, marker: str, keys: tuple[str, ...
     )
 
 
-def staging(dest: str | os.PathLike) -> Path:
-    """A fresh, empty hidden folder beside ``dest`` to build it in, this process's own (two runs building
-    the same ``dest`` never share one); those of processes no longer alive (killed) are removed."""
+@contextlib.contextmanager
+def staging(dest: str | os.PathLike) -> Iterator[Path]:
+    """``with staging(dest) as tmp:`` a fresh, empty hidden folder beside ``dest`` to build it in (then
+    :func:`publish` it), this process's own: two runs building the same ``dest`` never share one. On
+    leaving, whatever was not published is removed (failed or interrupted: no half-built folder left);
+    those of processes no longer alive (killed outright) are removed on entering."""
     dest = Path(dest)
     for old in dest.parent.glob(f".{glob.escape(dest.name)}.building.*"):
         pid = old.name.rsplit(".", 1)[-1]
@@ -84,7 +88,10 @@ def staging(dest: str | os.PathLike) -> Path:
     tmp = dest.with_name(f".{dest.name}.building.{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    return tmp
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already once published
 
 
 def _alive(pid: int) -> bool:

@@ -166,24 +166,8 @@ class RunConfig(JsonConfig):
 
     @classmethod
     def load(cls, path: str | Path) -> RunConfig:
-        """From a JSON or YAML file (``1e-3`` is a number in YAML too, as YAML 1.2 reads it)."""
-        p = Path(path)
-        if p.suffix not in (".yaml", ".yml"):
-            return cls.from_dict(read_json(path))  # a file, or JSON text
-        import yaml
-
-        class Loader(yaml.SafeLoader):  # PyYAML reads YAML 1.1, where 1e-3 (no dot) is a string
-            pass
-
-        exponent = re.compile(r"^[-+]?(?:[0-9][0-9_]*)?\.?[0-9_]*[eE][-+]?[0-9]+$")
-        Loader.add_implicit_resolver("tag:yaml.org,2002:float", exponent, list("-+0123456789."))
-        if not p.is_file():
-            raise FileNotFoundError(f"no such config file: {p}")
-        try:
-            d = yaml.load(p.read_text(), Loader=Loader)  # noqa: S506 - a SafeLoader
-        except yaml.YAMLError as e:
-            raise ValueError(f"{p}: not valid YAML ({' '.join(str(e).split())})") from None
-        return cls.from_dict(d or {})
+        """From a JSON or YAML file (see :func:`read_run_file`)."""
+        return cls.from_dict(read_run_file(path))
 
     def model_config(self) -> ModelConfig:
         """The preset with the overrides (JSON-normalised, so it compares equal to a saved config)."""
@@ -243,6 +227,27 @@ class RankView:
         return self.source.sample(
             epoch, int(self._orders[epoch][k * self.global_batch + self.rank * local + i])
         )
+
+
+def read_run_file(path: str | Path) -> dict[str, Any]:
+    """A run config file's settings: JSON (or JSON text) or YAML, where ``1e-3`` is a number too, as
+    YAML 1.2 reads it; a YAML error is one ValueError naming the file."""
+    p = Path(path)
+    if p.suffix not in (".yaml", ".yml"):
+        return read_json(path)
+    import yaml
+
+    class Loader(yaml.SafeLoader):  # PyYAML reads YAML 1.1, where 1e-3 (no dot) is a string
+        pass
+
+    exponent = re.compile(r"^[-+]?(?:[0-9][0-9_]*)?\.?[0-9_]*[eE][-+]?[0-9]+$")
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", exponent, list("-+0123456789."))
+    if not p.is_file():
+        raise FileNotFoundError(f"no such config file: {p}")
+    try:
+        return yaml.load(p.read_text(), Loader=Loader) or {}  # noqa: S506 - a SafeLoader
+    except yaml.YAMLError as e:
+        raise ValueError(f"{p}: not valid YAML ({' '.join(str(e).split())})") from None
 
 
 def load_data(run: RunConfig):
@@ -911,8 +916,9 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
         "--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. loss.dyn_warmup=500"
     )
     a = ap.parse_args(argv)
-    d = RunConfig.load(a.config).to_dict() if a.config else RunConfig().to_dict()
-    epochs_given = a.epochs is not None or (a.config is not None and "epochs" in _file_keys(a.config))
+    raw = read_run_file(a.config) if a.config else {}
+    d = RunConfig.from_dict(raw).to_dict()
+    epochs_given = a.epochs is not None or "epochs" in raw
     flags = {
         "out": a.out,
         "preset": a.preset,
@@ -953,16 +959,6 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
         epochs = RunConfig.load(saved).epochs if saved.is_file() else epochs_for(run, run.max_steps)
         run = dataclasses.replace(run, epochs=epochs)
     return run
-
-
-def _file_keys(path: str) -> set[str]:
-    """The top-level keys a run config file sets."""
-    p = Path(path)
-    if p.suffix in (".yaml", ".yml"):
-        import yaml
-
-        return set(yaml.safe_load(p.read_text()) or {})
-    return set(read_json(path))
 
 
 @command

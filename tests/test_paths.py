@@ -33,17 +33,18 @@ def test_staging_folders_are_per_process_and_a_dead_process_leaves_none(tmp_path
     stale.mkdir()
     live = tmp_path / f".store.building.{os.getppid()}"  # another build, running
     live.mkdir()
-    tmp = paths.staging(dest)
-    assert tmp == tmp_path / f".store.building.{os.getpid()}" and tmp.is_dir() and not any(tmp.iterdir())
-    assert not stale.exists() and live.exists()
+    with paths.staging(dest) as tmp:
+        assert tmp == tmp_path / f".store.building.{os.getpid()}" and tmp.is_dir() and not any(tmp.iterdir())
+        assert not stale.exists() and live.exists()
+    assert not tmp.exists()  # not published: removed on leaving
 
 
 def test_publish_removes_what_a_publish_killed_between_its_renames_left(tmp_path):
     dest = tmp_path / "set"
     (tmp_path / ".set.old.999999").mkdir()  # the old folder, renamed away; the new one never renamed in
-    tmp = paths.staging(dest)
-    (tmp / "manifest.csv").write_text("name,snr\n")
-    paths.publish(tmp, dest, marker="manifest.csv")
+    with paths.staging(dest) as tmp:
+        (tmp / "manifest.csv").write_text("name,snr\n")
+        paths.publish(tmp, dest, marker="manifest.csv")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["set"]
 
 

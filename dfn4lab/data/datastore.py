@@ -15,6 +15,7 @@ memory maps and is a ``Loader`` source like ``Mixer`` (the same mixtures every e
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import multiprocessing
@@ -92,12 +93,14 @@ def build(
         raise ValueError(f"the data mixes at {mixer.cfg.sr} Hz, the model's features are for {cfg.sr} Hz")
     out = Path(out)
     check_replaceable(out, "manifest.json", MANIFEST_KEYS)  # a user's folder is never replaced
-    tmp = staging(out)
     chunks = [list(range(i, min(i + shard_size, samples))) for i in range(0, samples, shard_size)]
     report, meta, shards = Report(), [], []
     ctx = multiprocessing.get_context("spawn")
     pool = ProcessPoolExecutor(workers, ctx, initializer=exit_with_parent) if workers > 0 else None
-    try:
+    with contextlib.ExitStack() as stack:  # failed or interrupted: no half-built folder, no workers mixing
+        tmp = stack.enter_context(staging(out))
+        if pool is not None:
+            stack.callback(pool.shutdown, cancel_futures=True)
         if pool is not None:
             results = pool.map(_chunk, *zip(*[(mixer, epoch, c, cfg) for c in chunks], strict=True))
         else:
@@ -116,27 +119,21 @@ def build(
                 {"file": name, "first": chunks[k][0], "n": len(chunks[k]), "bytes": size, "sha256": digest}
             )
         manifest = {
-        "version": VERSION,
-        "samples": samples,
-        "shard_size": shard_size,
-        "epoch": epoch,
-        "seed": mixer.seed,
-        "length": mixer.cfg.samples,
-        "mix": asdict(mixer.cfg),
-        "dsp": asdict(cfg),
-        "info": info or {},
-        "shards": shards,
-        "report": report.to_dict(),
-        "meta": meta,
+            "version": VERSION,
+            "samples": samples,
+            "shard_size": shard_size,
+            "epoch": epoch,
+            "seed": mixer.seed,
+            "length": mixer.cfg.samples,
+            "mix": asdict(mixer.cfg),
+            "dsp": asdict(cfg),
+            "info": info or {},
+            "shards": shards,
+            "report": report.to_dict(),
+            "meta": meta,
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
         publish(tmp, out, marker="manifest.json", keys=MANIFEST_KEYS)
-    except BaseException:  # failed or interrupted: no half-built folder left, no workers still mixing
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
     return manifest
 
 

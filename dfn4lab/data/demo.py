@@ -23,6 +23,7 @@ written into a temporary folder that is renamed into place when complete:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing
 import os
@@ -274,16 +275,18 @@ def build(out: str | Path = DEFAULT_OUT, cfg: DemoConfig = DemoConfig(), log=pri
     t0 = time.perf_counter()
     out = Path(out)
     paths.check_replaceable(out, "manifest.json", MANIFEST_KEYS)  # before a minute of work, not after
-    tmp = paths.staging(out)
     jobs = [
         (cfg.seed, s, k, cfg.mics, cfg.rt60) for s, n in zip(SPLITS, cfg.rooms, strict=True) for k in range(n)
     ]
-    pool, rooms_done = None, map(_simulate, jobs)  # lazy: simulated when the RIRs are written
-    if cfg.workers > 1:  # rooms simulate while the sources are read; spawn, as the caller may run MLX
-        ctx = multiprocessing.get_context("spawn")
-        pool = ProcessPoolExecutor(min(cfg.workers, len(jobs)), ctx, initializer=exit_with_parent)
-        rooms_done = pool.map(_simulate, jobs)
-    try:
+    # failed or interrupted: the old corpus stays, no half-built folder, no workers left simulating
+    with contextlib.ExitStack() as stack:
+        tmp = stack.enter_context(paths.staging(out))
+        rooms_done = map(_simulate, jobs)  # lazy: simulated when the RIRs are written
+        if cfg.workers > 1:  # rooms simulate while the sources are read; spawn, as the caller may run MLX
+            ctx = multiprocessing.get_context("spawn")
+            pool = ProcessPoolExecutor(min(cfg.workers, len(jobs)), ctx, initializer=exit_with_parent)
+            stack.callback(pool.shutdown, cancel_futures=True)
+            rooms_done = pool.map(_simulate, jobs)
         clips, skipped = _collect(cfg, log)
         split_of = _assign_splits(clips, cfg)
         files = [_write_clip(tmp, c, split_of[c.group]) for c in clips]
@@ -292,13 +295,7 @@ def build(out: str | Path = DEFAULT_OUT, cfg: DemoConfig = DemoConfig(), log=pri
         manifest = _manifest(cfg, files, skipped)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
         _write_lists(tmp, files)
-    except BaseException:  # failed or interrupted: the old corpus stays, no half-built folder
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
-    paths.publish(tmp, out, marker="manifest.json", keys=MANIFEST_KEYS)
+        paths.publish(tmp, out, marker="manifest.json", keys=MANIFEST_KEYS)
     log(f"demo corpus: {summary(manifest)} in {out} ({time.perf_counter() - t0:.1f} s)")
     return manifest
 
