@@ -8,6 +8,7 @@ result exactly with memory bounded by the chunk.
 
 from __future__ import annotations
 
+import re
 import tempfile
 import warnings
 from importlib.metadata import version
@@ -70,7 +71,8 @@ def model_folder(path: str | Path) -> Path:
         (
             p.parent
             for p in path.rglob("model.safetensors")
-            if not any(part.startswith(".") for part in p.relative_to(path).parts)  # a killed save's .tmp-*
+            # not a killed save's .tmp-*, nor a checkpoint set aside as unreadable (damaged-step-N)
+            if not any(part.startswith((".", "damaged-")) for part in p.relative_to(path).parts)
         ),
         key=lambda p: p.stat().st_mtime,
     )
@@ -81,7 +83,13 @@ def model_folder(path: str | Path) -> Path:
         names = ", ".join(sorted(str(p.relative_to(path)) for p in runs))
         raise ValueError(f"{path} holds several runs ({names}): name one")
     best = [p for p in found if p.name == "best"]
-    return best[0] if best else found[-1]
+    # the newest checkpoint by step, not by time: a copy (cp -r, rsync without -t) renews the times
+    steps = [
+        (int(m[1]), p)
+        for p in found
+        if p.parent.name == "checkpoints" and (m := re.fullmatch(r"step-(\d+)", p.name))
+    ]
+    return best[0] if best else max(steps)[1] if steps else found[-1]
 
 
 def run_root(model: Path) -> Path:

@@ -275,6 +275,17 @@ def test_run_folders_skip_unpublished_saves_and_count_runs_not_bests(tmp_path):
         inference.model_folder(tmp_path)
 
 
+def test_a_run_without_best_resolves_to_its_highest_step_not_its_newest_files(tmp_path):
+    cfg = preset("dfn3")
+    model = inference.build(cfg)
+    run = tmp_path / "run"
+    convert.save(run / "checkpoints" / "step-00000004", model, cfg)
+    time.sleep(0.01)
+    convert.save(run / "checkpoints" / "step-00000002", model, cfg)  # copied last (cp -r): newer files
+    convert.save(run / "checkpoints" / "damaged-step-00000009", model, cfg)  # set aside as unreadable
+    assert inference.model_folder(run) == run / "checkpoints" / "step-00000004"
+
+
 def test_run_folder_resolves_to_its_best_checkpoint(tmp_path):
     cfg = preset("dfn3")
     model = inference.build(cfg)
