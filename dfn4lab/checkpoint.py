@@ -17,7 +17,7 @@ from typing import Any
 
 from dfn4lab import convert
 from dfn4lab.model import DfNet
-from dfn4lab.paths import publish
+from dfn4lab.paths import atomic_write, publish, recover
 
 import mlx.core as mx
 import mlx.optimizers as optim
@@ -32,7 +32,8 @@ def save_checkpoint(folder: Path, model: DfNet, opt: optim.Optimizer, meta: dict
     tmp = folder.with_name(f".tmp-{folder.name}-{os.getpid()}")
     convert.save(tmp, model, model.cfg, meta={"step": str(meta["step"])})
     arrays = {f"opt.{k}": v for k, v in tree_flatten(opt.state)}
-    mx.save_safetensors(str(tmp / "trainer.safetensors"), arrays, metadata={"meta": json.dumps(meta)})
+    metadata = {"meta": json.dumps(meta)}
+    atomic_write(tmp / "trainer.safetensors", lambda p: mx.save_safetensors(p, arrays, metadata=metadata))
     return publish(tmp, folder, marker="trainer.safetensors")
 
 
@@ -43,6 +44,15 @@ def save_step(out: Path, model: DfNet, opt: optim.Optimizer, meta: dict[str, Any
     for old in checkpoints(out)[:-keep] + list(folder.parent.glob(".tmp-*")):
         shutil.rmtree(old, ignore_errors=True)
     return folder
+
+
+def recover_saves(out: Path) -> list[Path]:
+    """Put back the checkpoints (and ``best/``) of run folder ``out`` that a save killed while replacing
+    them left aside (:func:`dfn4lab.paths.recover`); returns them. Without this, a run whose only
+    checkpoint was being replaced would start over."""
+    ckpts = out / "checkpoints"
+    names = {p.name[1:].rsplit(".old.", 1)[0] for p in ckpts.glob(".step-*.old.*")}
+    return [d for d in [*(ckpts / n for n in sorted(names)), out / "best"] if recover(d)]
 
 
 def checkpoints(out: Path) -> list[Path]:

@@ -111,11 +111,40 @@ def publish(tmp: str | os.PathLike, dest: str | os.PathLike, marker: str, keys: 
     check_replaceable(dest, marker, keys)
     for stale in dest.parent.glob(f".{glob.escape(dest.name)}.old.*"):  # a publish killed between renames
         shutil.rmtree(stale, ignore_errors=True)
-    if dest.exists():
+    _fsync_dir(tmp)  # its files' names reach the disk before it is published (their data did)
+    if dest.exists():  # killed between the two renames: recover() puts the old one back
         old = dest.with_name(f".{dest.name}.old.{os.getpid()}")
         os.rename(dest, old)
         os.rename(tmp, dest)
+        _fsync_dir(dest.parent)
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(tmp, dest)
+        _fsync_dir(dest.parent)
     return dest
+
+
+def recover(dest: str | os.PathLike) -> bool:
+    """Put back the folder :func:`publish` set aside as ``.NAME.old.PID`` when it was killed before
+    renaming the new one to ``dest`` (``dest`` is then missing). True when it did."""
+    dest = Path(dest)
+    if dest.exists():
+        return False
+    olds = [
+        p
+        for p in dest.parent.glob(f".{glob.escape(dest.name)}.old.*")
+        if p.is_dir() and p.name.rsplit(".", 1)[-1].isdigit() and not _alive(int(p.name.rsplit(".", 1)[-1]))
+    ]
+    if not olds:
+        return False
+    os.rename(max(olds, key=lambda p: p.stat().st_mtime), dest)
+    return True
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make the entries of folder ``path`` (renames into it) durable: a power cut keeps them."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

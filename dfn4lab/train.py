@@ -43,7 +43,14 @@ from pathlib import Path
 from typing import Any
 
 from dfn4lab import inference, losses, paths
-from dfn4lab.checkpoint import checkpoints, latest_checkpoint, restore, save_checkpoint, save_step
+from dfn4lab.checkpoint import (
+    checkpoints,
+    latest_checkpoint,
+    recover_saves,
+    restore,
+    save_checkpoint,
+    save_step,
+)
 from dfn4lab.cli import command
 from dfn4lab.config import BACKBONES, JsonConfig, ModelConfig, from_dict, preset, read_json
 from dfn4lab.losses import LossConfig
@@ -528,6 +535,8 @@ class Trainer:
         else:
             self.data_cfg, (self.train_src, self.valid_src) = DataConfig().replace(**run.data), data
         mx.random.seed(run.seed)
+        for folder in recover_saves(self.out):
+            self.log(f"put back {folder}: a save was killed while replacing it")
         resuming = bool(checkpoints(self.out))  # its weights come from the checkpoint, not init_from
         self.model = build(run, self.log, initialise=not resuming)
         self.freeze_bn = run.freeze_bn if run.freeze_bn is not None else run.init_from is not None

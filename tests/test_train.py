@@ -262,6 +262,22 @@ def test_unreadable_checkpoints_stop_the_run_instead_of_starting_over(corpus, tm
     assert (tmp_path / "broken" / "metrics.jsonl").read_text() == log  # the run's log is kept
 
 
+def test_a_save_killed_between_its_renames_resumes_from_the_folder_it_set_aside(corpus, tmp_path):
+    out = tmp_path / "gap"
+    run = _run(corpus, out, max_steps=2, compile=False, valid_items=2, keep=1)
+    train.Trainer(run).fit()
+    log = (out / "metrics.jsonl").read_text()
+    dead = 999_999_999  # the killed process
+    for folder in (out / "checkpoints" / "step-00000002", out / "best"):  # os._exit between the renames
+        folder.rename(folder.with_name(f".{folder.name}.old.{dead}"))
+        shutil.copytree(
+            folder.with_name(f".{folder.name}.old.{dead}"), folder.with_name(f".tmp-{folder.name}-{dead}")
+        )
+    t = train.Trainer(run)
+    assert t.step == 2 and (out / "best" / "trainer.safetensors").is_file()  # not a fresh start
+    assert (out / "metrics.jsonl").read_text() == log  # nor an emptied log
+
+
 def test_resume_needs_the_same_settings_and_survives_a_cut_log_line(corpus, tmp_path):
     out = tmp_path / "resume"
     run = _run(corpus, out, max_steps=2, compile=False)
