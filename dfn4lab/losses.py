@@ -375,12 +375,14 @@ def dyn_ramp(lc: LossConfig, step: int) -> float:
 
 def vad_active(lc: LossConfig, step: int, seed: int) -> bool:
     """Whether the VAD regulariser applies at ``step``: every ``vad_every`` steps or with ``vad_prob``
-    (a coin drawn from (seed, step), so a resumed run draws the same)."""
+    (a coin drawn from (seed, step), so a resumed run draws the same; its own stream, spawn key 4)."""
     if lc.vad <= 0 or lc.dynamic == "none":
         return False
     if lc.vad_every > 0 and step % lc.vad_every == 0:
         return True
-    return lc.vad_prob > 0 and np.random.default_rng((seed, step, 7)).random() < lc.vad_prob
+    if lc.vad_prob <= 0:
+        return False
+    return np.random.default_rng(np.random.SeedSequence([seed, step], spawn_key=(4,))).random() < lc.vad_prob
 
 
 # --- everything together ---------------------------------------------------------------------------

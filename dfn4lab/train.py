@@ -228,7 +228,8 @@ class RankView:
 
     def sample(self, epoch: int, index: int) -> Any:
         if epoch not in self._orders:
-            self._orders = {epoch: np.random.default_rng((self.seed, epoch)).permutation(len(self.source))}
+            rng = np.random.default_rng(np.random.SeedSequence([self.seed, epoch], spawn_key=(2,)))
+            self._orders = {epoch: rng.permutation(len(self.source))}
         local = self.global_batch // self.world
         k, i = divmod(index, local)
         return self.source.sample(
@@ -270,7 +271,10 @@ def load_data(run: RunConfig):
             print(f"building the demo corpus in {paths.DEMO} (once)", flush=True)
             demo.build(paths.DEMO)
         path = paths.DEMO / "data_config.json"
-    cfg = DataConfig.from_json(path).replace(**{**run.data, "seed": run.seed})
+    # the run's seed draws its training mixtures; the validation set stays the data config's, so runs of
+    # other seeds are scored on the same mixtures
+    data_cfg = DataConfig.from_json(path).replace(**run.data)
+    cfg = data_cfg.replace(seed=run.seed)
     valid = None
     if run.valid_items > 0 and run.valid_store:
         from dfn4lab.data.datastore import Datastore
@@ -282,7 +286,7 @@ def load_data(run: RunConfig):
             )
     elif run.valid_items > 0 and cfg.list_path("valid", "speech"):
         valid = Mixer.from_config(
-            cfg.replace(mix={"snrs": run.valid_snrs}) if run.valid_snrs else cfg, "valid"
+            data_cfg.replace(mix={"snrs": run.valid_snrs}) if run.valid_snrs else data_cfg, "valid"
         )
     return cfg, Mixer.from_config(cfg, "train"), valid
 
@@ -552,6 +556,7 @@ class Trainer:
         self.step, self.epoch, self.batch = 0, 0, 0
         self.best: float | None = None
         self.bad = 0  # non-finite steps in a row
+        self._records: int | None = None  # records in metrics.jsonl (None: a checkpoint that did not say)
         self._epoch_loss = (0.0, 0)  # sum and count of the losses of this epoch's good steps
         self.history: dict[str, Any] = {"steps": [], "epochs": [], "stopped": "done", "step": 0}
         self._resume()
@@ -566,6 +571,30 @@ class Trainer:
             print(msg, flush=True)
 
     def _resume(self) -> None:
+        try:
+            self._load_checkpoint()
+            failed = None
+        except (ValueError, OSError) as e:
+            failed = e
+        if self.world > 1:  # the ranks agree: one raising alone would leave the others waiting for it
+            if mx.distributed.all_sum(mx.array(int(failed is not None)), group=self.group).item():
+                failed = failed or ValueError(f"another process could not resume {self.out}: see its error")
+        if failed is not None:
+            raise failed
+        if self.world > 1:  # every rank starts from rank 0's state (checkpoints may be on rank 0's disk only)
+            self.model.update(_broadcast(self.model.parameters(), self.group))
+            for k, v in tree_flatten(_broadcast(self.opt.state, self.group)):
+                _assign(self.opt.state, k, v)
+            pos = _broadcast(mx.array([self.step, self.epoch, self.batch, self.bad]), self.group).tolist()
+            self.step, self.epoch, self.batch, self.bad = (int(v) for v in pos)
+            # Evaluated here, not lazily inside the first step's graph: there (MLX 0.32 CPU, ring backend)
+            # the broadcast weights fed NaN losses, or finite wrong gradients under mx.compile, depending
+            # on the model's ops; evaluated first, every variant matched one process.
+            mx.eval(self.model.parameters(), self.opt.state)
+
+    def _load_checkpoint(self) -> None:
+        """The newest readable checkpoint's weights, optimizer state and position, if there is one; a
+        ValueError if it is another run's."""
         found = latest_checkpoint(self.out, self.log) if self.out.exists() else None
         if found is not None:
             folder, weights, arrays, meta = found
@@ -583,17 +612,8 @@ class Trainer:
             restore(self.model, self.opt, weights, arrays)
             self.step, (self.epoch, self.batch), self.best = meta["step"], meta["position"], meta.get("best")
             self.bad, self._epoch_loss = meta.get("bad", 0), tuple(meta.get("epoch_loss", (0.0, 0)))
+            self._records = meta.get("records")
             self.log(f"resuming from {folder} (step {self.step}, epoch {self.epoch}, batch {self.batch})")
-        if self.world > 1:  # every rank starts from rank 0's state (checkpoints may be on rank 0's disk only)
-            self.model.update(_broadcast(self.model.parameters(), self.group))
-            for k, v in tree_flatten(_broadcast(self.opt.state, self.group)):
-                _assign(self.opt.state, k, v)
-            pos = _broadcast(mx.array([self.step, self.epoch, self.batch]), self.group).tolist()
-            self.step, self.epoch, self.batch = (int(v) for v in pos)
-            # Evaluated here, not lazily inside the first step's graph: there (MLX 0.32 CPU, ring backend)
-            # the broadcast weights fed NaN losses, or finite wrong gradients under mx.compile, depending
-            # on the model's ops; evaluated first, every variant matched one process.
-            mx.eval(self.model.parameters(), self.opt.state)
 
     # --- records, checkpoints, validation ---
 
@@ -602,6 +622,7 @@ class Trainer:
             return
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(rec) + "\n")
+        self._records = (self._records or 0) + 1
         self.history["steps" if rec["kind"] == "step" else "epochs"].append(rec)
         if self.callback is not None:
             self.callback(rec)
@@ -614,6 +635,7 @@ class Trainer:
             "epoch_loss": list(self._epoch_loss),  # sum, count so far this epoch (its train_loss)
             "metrics": metrics or {},
             "best": self.best,
+            "records": self._records,  # the log as it was at this checkpoint: a resume cuts it back to them
             "rng": {"seed": self.run.seed, "next_step_seed": _step_seed(self.run.seed, self.step)},
             "run": self.run.to_dict(),
         }
@@ -624,8 +646,12 @@ class Trainer:
             return
         save_step(self.out, self.model, self.opt, self.meta(metrics), self.run.keep)
 
-    def validate(self) -> dict[str, float]:
-        """Validation metrics (rank 0; {} elsewhere or without a valid split); updates ``best/``."""
+    def validate(self, best: bool = True) -> dict[str, float]:
+        """Validation metrics (rank 0; {} elsewhere or without a valid split); updates ``best/`` if ``best``.
+
+        A stop inside an epoch (``max_steps``, ``max_minutes``) validates too, for the log, but only
+        whole epochs compete for ``best/``: a run stopped there and resumed picks the ``best/`` of one
+        never stopped (which does not validate at that step)."""
         run = self.run
         if not (self.lead and self.valid_src is not None and run.valid_items > 0):
             return {}
@@ -637,7 +663,8 @@ class Trainer:
         v = validate(self.model, self._valid_items, run.loss, losses.dyn_ramp(run.loss, self.step))
         set_mode(self.model, True, self.freeze_bn)
         key, sign = run.best_by, (1 if run.best_by == "loss" else -1)
-        if key in v and math.isfinite(v[key]) and (self.best is None or sign * v[key] < sign * self.best):
+        better = self.best is None or sign * v.get(key, math.nan) < sign * self.best
+        if best and key in v and math.isfinite(v[key]) and better:
             self.best = v[key]
             save_checkpoint(self.out / "best", self.model, self.opt, self.meta(v))
         return v
@@ -724,7 +751,7 @@ class Trainer:
             (total, count), self._epoch_loss = self._epoch_loss, (0.0, 0) if complete else self._epoch_loss
             if complete:
                 self.epoch, self.batch = self.epoch + 1, 0
-            v = self.validate()
+            v = self.validate(best=complete)
             rec = {
                 "kind": "epoch",
                 "epoch": self.epoch - 1 if complete else self.epoch,
@@ -736,8 +763,10 @@ class Trainer:
             self.checkpoint(v)
             if self._interrupted(stop):  # during validation: stop at this checkpoint, not a step later
                 return self._stopped()
-        self.history["step"] = self.step
-        self.log(f"finished at step {self.step}; checkpoints in {self.out / 'checkpoints'}")
+        ended = "done" if self.epoch >= run.epochs else "max_steps" if self.step >= limit else "max_minutes"
+        self.history.update(stopped=ended, step=self.step)
+        why = "" if ended == "done" else f" ({ended} {getattr(run, ended)} reached; a larger one goes on)"
+        self.log(f"finished at step {self.step}{why}; checkpoints in {self.out / 'checkpoints'}")
         return self.history
 
     @contextlib.contextmanager
@@ -764,7 +793,7 @@ class Trainer:
             f.write(str(os.getpid()))
             f.flush()
             self.run.to_json(self.out / "run_config.json")
-            _trim_log(self.out / "metrics.jsonl", self.step)
+            self._records = _trim_log(self.out / "metrics.jsonl", self.step, self._records)
             yield  # the lock goes with the file's closing
 
     def _stopped(self) -> dict[str, Any]:
@@ -827,7 +856,8 @@ def train(
     callback: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Train (or resume) ``run`` in ``run.out``; returns the history ``{"steps", "epochs", "stopped",
-    "step"}`` (rank 0 holds the records).
+    "step"}`` (rank 0 holds the records); ``stopped`` says what ended the run: "done" (its epochs),
+    "max_steps", "max_minutes" or "interrupted" (a signal: checkpoint saved, run again to resume).
 
     ``data``: (train, valid or None) sources as ``dfn4lab.data`` makes them (``len()``, ``sample(epoch,
     index)`` with ``noisy``, ``clean``, ``snr``; ``report``); default: ``load_data(run)``. ``callback``
@@ -871,16 +901,23 @@ def _record(line: str) -> dict[str, Any] | None:
 
 
 def _step_seed(seed: int, step: int) -> int:
-    """MLX's RNG seed for a step: a function of (seed, step), so a resumed run draws the same numbers."""
-    return int(np.random.default_rng((seed, step)).integers(2**32))
+    """MLX's RNG seed for a step: a function of (seed, step), so a resumed run draws the same numbers.
+    Its own stream (spawn key 3): the samples' streams are (seed, epoch, index), the shuffles' key 2."""
+    return int(np.random.default_rng(np.random.SeedSequence([seed, step], spawn_key=(3,))).integers(2**32))
 
 
-def _trim_log(path: Path, step: int) -> None:
-    """Drop records past ``step`` (left by a run that died after its last checkpoint)."""
+def _trim_log(path: Path, step: int, records: int | None = None) -> int:
+    """Keep the first ``records`` records (the log of the checkpoint resumed from; else those up to its
+    ``step``), dropping what a run that died after that checkpoint wrote. Returns how many are kept.
+
+    By count, not step: a checkpoint taken at the last batch of an epoch (Ctrl-C) precedes that epoch's
+    record of the same step, which the resumed run writes again."""
     if not path.exists():
-        return
-    keep = [line for line in path.read_text().splitlines() if (r := _record(line)) and r["step"] <= step]
+        return 0
+    recs = [line for line in path.read_text().splitlines() if _record(line)]
+    keep = recs[:records] if records is not None else [line for line in recs if _record(line)["step"] <= step]
     paths.atomic_write(path, "".join(line + "\n" for line in keep))
+    return len(keep)
 
 
 def read_log(out: str | Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -965,7 +1002,8 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     run = RunConfig.from_dict(d)
     if run.max_steps is not None and not epochs_given:  # the lr schedule spans max_steps, not 10 epochs
         saved = Path(run.out) / "run_config.json"  # resuming: its epochs (the lr schedule spans them)
-        epochs = RunConfig.load(saved).epochs if saved.is_file() else epochs_for(run, run.max_steps)
+        resuming = saved.is_file() and checkpoints(Path(run.out))  # not a run killed before its first
+        epochs = RunConfig.load(saved).epochs if resuming else epochs_for(run, run.max_steps)
         run = dataclasses.replace(run, epochs=epochs)
     return run
 

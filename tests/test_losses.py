@@ -251,6 +251,9 @@ def test_schedule_helpers():
     draws = [losses.vad_active(p, s, 7) for s in range(400)]
     assert draws == [losses.vad_active(p, s, 7) for s in range(400)]  # a function of (seed, step)
     assert 0.2 < np.mean(draws) < 0.4
+    # its own stream: before, the coin of step s was the first draw of sample 7 of epoch s (its offset)
+    sample7 = [np.random.default_rng([7, s, 7]).random() < 0.3 for s in range(400)]  # Mixer.sample's stream
+    assert np.mean(np.array(draws) == np.array(sample7)) < 0.8
 
 
 def test_compute_weighs_signs_and_sums_its_terms():

@@ -162,6 +162,12 @@ def test_two_processes_match_one_process_with_the_whole_batch(corpus, tmp_path):
     for key in ("loss", "grad_norm", "mrsl", "lsnr", "dyn_speech", "vad"):
         np.testing.assert_allclose([s[key] for s in two], [s[key] for s in one], rtol=1e-2, err_msg=key)
     assert [s["batch_size"] for s in two] == [2] * 3
+    # a resume the checkpoint refuses ends every process with the error (none is left waiting)
+    r = subprocess.run(
+        [launch, *cmd[1:], "--seed", "7"], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert "rank 0 exited with code 2" in r.stdout + r.stderr  # mlx.launch itself exits 0
+    assert "other settings (seed: 0 -> 7)" in r.stdout + r.stderr
 
 
 def test_rank_views_split_each_global_batch():
@@ -264,17 +270,17 @@ def test_unreadable_checkpoints_stop_the_run_instead_of_starting_over(corpus, tm
 
 def test_a_save_killed_between_its_renames_resumes_from_the_folder_it_set_aside(corpus, tmp_path):
     out = tmp_path / "gap"
-    run = _run(corpus, out, max_steps=2, compile=False, valid_items=2, keep=1)
+    run = _run(corpus, out, max_steps=4, compile=False, valid_items=2, keep=1)
     train.Trainer(run).fit()
     log = (out / "metrics.jsonl").read_text()
     dead = 999_999_999  # the killed process
-    for folder in (out / "checkpoints" / "step-00000002", out / "best"):  # os._exit between the renames
+    for folder in (out / "checkpoints" / "step-00000004", out / "best"):  # os._exit between the renames
         folder.rename(folder.with_name(f".{folder.name}.old.{dead}"))
         shutil.copytree(
             folder.with_name(f".{folder.name}.old.{dead}"), folder.with_name(f".tmp-{folder.name}-{dead}")
         )
     t = train.Trainer(run)
-    assert t.step == 2 and (out / "best" / "trainer.safetensors").is_file()  # not a fresh start
+    assert t.step == 4 and (out / "best" / "trainer.safetensors").is_file()  # not a fresh start
     assert (out / "metrics.jsonl").read_text() == log  # nor an emptied log
 
 
@@ -335,9 +341,57 @@ def test_cli_bad_input_is_one_line(tmp_path, args, message):
 
 def test_time_budget_stops_training(corpus, tmp_path):
     run = _run(corpus, tmp_path / "budget", max_minutes=0.0, compile=False)
-    assert train.Trainer(run).fit()["step"] == 0  # a spent budget trains nothing (3 epochs otherwise)
+    h = train.Trainer(run).fit()
+    assert (h["step"], h["stopped"]) == (
+        0,
+        "max_minutes",
+    )  # a spent budget trains nothing (3 epochs otherwise)
     h = train.Trainer(dataclasses.replace(run, max_minutes=None, max_steps=3)).fit()
-    assert h["step"] == 3
+    assert (h["step"], h["stopped"]) == (3, "max_steps")
+    assert train.Trainer(dataclasses.replace(run, max_minutes=None)).fit()["stopped"] == "done"
+
+
+def test_validation_mixtures_are_the_data_configs_whatever_the_run_seed(corpus, tmp_path):
+    (_, train0, valid0), (_, train1, valid1) = (
+        train.load_data(_run(corpus, tmp_path / "r", valid_items=2, seed=s)) for s in (0, 1)
+    )
+    np.testing.assert_array_equal(valid0.sample(0, 0).noisy, valid1.sample(0, 0).noisy)  # one yardstick
+    assert not np.array_equal(train0.sample(0, 0).noisy, train1.sample(0, 0).noisy)
+
+
+def test_only_whole_epochs_compete_for_best(corpus, tmp_path):
+    """A stop inside an epoch validates for the log; a resumed run keeps the best/ of one never stopped."""
+    run = _run(corpus, tmp_path / "stopped", valid_items=2, epochs=2, compile=False, best_by="loss")
+    train.Trainer(dataclasses.replace(run, max_steps=2)).fit()  # 4 steps an epoch
+    _, epochs = train.read_log(run.out)
+    assert [(r["step"], r["complete"]) for r in epochs] == [(2, False)] and "valid_loss" in epochs[0]
+    assert not (tmp_path / "stopped" / "best").exists()
+    train.Trainer(run).fit()
+    whole = dataclasses.replace(run, out=str(tmp_path / "whole"))
+    train.Trainer(whole).fit()
+    (a, _, meta_a), (b, _, meta_b) = (checkpoint.read_checkpoint(Path(r.out) / "best") for r in (run, whole))
+    assert meta_a["step"] == meta_b["step"] and meta_a["step"] in (4, 8)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_an_epoch_record_is_not_written_twice_after_a_checkpoint_at_its_last_batch(corpus, tmp_path):
+    """Ctrl-C at an epoch's last batch checkpoints before the epoch record; the resumed run writes that
+    record, and if it dies saving its own checkpoint, the next resume must not write it a second time."""
+    out = tmp_path / "twice"
+    run = _run(corpus, out, epochs=2, compile=False)
+    train.Trainer(dataclasses.replace(run, max_steps=4)).fit()  # epoch 0 whole: its record at step 4
+    folder = out / "checkpoints" / "step-00000004"
+    arrays, md = mx.load(str(folder / "trainer.safetensors"), return_metadata=True)
+    meta = json.loads(md["meta"])
+    _, (rec,) = train.read_log(out)
+    # as the Ctrl-C checkpoint at batch 4 of 4 holds it: the epoch not yet closed, its record not written
+    meta.update(position=[0, 4], epoch_loss=[rec["train_loss"] * 4, 4], records=4)
+    mx.save_safetensors(str(folder / "trainer.safetensors"), arrays, metadata={"meta": json.dumps(meta)})
+    train.Trainer(run).fit()
+    _, epochs = train.read_log(out)
+    assert [(r["epoch"], r["step"]) for r in epochs] == [(0, 4), (1, 8)]
+    assert epochs[0] == rec
 
 
 def test_epochs_for_covers_the_steps_with_the_fewest_epochs(corpus, tmp_path):
@@ -354,7 +408,9 @@ def test_epochs_for_covers_the_steps_with_the_fewest_epochs(corpus, tmp_path):
     out = tmp_path / "longer"
     first = train.parse_args([*args, "--max-steps", "4", "--out", str(out)])
     out.mkdir()
-    first.to_json(out / "run_config.json")  # as a started run leaves it
+    first.to_json(out / "run_config.json")  # as a run killed before its first checkpoint leaves it
+    assert train.parse_args([*args, "--max-steps", "100", "--out", str(out)]).epochs == 25  # a new run
+    (out / "checkpoints" / "step-00000004").mkdir(parents=True)  # a started run
     resumed = train.parse_args([*args, "--max-steps", "100", "--out", str(out)])
     assert (first.epochs, resumed.epochs) == (1, 1)  # a longer budget resumes: the saved schedule
     # a short run's schedule spans it (10 epochs, 40 steps, before: stopped at step 4 with the lr barely down)
