@@ -52,6 +52,7 @@ class LossConfig:
     lsnr_window_ms: float = 20.0  # upstream LocalSnrTarget(ws=20); the noise window is twice as long
     mask: float = 0.0  # ERB ideal-amplitude-mask loss on the model's mask (off in DFN3)
     mask_gamma: float = 0.6
+    mask_under: float = 2.0  # extra weight where the mask is below the ideal one (upstream's f_under)
     sisdr: float = 0.0  # weight of -SI-SDR (dB)
     # dynamic loss
     dynamic: str = "none"  # none | awesome
@@ -211,15 +212,17 @@ def local_snr_target(
 
 
 def mask_loss(
-    mask: mx.array, clean: mx.array, noisy: mx.array, cfg: DspConfig, gamma: float = 0.6
+    mask: mx.array, clean: mx.array, noisy: mx.array, cfg: DspConfig, gamma: float = 0.6, under: float = 2.0
 ) -> mx.array:
-    """Upstream ``MaskLoss`` (iam, powers 2 and 4 with factors 1 and 10): mask (batch, time, nb_erb)
-    against the ERB-averaged ideal amplitude mask |clean| / |noisy|, both compressed by ``gamma``."""
-    iam = mx.clip(_mag(clean) / (_mag(noisy) + 1e-10), 0, 1)
-    g_t = mx.stop_gradient((iam @ dsp.erb_fb(cfg)) ** gamma)
+    """Upstream ``MaskLoss`` as upstream's ``Loss`` sets it up (iam, powers 2 and 4 with factors 1 and
+    10, ``f_under`` 2): mask (batch, time, nb_erb) against the ERB-averaged ideal amplitude mask
+    |clean| / |noisy|, both compressed by ``gamma``; errors where the mask is too low weigh ``under``."""
+    clean_mag, noisy_mag = (mx.sqrt(mx.sum(x * x, axis=-1)) for x in (clean, noisy))  # a target: no gradient
+    iam = mx.clip(clean_mag / (noisy_mag + 1e-10), 0, 1)
+    g_t = mx.stop_gradient(mx.maximum(iam @ dsp.erb_fb(cfg), EPS) ** gamma)
     g_p = mx.maximum(mask, EPS) ** gamma
-    d = (g_t - g_p) ** 2
-    return mx.mean(d) + 10 * mx.mean(mx.maximum(d, 1e-13) ** 2)
+    d = mx.maximum((g_t - g_p) ** 2 * mx.where(g_p < g_t, under, 1.0), 1e-13)
+    return mx.mean(d) + 10 * mx.mean(d**2)
 
 
 def si_sdr(pred: mx.array, target: mx.array) -> mx.array:
@@ -418,7 +421,7 @@ def compute(
         target = local_snr_target(clean, noisy - clean, cfg, lsnr_range, lc.lsnr_window_ms)
         parts["lsnr"] = mx.mean((lsnr - target) ** 2) * lc.lsnr
     if lc.mask > 0:
-        parts["mask"] = mask_loss(mask, clean, noisy, cfg, lc.mask_gamma) * lc.mask
+        parts["mask"] = mask_loss(mask, clean, noisy, cfg, lc.mask_gamma, lc.mask_under) * lc.mask
     if lc.dynamic == "awesome":
         terms = dynamic_loss(enh, clean, noisy, cfg, lc, ctl[1])
         factors = {"dyn_speech": lc.dyn_speech, "dyn_noise": lc.dyn_noise, "dyn_smooth": lc.dyn_smooth}

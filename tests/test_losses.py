@@ -126,11 +126,37 @@ def test_local_snr_target_matches_upstream():
     np.testing.assert_allclose(ours, ref.numpy(), atol=1e-3)
 
 
-def test_mask_loss_is_zero_at_the_ideal_mask():
+def _upstream_mask_loss(mask, clean, noisy, erb_fb, gamma=0.6, f_under=2.0, eps=1e-12):
+    """Upstream df/loss.py ``MaskLoss.forward``: iam; powers [2, 4], factors [1, 10], as ``Loss`` sets it."""
+    c, n = (torch.view_as_complex(x.contiguous()) for x in (clean, noisy))
+    iam = (c.abs() / (n.abs() + 1e-10)).clamp(0, 1)
+    g_t = torch.matmul(iam, erb_fb).clamp_min(eps).pow(gamma)
+    g_p = mask.clamp_min(eps).pow(gamma)
+    tmp = g_t.sub(g_p).pow(2)
+    tmp = tmp * torch.where(g_p < g_t, f_under, 1.0)
+    loss = torch.zeros(())
+    for power, factor in zip([2, 4], [1, 10], strict=True):
+        loss = loss + tmp.clamp_min(1e-13).pow(power // 2).mean().mul(factor)
+    return loss
+
+
+def test_mask_loss_matches_upstream_and_is_zero_at_the_ideal_mask():
     _, clean, noisy = _cases()["speech"]
     iam = mx.clip(losses._mag(clean) / (losses._mag(noisy) + 1e-10), 0, 1) @ dsp.erb_fb(CFG)
     assert float(losses.mask_loss(iam, clean, noisy, CFG)) < 1e-10
-    assert float(losses.mask_loss(iam * 0.5, clean, noisy, CFG)) > 1e-3
+    fb = _tc(dsp.erb_fb(CFG)).double()
+    rng = np.random.default_rng(3)
+    for mask in (
+        iam * 0.5,
+        mx.clip(iam + 0.3, 0, 1),
+        mx.array(rng.uniform(0, 1, iam.shape).astype(np.float32)),
+    ):
+        for gamma, under in ((0.6, 2.0), (0.3, 1.0)):
+            ours = float(losses.mask_loss(mask, clean, noisy, CFG, gamma, under))
+            ref = _upstream_mask_loss(
+                _tc(mask).double(), _tc(clean).double(), _tc(noisy).double(), fb, gamma, under
+            )
+            assert ours == pytest.approx(float(ref), rel=1e-4)
 
 
 # --- the dynamic loss ------------------------------------------------------------------------------
