@@ -17,12 +17,22 @@ import math
 
 from dfn4lab import convert, dsp
 from dfn4lab.config import BackboneConfig, ModelConfig
-from dfn4lab.model import LSNR_DROPOUT_DB, df_heads
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+# Written here from upstream, not imported from dfn4lab.model: the twin checks the model.
+LSNR_DROPOUT_DB = -10.0  # upstream deepfilternet3.py: training drops frames with lsnr <= -10 dB
+
+
+def df_heads(cfg: ModelConfig) -> list[tuple[int, int, int]]:
+    """(bins, order, lookahead) of the DF heads, main first: a complex gain is a one-tap filter without
+    look-ahead; the extra heads of ``multires_df`` filter with the look-ahead their order allows."""
+    main = (cfg.dsp.nb_df, 1, 0) if cfg.complex_gain else (cfg.dsp.nb_df, cfg.df_order, cfg.df_lookahead)
+    return [main] + [(bins, order, min(cfg.df_lookahead, order - 1)) for bins, order in cfg.multires_df]
+
 
 NORM_EPS = 1e-5  # RMSNorm/LayerNorm/BatchNorm eps, as in dfn4lab.backbones and mlx.nn
 CONSTANT_BUFFERS = ("erb_fb", "mask.erb_inv_fb")  # upstream's filterbank buffers, rebuilt from the config
