@@ -87,13 +87,30 @@ def test_adaptive_order_tap_weights():
     np.testing.assert_allclose(w[..., -1], 1.0, atol=1e-6)  # the newest tap is always used
     assert (np.diff(w, axis=-1) >= -1e-7).all()  # older taps are never kept more than newer ones
     assert la < order
+    # tap k (oldest first) is kept with P(order >= order - k), from the softmax over orders 1..N
+    fc = model.df_dec.order_fc
+    logits = np.array(c) @ np.array(fc.weight).T + np.array(fc.bias)
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    np.testing.assert_allclose(
+        w, [[[p[0, t, order - k - 1 :].sum() for k in range(order)] for t in range(5)]], atol=1e-6
+    )
 
 
 def test_complex_gain_is_a_one_tap_filter():
     model = _model(complex_gain=True)
     assert model.df_history == 0
-    coefs = model(*model_inputs(model.cfg, T))[3]
+    x = model_inputs(model.cfg, T)
+    spec_e, _, _, coefs = model(*x)
     assert coefs.shape[-1] == 2
+    nb_df = model.cfg.dsp.nb_df
+
+    def cplx(a: mx.array) -> np.ndarray:
+        a = np.array(a)
+        return a[..., 0] + 1j * a[..., 1]
+
+    # each DF bin is its complex gain times the same frame's bin
+    np.testing.assert_allclose(cplx(spec_e[:, :, :nb_df]), cplx(coefs) * cplx(x[0][:, :, :nb_df]), atol=1e-5)
 
 
 def test_running_stats_update_in_training_only():
