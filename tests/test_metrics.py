@@ -35,6 +35,36 @@ def ar1(n: int, rho: float, seed: int) -> np.ndarray:
     return lfilter([1.0], [1.0, -rho], np.random.default_rng(seed).standard_normal(n)) * 0.05
 
 
+def _composite_pair(snr: float) -> tuple[np.ndarray, np.ndarray]:
+    """16 kHz, 2 s: a harmonic voice with syllable-rate envelope over AR(1) noise (no silent frame,
+    where the ports of composite.m disagree), plus AR(1) noise at ``snr`` dB."""
+    from scipy.signal import lfilter
+
+    rng = np.random.default_rng(11)
+    t = np.arange(32000) / 16000
+    env = 0.55 + 0.45 * np.sin(2 * np.pi * 3 * t)
+    voiced = sum(np.sin(2 * np.pi * 140.0 * k * t) / k for k in range(1, 12))
+    clean = env * (0.1 * voiced + lfilter([1.0], [1.0, -0.9], rng.standard_normal(t.size)) * 0.02)
+    noise = lfilter([1.0], [1.0, -0.5], rng.standard_normal(t.size))
+    noise *= np.sqrt(np.mean(clean**2) / np.mean(noise**2)) * 10 ** (-snr / 20)
+    return clean, clean + noise
+
+
+@pytest.mark.parametrize(
+    ("snr", "llr", "wss", "ssnr"),
+    [(0, 0.9223357474023822, 25.393963749327234, -2.490365984990863),
+     (10, 0.3622987016459407, 12.229768204528323, 6.647703738978675)],
+)  # fmt: skip
+def test_composite_measures_match_an_independent_port_of_composite_m(snr, llr, wss, ssnr):
+    """Values of pysepm-evo 0.1.1 (``qualityMeasures.llr(used_for_composite=True)``, ``wss``,
+    ``SNRseg``), another Python port of Loizou's composite.m. Not a dependency: it needs numba and
+    no longer imports with current SciPy. Its LLR skips the last frame, hence the tolerance."""
+    clean, noisy = _composite_pair(snr)
+    assert metrics.llr(clean, noisy, SR) == pytest.approx(llr, rel=2e-3)
+    assert metrics.wss(clean, noisy, SR) == pytest.approx(wss, rel=1e-6)
+    assert metrics.segmental_snr(clean, noisy, SR) == pytest.approx(ssnr, rel=1e-6)
+
+
 def test_composite_regression_reproduces_loizous_published_example():
     # composite.m's README: sp09.wav vs enhanced_logmmse.wav gives LLR 0.681368, SNRseg 3.991727,
     # WSS 49.671978, PESQ 2.255732 -> Csig 3.3050, Cbak 2.6160, Covl 2.7133.
