@@ -12,6 +12,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import dfn4lab  # noqa: F401  (binds the BLAS before mlx.core)
 from dfn4lab.config import ModelConfig, preset
@@ -46,6 +47,28 @@ def model_inputs(cfg: ModelConfig, t: int, batch: int = 2, seed: int = 0) -> tup
     erb = rng.standard_normal((batch, t, d.nb_erb)) * 0.3 - 0.4
     dfs = rng.standard_normal((batch, t, d.nb_df, 2)) * 0.5
     return tuple(mx.array(x.astype(np.float32)) for x in (spec, erb, dfs))
+
+
+class SpeechInPink:
+    """A data source of real speech (alsa-utils' prompts) in pink noise at ``snr`` dB, 1 s crops at 48 kHz
+    (``dfn4lab.data``'s interface): DFN3 knows what to do with it."""
+
+    def __init__(self, n: int, snr: float = 5.0):
+        from dfn4lab import data
+        from dfn4lab.data.checks import Report
+
+        self.speech, self.n, self.snr, self.report = data.real_speech(48000, 12.0), n, snr, Report()
+
+    def __len__(self) -> int:
+        return self.n
+
+    def sample(self, epoch: int, index: int) -> SimpleNamespace:
+        from dfn4lab import data
+
+        start = int(np.random.default_rng((epoch, index)).integers(0, self.speech.size - 48000))
+        clean = self.speech[start : start + 48000]
+        noisy = data.mix(clean, data.pink_noise(clean.size, seed=1000 * epoch + index), self.snr)
+        return SimpleNamespace(noisy=noisy, clean=clean, snr=self.snr)
 
 
 @pytest.fixture(scope="session")

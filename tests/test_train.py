@@ -13,7 +13,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import dfn4lab  # noqa: F401
 from dfn4lab import checkpoint, data, train
@@ -25,7 +24,7 @@ from dfn4lab.train import RankView, RunConfig
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import TINY, tiny_cfg
+from conftest import TINY, SpeechInPink, tiny_cfg
 from mlx.utils import tree_flatten
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -510,24 +509,6 @@ def test_validation_loss_weighs_items_not_batches(corpus, tmp_path):
     assert loss[1] == pytest.approx(loss[0], rel=1e-4) and loss[2] == pytest.approx(loss[0], rel=1e-4)
 
 
-class _SpeechInPink:
-    """Real speech (alsa-utils' prompts) in pink noise at 5 dB, 1 s crops: DFN3 knows what to do with it."""
-
-    def __init__(self, n: int):
-        from dfn4lab.data.checks import Report
-
-        self.speech, self.n, self.report = data.real_speech(48000, 12.0), n, Report()
-
-    def __len__(self) -> int:
-        return self.n
-
-    def sample(self, epoch: int, index: int) -> SimpleNamespace:
-        start = int(np.random.default_rng((epoch, index)).integers(0, self.speech.size - 48000))
-        clean = self.speech[start : start + 48000]
-        noisy = data.mix(clean, data.pink_noise(clean.size, seed=1000 * epoch + index), 5.0)
-        return SimpleNamespace(noisy=noisy, clean=clean, snr=5.0)
-
-
 @pytest.mark.skipif(not data.speech_files(), reason="needs real speech (alsa-utils or the demo corpus)")
 def test_finetune_from_dfn3_keeps_si_sdr_and_honours_freeze_and_skip(tmp_path):
     from dfn4lab import inference
@@ -549,7 +530,7 @@ def test_finetune_from_dfn3_keeps_si_sdr_and_honours_freeze_and_skip(tmp_path):
             "optim": {"lr": 1e-5, "warmup_steps": 1, "warmup_start": 1.0},
         }
     )
-    t = train.Trainer(run, (_SpeechInPink(4), _SpeechInPink(4)))
+    t = train.Trainer(run, (SpeechInPink(4), SpeechInPink(4)))
     official = dict(tree_flatten(inference.load_pretrained("dfn3").parameters()))
     ours = dict(tree_flatten(t.model.parameters()))
     assert not np.array_equal(

@@ -2,41 +2,24 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import dfn4lab  # noqa: F401
 from dfn4lab import data, inference, losses, metrics, validation
-from dfn4lab.data.checks import Report
 from dfn4lab.losses import LossConfig
 
 import numpy as np
 import pytest
+from conftest import SpeechInPink
 
 pytestmark = pytest.mark.skipif(
     not data.speech_files(), reason="needs real speech (alsa-utils or the demo corpus)"
 )
 
 
-class _SpeechInPink:
-    """Real speech in pink noise at 0 dB, 1 s crops."""
-
-    def __init__(self, n: int):
-        self.speech, self.n, self.report = data.real_speech(48000, 6.0), n, Report()
-
-    def __len__(self) -> int:
-        return self.n
-
-    def sample(self, epoch: int, index: int) -> SimpleNamespace:
-        clean = self.speech[index * 48000 : (index + 1) * 48000]
-        noisy = data.mix(clean, data.pink_noise(clean.size, seed=index), 0.0)
-        return SimpleNamespace(noisy=noisy, clean=clean, snr=0.0)
-
-
 def test_validate_reports_stoi_and_si_sdr_of_the_enhanced_and_the_noisy_audio():
     from pystoi import stoi
 
     model = inference.load_pretrained("dfn3").eval()
-    items = validation.validation_items(_SpeechInPink(3), 3, 2, model.cfg.dsp)
+    items = validation.validation_items(SpeechInPink(3, snr=0.0), 3, 2, model.cfg.dsp)
     rec = validation.validate(model, items, LossConfig(), 1.0)
 
     expect: dict[str, list[float]] = {"stoi": [], "stoi_noisy": [], "si_sdr": [], "si_sdr_noisy": []}
