@@ -215,9 +215,7 @@ def corpus_test_set(corpus: str | Path, epochs: int = CORPUS_EPOCHS) -> Path:
     cfg = DataConfig.from_json(corpus / "data_config.json")
     mixer = Mixer.from_config(cfg, "test")
     sources = [corpus / "data_config.json", *(Path(p) for p in cfg.lists.get("test", {}).values())]
-    # the audio too, by size and time (a file edited in place changes the set; reading it all would not pay)
-    stats = [(e.path, *_size_time(e.path)) for e in mixer.speech + mixer.noise + mixer.rirs]
-    blob = b"".join(p.read_bytes() for p in sources) + repr((stats, epochs)).encode()
+    blob = b"".join(p.read_bytes() for p in sources) + repr((mixer.files_digest(), epochs)).encode()
     digest = hashlib.sha256(blob).hexdigest()
     if (out / "source.sha256").exists() and (out / "source.sha256").read_text() == digest:
         return out
@@ -235,15 +233,6 @@ def corpus_test_set(corpus: str | Path, epochs: int = CORPUS_EPOCHS) -> Path:
         (tmp / "manifest.csv").write_text("\n".join(rows) + "\n")
         (tmp / "source.sha256").write_text(digest)
         return paths.publish(tmp, out, marker="source.sha256")
-
-
-def _size_time(path: str) -> tuple[int, int]:
-    """A file's size and modification time (ns); (-1, -1) when it is gone (the mixer skips it)."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return -1, -1
-    return st.st_size, st.st_mtime_ns
 
 
 def quick_set(folder: str | Path, sr: int = 48000, seconds: float = QUICK_SECONDS) -> Path:
@@ -534,8 +523,6 @@ def _cpu_name() -> str:
 
 
 def _cores() -> int:
-    import os
-
     return os.cpu_count() or 1
 
 

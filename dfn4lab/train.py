@@ -557,6 +557,8 @@ class Trainer:
         self.best: float | None = None
         self.bad = 0  # non-finite steps in a row
         self._records: int | None = None  # records in metrics.jsonl (None: a checkpoint that did not say)
+        # what the training data were (lists, file sizes and times): a resume on other data is said
+        self._data_digest = self.train_src.files_digest() if hasattr(self.train_src, "files_digest") else None
         self._epoch_loss = (0.0, 0)  # sum and count of the losses of this epoch's good steps
         self.history: dict[str, Any] = {"steps": [], "epochs": [], "stopped": "done", "step": 0}
         self._resume()
@@ -613,6 +615,16 @@ class Trainer:
             self.step, (self.epoch, self.batch), self.best = meta["step"], meta["position"], meta.get("best")
             self.bad, self._epoch_loss = meta.get("bad", 0), tuple(meta.get("epoch_loss", (0.0, 0)))
             self._records = meta.get("records")
+            if (
+                None not in (meta.get("data_digest"), self._data_digest)
+                and meta["data_digest"] != self._data_digest
+            ):
+                warnings.warn(
+                    f"the training data changed since {folder} was saved (lists, or files rebuilt or "
+                    "edited): the resumed run will not match one never stopped (a moved or copied corpus "
+                    "says this too)",
+                    stacklevel=2,
+                )
             self.log(f"resuming from {folder} (step {self.step}, epoch {self.epoch}, batch {self.batch})")
 
     # --- records, checkpoints, validation ---
@@ -636,6 +648,7 @@ class Trainer:
             "metrics": metrics or {},
             "best": self.best,
             "records": self._records,  # the log as it was at this checkpoint: a resume cuts it back to them
+            "data_digest": self._data_digest,
             "rng": {"seed": self.run.seed, "next_step_seed": _step_seed(self.run.seed, self.step)},
             "run": self.run.to_dict(),
         }

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import dfn4lab  # noqa: F401
@@ -356,6 +358,20 @@ def test_validation_mixtures_are_the_data_configs_whatever_the_run_seed(corpus, 
     )
     np.testing.assert_array_equal(valid0.sample(0, 0).noisy, valid1.sample(0, 0).noisy)  # one yardstick
     assert not np.array_equal(train0.sample(0, 0).noisy, train1.sample(0, 0).noisy)
+
+
+def test_a_resume_on_changed_data_says_so(corpus, tmp_path):
+    copy = tmp_path / "demo"
+    shutil.copytree(corpus.parent, copy)  # its lists are relative to themselves
+    run = _run(copy / "data_config.json", tmp_path / "run", max_steps=2, compile=False)
+    train.Trainer(run).fit()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train.Trainer(dataclasses.replace(run, max_steps=3))  # the same data: not a word
+    speech = train.load_data(run)[1].speech[0].path
+    os.utime(speech, ns=(0, 0))  # rebuilt or edited
+    with pytest.warns(UserWarning, match="training data changed since .*step-00000002 was saved"):
+        train.Trainer(dataclasses.replace(run, max_steps=3))
 
 
 def test_only_whole_epochs_compete_for_best(corpus, tmp_path):

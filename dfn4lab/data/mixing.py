@@ -24,7 +24,9 @@ was already known, because each slot draws its random numbers before the file is
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -94,6 +96,22 @@ class Mixer:
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_rir_cache": {}}  # workers refill their own cache
+
+    def files_digest(self) -> str:
+        """SHA-256 of what this mixer reads: its lists (path, size, modification time of every file; a
+        missing file counts as such) and settings. Files are not read: a file edited in place changes
+        its time, which is enough to notice, and reading a corpus would not pay."""
+
+        def size_time(path: str) -> tuple[int, int]:
+            try:
+                st = os.stat(path)
+            except OSError:
+                return -1, -1
+            return st.st_size, st.st_mtime_ns
+
+        files = [(e.path, *size_time(e.path)) for e in self.speech + self.noise + self.rirs]
+        settings = (self.cfg, self.check, self.seed, self.samples_per_epoch)
+        return hashlib.sha256(repr((files, settings)).encode()).hexdigest()
 
     def speech_index(self, epoch: int, index: int) -> int:
         """The speech file of sample ``index`` of ``epoch``: position ``epoch * len(self) + index`` in
