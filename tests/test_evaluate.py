@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import dfn4lab  # noqa: F401
-from dfn4lab import audio, convert, data, evaluate, inference, macs
+from dfn4lab import audio, checkpoint, convert, data, evaluate, inference, macs, report
 from dfn4lab.backbones import GroupedLinear
 from dfn4lab.config import preset
 from dfn4lab.layers import ConvBlock
@@ -318,6 +318,31 @@ def test_run_folder_resolves_to_its_best_checkpoint(tmp_path):
 @pytest.mark.skipif(
     not data.speech_files(), reason="the quick set needs real speech (alsa-utils or the demo corpus)"
 )
+def test_a_run_is_scored_and_reported_at_its_checkpoint_step(tmp_path):
+    from dfn4lab import train
+    from dfn4lab.backbones import param_count
+
+    from conftest import tiny_cfg
+
+    model = inference.build(tiny_cfg())
+    opt = train.make_optimizer(train.OptimConfig(), 10)
+    opt.init(model.trainable_parameters())
+    run = tmp_path / "runs" / "tiny"
+    checkpoint.save_checkpoint(run / "best", model, opt, {"step": 4, "position": [1, 0]})
+    (run / "metrics.jsonl").write_text(
+        "".join(json.dumps({"kind": "step", "step": s}) + "\n" for s in (1, 2, 3, 4, 5, 6))
+    )
+    assert evaluate.model_source(str(run)) == {"folder": str(run / "best"), "step": 4, "run_steps": 6}
+    assert evaluate.model_source("dfn3") == {"name": "dfn3"}
+    quick = evaluate.quick_set(tmp_path / "set")
+    evaluate.evaluate(
+        str(quick), [str(run)], out_dir=tmp_path / "out", metric_names=["si_sdr"], progress=False
+    )
+    block = "\n".join(report.eval_table(tmp_path / "out"))
+    assert f"| tiny | {param_count(model) / 1e6:.2f} |" in block  # its size beside its scores
+    assert "at the checkpoint of their best whole epoch (step tiny 4 of 6)" in block
+
+
 def test_quick_cli_end_to_end(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "dfn4lab.evaluate", "--quick", "--official", "--out", str(tmp_path)],
@@ -344,6 +369,8 @@ def test_quick_cli_end_to_end(tmp_path):
     assert abs(dfn3["pesq"] - official["pesq"]) < 0.01
     assert abs(dfn3["si_sdr"] - official["si_sdr"]) < 0.05
     assert dfn3["params"] == official["params"] > 2e6 and dfn3["rtf"] > 0
+    block = "\n".join(report.eval_table(tmp_path))  # the README's table of it
+    assert "| dfn3 | 2.14 |" in block and "dfn3 − official runtime, paired over all files: PESQ" in block
     before = table
     assert evaluate.main(["--quick", "--models", "", "--out", str(tmp_path)]) == 2  # nothing to evaluate
     assert (tmp_path / "results.md").read_text() == before  # not rewritten with the noisy row alone
