@@ -375,6 +375,48 @@ def epochs_for(run: RunConfig, steps: int) -> int:
     return max(1, epochs)
 
 
+def demo_run(
+    out: str | Path,
+    backbone: str,
+    max_steps: int,
+    schedule_steps: int,
+    quick: bool = False,
+    data_config: str | None = None,
+) -> RunConfig:
+    """Notebook 04's recipe on the demo corpus: the ``dfn4-lite`` preset with ``backbone`` at the GRU
+    model's parameter count (``bench.matched_config``: runs compare backbones, not sizes), 1 s mixtures,
+    batch 8, validation on 32 mixtures, a checkpoint every third of the run; the lr warms up over a tenth
+    of ``schedule_steps`` and its schedule spans the epochs that hold them, so the same run may be
+    resumed up to there. ``quick``: batch 2, 4 validation mixtures, not compiled (a smoke test).
+    ``data_config``: another corpus than the demo one."""
+    from dfn4lab.backbones import param_count
+    from dfn4lab.bench import matched_config
+    from dfn4lab.inference import build
+
+    gru = preset("dfn4-lite", backbone="gru")
+    m = matched_config(backbone, param_count(build(gru)), gru) if backbone != "gru" else gru
+    batch, data = 2 if quick else 8, {"mix": {"max_len_s": 1.0}}
+    return RunConfig(
+        out=str(out),
+        preset="dfn4-lite",
+        model={
+            "backbone": dataclasses.asdict(m.backbone),
+            "emb_hidden_dim": m.emb_hidden_dim,
+            "df_hidden_dim": m.df_hidden_dim,
+        },
+        max_steps=max_steps,
+        data_config=data_config,
+        epochs=epochs_for(RunConfig(batch_size=batch, data=data, data_config=data_config), schedule_steps),
+        batch_size=batch,
+        data=data,
+        valid_items=4 if quick else 32,
+        ckpt_every=max(2, max_steps // 3),
+        optim=OptimConfig(warmup_steps=max(1, schedule_steps // 10)),
+        progress=False,
+        compile=not quick,  # compiling pays off in long runs
+    )
+
+
 def make_optimizer(oc: OptimConfig, steps: int) -> optim.AdamW:
     """AdamW; lr rises linearly from ``warmup_start * lr``, then a cosine brings it to ``min_lr``."""
     warm = max(1, min(oc.warmup_steps, steps - 1)) if steps > 1 else 1

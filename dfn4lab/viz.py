@@ -76,7 +76,9 @@ def trace(y: np.ndarray, ax=None, title: str = "", ylabel: str = "", xlabel: str
     return fig
 
 
-def deep_filter_op(out: dict, sr: int, k: int, start: int = 0, frames: int = 80, lookahead: int = 2):
+def deep_filter_op(
+    out: dict, sr: int, k: int, start: int = 0, frames: int = 80, lookahead: int = 2, hop: int | None = None
+):
     """The deep filter at STFT bin ``k``: ``Y[t] = sum_n c[t, n] X[t - (order - 1 - lookahead) + n]``.
 
     ``out``: ``inference.analyze``'s result. Top: the complex taps' magnitudes over the frames (which
@@ -87,7 +89,7 @@ def deep_filter_op(out: dict, sr: int, k: int, start: int = 0, frames: int = 80,
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 5), sharex=True)
     extent = (start, start + frames, -0.5, order - 0.5)
     im = top.imshow(c.T, origin="lower", aspect="auto", cmap="viridis", extent=extent)
-    fig.colorbar(im, ax=[top, bottom], fraction=0.04)
+    fig.colorbar(im, ax=[top, bottom], fraction=0.04, label="|c[t, n]| (top panel)")
     past = order - 1 - lookahead
     top.set_yticks(range(order), [f"t{n - past:+d}" if n != past else "t" for n in range(order)])
     hz = k * sr / (2 * (out["spec"].shape[1] - 1))
@@ -95,7 +97,7 @@ def deep_filter_op(out: dict, sr: int, k: int, start: int = 0, frames: int = 80,
     t = np.arange(start, start + frames)
     for name, spec in (("noisy X", out["spec"]), ("enhanced Y", out["enhanced_spec"])):
         bottom.plot(t, 20 * np.log10(np.abs(spec[start : start + frames, k]) + 1e-9), label=name)
-    bottom.set(xlabel="frame", ylabel="dB")
+    bottom.set(xlabel=f"frame ({1000 * hop / sr:g} ms hops)" if hop else "frame", ylabel="|STFT bin| (dB)")
     bottom.legend()
     bottom.grid(alpha=0.3)
     return fig
@@ -106,8 +108,10 @@ def filterbank(fb: np.ndarray, sr: int, ax=None, title: str = "ERB filterbank"):
     bottom: on a linear axis the lowest ~20 of 32 crowd below 1.5 kHz)."""
     fig, ax = _ax(ax)
     f = np.linspace(0, sr / 2, fb.shape[0]) / 1000
-    ax.plot(f[1:], fb[1:])  # the DC bin has no place on a log axis
-    ax.set(xlabel="kHz", ylabel="weight", title=f"{title} ({fb.shape[1]} bands)", xscale="log")
+    ax.set_prop_cycle(color=plt.cm.viridis(np.linspace(0, 0.9, fb.shape[1])))  # one colour a band
+    ax.plot(f[1:], fb[1:], drawstyle="steps-mid")  # rectangular bands, bin by bin; DC has no log position
+    title = f"{title} ({fb.shape[1]} bands; the DC bin, in band 0, off the log axis)"
+    ax.set(xlabel="kHz", ylabel="weight", title=title, xscale="log")
     ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
     return fig
 
@@ -226,12 +230,19 @@ def _label(metric: str) -> str:
     return LABELS.get(metric, metric)
 
 
+METRIC_RANGE = {"pesq": (1.0, 4.65), "stoi": (0.0, 1.0), "estoi": (0.0, 1.0), "dnsmos_ovrl": (1.0, 5.0)}
+
+
 def metric_vs_snr(result: dict, metric: str = "pesq", ax=None):
     """Mean and 95 % CI of ``metric`` per SNR bin, one line per model; ``result`` from ``evaluate``."""
     fig, ax = _ax(ax, figsize=(6, 3.5))
-    bins = result["summary"]["snr_bins"]
-    x = np.arange(len(bins))
     models = list(result["summary"]["overall"])
+
+    def n(b: dict) -> int:  # files in a bin that have the metric (noise-only files have no PESQ)
+        return max(((b.get(m, {}).get(metric) or {}).get("n") or 0 for m in models), default=0)
+
+    bins = {k: b for k, b in result["summary"]["snr_bins"].items() if n(b)}
+    x = np.arange(len(bins))
     for k, model in enumerate(models):
         stats = [bins[b].get(model, {}).get(metric) or {"mean": None, "ci": None} for b in bins]
         mean = [np.nan if s["mean"] is None else s["mean"] for s in stats]
@@ -241,8 +252,10 @@ def metric_vs_snr(result: dict, metric: str = "pesq", ax=None):
             x + 0.06 * (k - (len(models) - 1) / 2), mean, yerr=ci, capsize=3, label=model,
             marker="os^Dvx*"[k % 7], ls=["-", "--", ":", "-."][k % 4],
         )  # fmt: skip
-    ax.set_xticks(x, list(bins))
-    ax.set(xlabel="SNR bin (dB)", ylabel=_label(metric), title=f"{_label(metric)} against input SNR")
+    ax.set_xticks(x, [f"{k}\nn={n(b)}" for k, b in bins.items()])
+    ax.set(xlabel="SNR bin (dB); n files", ylabel=_label(metric), title=f"{_label(metric)} against input SNR")
+    if metric in METRIC_RANGE:  # a few files make wide intervals: keep to the scale's own range
+        ax.set_ylim(*METRIC_RANGE[metric])
     ax.grid(alpha=0.3)
     ax.legend()
     return fig
@@ -506,8 +519,8 @@ def latency_hist(times_ms: np.ndarray, algorithmic_ms: float, ax=None, bins: int
 
 
 def stream_bench(result: dict, ax=None):
-    """``stream.benchmark``'s result: median time per hop of every case (bar) up to its p99 (whisker),
-    default engines and the compiled MLX hops, against the official runtime's median (line); log scale."""
+    """``stream.benchmark``'s result: median time per hop of every case (bar, labelled) up to its p99
+    (whisker), default engines and the compiled MLX hops, against the official runtime's median (line)."""
     rows = [*result["cases"], *result.get("compiled", [])]
     labels = [f"{r['model']} {r['backbone']}\n{r['engine']}" for r in rows]
     med = np.array([r["median_ms"] for r in rows])
@@ -518,12 +531,11 @@ def stream_bench(result: dict, ax=None):
         at = [i for i, r in enumerate(rows) if r["engine"] == engine]
         if at:
             yerr = [np.zeros(len(at)), p99[at] - med[at]]
-            ax.bar(at, med[at], color=color, yerr=yerr, capsize=3, label=f"{engine} engine")
+            bars = ax.bar(at, med[at], color=color, yerr=yerr, capsize=3, label=f"{engine} engine")
+            ax.bar_label(bars, labels=[f"{m:.2f}" for m in med[at]], fontsize=7, label_type="center")
     official = result["official"]["median_ms"]
     ax.axhline(official, color="k", ls=":", label=f"official runtime, median {official:.2f} ms")
     ax.set_xticks(range(len(rows)), labels, fontsize=7)
-    ax.set(ylabel="ms per 10 ms hop", yscale="log", title="streaming: median per hop, whisker to p99")
-    ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))  # 0.3, not 3x10^-1
-    ax.yaxis.set_minor_formatter(NullFormatter())  # labelled minor ticks overlapped
+    ax.set(ylabel="ms per 10 ms hop", title="streaming: median per hop (labelled), whisker to p99")
     ax.legend(fontsize=8)
     return fig

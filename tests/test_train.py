@@ -18,6 +18,7 @@ from pathlib import Path
 
 import dfn4lab  # noqa: F401
 from dfn4lab import checkpoint, data, train
+from dfn4lab.config import BACKBONES
 from dfn4lab.data.config import DataConfig
 from dfn4lab.data.mixing import Mixer
 from dfn4lab.losses import LossConfig
@@ -372,6 +373,18 @@ def test_a_resume_on_changed_data_says_so(corpus, tmp_path):
     os.utime(speech, ns=(0, 0))  # rebuilt or edited
     with pytest.warns(UserWarning, match="training data changed since .*step-00000002 was saved"):
         train.Trainer(dataclasses.replace(run, max_steps=3))
+
+
+def test_notebook_runs_match_sizes_and_resume_to_their_schedule(corpus, tmp_path):
+    from dfn4lab.backbones import param_count
+    from dfn4lab.inference import build
+
+    runs = {k: train.demo_run(tmp_path / k, k, 4, 6, quick=True, data_config=str(corpus)) for k in BACKBONES}
+    sizes = {k: param_count(build(r.model_config())) for k, r in runs.items()}
+    assert all(abs(n / sizes["gru"] - 1) < 0.01 for n in sizes.values()), sizes  # backbones, not sizes
+    assert {r.model_config().backbone.kind for r in runs.values()} == set(BACKBONES)
+    longer = train.demo_run(tmp_path / "gru", "gru", 6, 6, quick=True, data_config=str(corpus))
+    assert train._changed_settings(json.loads(runs["gru"].to_json()), longer) == []  # it resumes
 
 
 def test_only_whole_epochs_compete_for_best(corpus, tmp_path):

@@ -71,6 +71,19 @@ def test_excluded_values_match_their_metric_exactly():
     assert not evaluate.excluded(row, "pesq")  # an estimate's fault counts, at the worst value
 
 
+def test_metric_vs_snr_draws_the_bins_that_have_the_metric_with_their_file_counts():
+    def row(file: str, snr: float, pesq: float, flags: str = "") -> dict:
+        return {"model": "m", "file": file, "snr": snr, "flags": flags, "dropouts": 0, "pesq": pesq}
+
+    rows = [row("a", evaluate.NOISE_ONLY_SNR, 1.0, "pesq: item: silent reference")]
+    rows += [row(f"b{i}", 0.0, 1.5 + 0.5 * i) for i in range(3)] + [row("c", 20.0, 4.5)]
+    fig = viz.metric_vs_snr({"summary": evaluate.summarize(rows, ["pesq"])}, "pesq")
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["0..5\nn=3", ">= 20\nn=1"]  # no empty bin
+    assert ax.get_ylim() == (1.0, 4.65)  # PESQ's own range, whatever the intervals of few files
+    np.testing.assert_allclose(np.asarray(ax.lines[0].get_ydata(), float), [2.0, 4.5])
+
+
 def test_train_board_shows_an_image_and_updates_it_in_place(monkeypatch):
     """IPython has no display formatter for a Figure made outside pyplot: displayed as such, notebook 04's
     live board showed only "<Figure size 1200x320 with 3 Axes>"."""
