@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -159,7 +160,7 @@ def _mlx_case(cfg: ModelConfig, batch: int, frames: int):
         return mx.mean(mx.abs(model(spec, erb, dfs)[0] - target))
 
     grad_fn = nn.value_and_grad(model, loss_fn)
-    opt = optim.AdamW(1e-4)
+    opt = optim.AdamW(1e-4, bias_correction=True)  # as torch.optim.AdamW
     opt.init(model.trainable_parameters())
     state = [model.state, opt.state]
     # model.state in and out: training-mode forwards update the BatchNorm running statistics
@@ -343,63 +344,144 @@ def _length_sweep(cfgs: dict[str, ModelConfig], quick: bool, repeats: int) -> li
 
 def _mlx_vs_torch(base: ModelConfig, batch: int, frames: int, repeats: int) -> dict:
     """The same network (``torch_ref``) with the same weights: inference at batch 1, ``batch / 2`` and
-    ``batch`` (1/4/8 by default), and a training step at ``batch``; ``repeats`` interleaved calls each.
+    ``batch`` (1/4/8 by default), and a training step at ``batch``; rounds of one call each, alternating
+    which framework goes first, ``repeats`` rounds after one of warm-up.
 
-    Ratios are MLX time over PyTorch time (below 1: MLX faster)."""
-    from dfn4lab import torch_ref
-
-    import torch
+    PyTorch runs in a process of its own, with its own defaults (:class:`_TorchWorker`): in one process
+    the two share an OpenMP pool, and dfn4lab's passive OpenMP waiting (good for MLX) and MLX's threads
+    slowed PyTorch's step 1.1 -> 2.0 s. Ratios are MLX time over PyTorch time (below 1: MLX faster).
+    """
+    import tempfile
 
     model, fns, _ = _mlx_case(base, batch, frames)
     # the same in MLX ops only, where dfn4lab.kernels would run (as on a GPU)
     ops_fns = {k: _without_kernels(f) for k, f in _mlx_case(base, batch, frames)[1].items()}
-    tmodel = torch_ref.from_mlx(model)
-    rows = []
     batches = sorted({1, max(batch // 2, 1), batch})
-    for b in batches:
-        x = _batch(base, b, frames)
-        tx = [torch.from_numpy(np.array(a)) for a in x]
-        model.eval()
-        tmodel.eval()
-        m_t, t_t, o_t = [], [], []
-        for _ in range(repeats):  # eager, as `enhance` runs (compiling the 500-frame graph measured slower)
-            m_t += timeit(lambda: mx.eval(model(*x)[0]), repeats=1, warmup=0 if m_t else 1)  # noqa: B023
-            with torch.inference_mode():
-                t_t += timeit(lambda: tmodel(*tx)[0], repeats=1, warmup=0 if t_t else 1)  # noqa: B023
-            if b == batches[-1]:
-                ops = _without_kernels(lambda: mx.eval(model(*x)[0]))  # noqa: B023
-                o_t += timeit(ops, repeats=1, warmup=0 if o_t else 1)
-        rows.append({"batch": b, **_ms("mlx", m_t), **_ms("torch", t_t)})
-    rows[-1] |= _ms("mlx_ops", o_t)
-    model.train()
-    tmodel.train()
-    tx = [torch.from_numpy(np.array(a)) for a in _batch(base, batch, frames)]
-    opt = torch.optim.AdamW(tmodel.parameters(), 1e-4)
+    xs = {b: _batch(base, b, frames) for b in batches}
 
-    def torch_step():
-        opt.zero_grad()
-        loss = (tmodel(*tx)[0] - tx[0] * 0.5).abs().mean()
-        loss.backward()
-        opt.step()
+    def mlx_round() -> dict:
+        model.eval()  # eager, as `enhance` runs (compiling the 500-frame graph measured slower)
+        out = {f"infer_{b}": timeit(lambda b=b: mx.eval(model(*xs[b])[0]), 1, 0)[0] for b in batches}
+        out["ops_infer"] = timeit(_without_kernels(lambda: mx.eval(model(*xs[batch])[0])), 1, 0)[0]
+        model.train()
+        return out | {"step": timeit(fns["step"], 1, 0)[0], "ops_step": timeit(ops_fns["step"], 1, 0)[0]}
 
-    m_s, t_s, o_s = [], [], []
-    for _ in range(repeats):
-        m_s += timeit(fns["step"], repeats=1, warmup=0 if m_s else 1)
-        t_s += timeit(torch_step, repeats=1, warmup=0 if t_s else 1)
-        o_s += timeit(ops_fns["step"], repeats=1, warmup=0 if o_s else 1)
-    step = {"batch": batch, **_ms("mlx", m_s), **_ms("torch", t_s), **_ms("mlx_ops", o_s)}
+    times: dict[str, dict[str, list[float]]] = {"mlx": {}, "torch": {}}
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        _TorchWorker(model, Path(tmp), batches, batch, frames) as torch_,
+    ):
+        for r in range(repeats + 1):  # round 0 warms both up
+            got = {}
+            for side in ("mlx", "torch") if r % 2 else ("torch", "mlx"):
+                got[side] = mlx_round() if side == "mlx" else torch_.round()
+            for side, t in got.items():
+                for k, v in t.items():
+                    times[side].setdefault(k, []).extend([v] if r else [])
+    m, t = times["mlx"], times["torch"]
+    rows = [{"batch": b, **_ms("mlx", m[f"infer_{b}"]), **_ms("torch", t[f"infer_{b}"])} for b in batches]
+    rows[-1] |= _ms("mlx_ops", m["ops_infer"])
+    step = {
+        "batch": batch,
+        **_ms("mlx", m["step"]),
+        **_ms("torch", t["step"]),
+        **_ms("mlx_ops", m["ops_step"]),
+    }
     infer = rows[-1]
     return {
         "frames": frames,
         "infer": rows,
         "step": step,
+        "torch_env": torch_.env,
         "ratios": {
             "mlx_vs_torch_infer": round(infer["mlx_ms"] / infer["torch_ms"], 3),
             "mlx_vs_torch_step": round(step["mlx_ms"] / step["torch_ms"], 3),
+            **{f"mlx_vs_torch_infer_b{r['batch']}": round(r["mlx_ms"] / r["torch_ms"], 3) for r in rows},
             "mlx_ops_vs_torch_infer": round(infer["mlx_ops_ms"] / infer["torch_ms"], 3),
             "mlx_ops_vs_torch_step": round(step["mlx_ops_ms"] / step["torch_ms"], 3),
         },
     }
+
+
+class _TorchWorker:
+    """``torch_ref``'s copy of an MLX model timed in a child process that runs no MLX and keeps its own
+    BLAS and OpenMP settings (``DFN4LAB_BLAS=none``; none of the variables ``blas.bind`` set here):
+    PyTorch as a PyTorch user runs it. Each :meth:`round` times one call of every case there."""
+
+    def __init__(self, model, folder: Path, batches: list[int], batch: int, frames: int):
+        import subprocess
+
+        from dfn4lab import blas, convert
+
+        convert.save(folder, model, model.cfg)
+        env = {k: v for k, v in os.environ.items() if k not in blas.ENV_SET} | {"DFN4LAB_BLAS": "none"}
+        spec = json.dumps({"folder": str(folder), "batches": batches, "batch": batch, "frames": frames})
+        code = "import sys; from dfn4lab.bench import torch_worker; torch_worker(sys.argv[1])"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", code, spec],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        self.env = self._read()  # its threads and OpenMP settings, once it is ready
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the PyTorch benchmark process ended (exit {self.proc.wait()})")
+        return json.loads(line)
+
+    def round(self) -> dict:
+        self.proc.stdin.write("round\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def __enter__(self) -> _TorchWorker:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+def torch_worker(spec: str) -> None:
+    """The child of :class:`_TorchWorker`: builds ``torch_ref``'s network from the saved MLX model and
+    the bench's seeded inputs, prints its environment, then one JSON line of times per ``round`` line."""
+    from dfn4lab import inference, torch_ref
+
+    import torch
+
+    s = json.loads(spec)
+    mlx_model = inference.load(s["folder"])
+    tmodel = torch_ref.from_mlx(mlx_model)
+    cfg, batches, batch, frames = mlx_model.cfg, s["batches"], s["batch"], s["frames"]
+    del mlx_model
+    xs = {b: [torch.from_numpy(np.array(a)) for a in _batch(cfg, b, frames)] for b in batches}
+    target = xs[batch][0] * 0.5
+    opt = torch.optim.AdamW(tmodel.parameters(), 1e-4)
+
+    def step() -> None:
+        opt.zero_grad()
+        (tmodel(*xs[batch])[0] - target).abs().mean().backward()
+        opt.step()
+
+    def call(fn: Callable[[], object]) -> float:
+        t = time.perf_counter()
+        fn()
+        return time.perf_counter() - t
+
+    env = {"torch_threads": torch.get_num_threads(), "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "")}
+    print(json.dumps(env), flush=True)
+    for _ in sys.stdin:
+        out = {}
+        tmodel.eval()
+        with torch.inference_mode():
+            for b in batches:
+                out[f"infer_{b}"] = call(lambda b=b: tmodel(*xs[b])[0])
+        tmodel.train()
+        out["step"] = call(step)
+        print(json.dumps(out), flush=True)
 
 
 def _ms(name: str, times: list[float]) -> dict[str, float]:

@@ -61,6 +61,14 @@ def keep_freed_memory() -> bool:
     return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
 
 
+ENV_SET: dict[str, str] = {}  # the environment variables bind() set (not the user's)
+
+
+def _setdefault_env(key: str, value: str) -> None:
+    if key not in os.environ:
+        os.environ[key] = ENV_SET[key] = value
+
+
 def bind() -> str | None:
     """Load the first usable optimized CBLAS globally; warn once if none. Returns its path."""
     global BOUND, _LIB, _DONE
@@ -77,11 +85,11 @@ def bind() -> str | None:
         )
         return None
     # MKL picks its threading layer at load time; GNU matches the OpenMP MLX and torch use.
-    os.environ.setdefault("MKL_THREADING_LAYER", "GNU")
+    _setdefault_env("MKL_THREADING_LAYER", "GNU")
     # OpenMP threads that spin between parallel regions starve everything else once the cores are
     # shared (another process, torch's own pool, data workers): a 500-frame GRU at batch 8 took
     # 4180 ms with spinning threads against 140 ms passive, while a large GEMM is unchanged.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    _setdefault_env("OMP_WAIT_POLICY", "PASSIVE")
     for path in _candidates():
         try:
             lib = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
