@@ -71,7 +71,7 @@ def matmul(m: int = 4000, k: int = 1024, n: int = 1024, repeats: int = 7) -> dic
     return {
         "mlx_gflops": round(mlx_g, 1),
         "torch_gflops": round(torch_g, 1),
-        "ratio": round(mlx_g / torch_g, 3),
+        "mlx_over_torch_gflops": round(mlx_g / torch_g, 3),  # throughput: above 1, MLX faster
         "blas": dfn4lab._blas.BOUND,
         "shape": [m, k, n],
     }
@@ -230,9 +230,8 @@ def backbones(
         print("model): per-call overhead dominates its times, which compare nothing")
     from dfn4lab.inference import build
 
-    # First, in a fresh process: with the cases below run and alive, the same eager MLX forward took
-    # 1071 instead of 684 ms (no page faults; GC off: 918; cases freed: 829; cause not found), PyTorch's
-    # 474 against 455 ms. Compare the frameworks, not the residue of the other cases.
+    # First, before the cases below exist: with them run and alive, the same eager MLX forward once
+    # measured 1071 instead of 684 ms (cause not found). Compare the frameworks, not that residue.
     torch_cmp = _mlx_vs_torch(base, batch, frames, repeats)
     target = param_count(build(base))
     variants = [("gru", "matched", base)]
@@ -257,8 +256,9 @@ def backbones(
             "resident": resident,
             "times": times,
         }
-    for _ in range(repeats):  # interleaved: every case sees the same machine load
-        for case in cases.values():
+    order = np.random.default_rng(0)  # interleaved, in a new order each round: no case always goes first
+    for _ in range(repeats):  # every case sees the same machine load
+        for case in order.permutation(np.array(list(cases.values()), dtype=object)):
             for name, fn in case["fns"].items():
                 case["times"][name] += timeit(fn, repeats=1, warmup=0 if case["times"][name] else 1)
     rows = []

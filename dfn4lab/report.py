@@ -58,7 +58,7 @@ def bench_table(figures: Path) -> list[str]:
         s = bb["summary"]
         steps = ", ".join(f"{c['backbone']} {c['step_ms'] / 1e3:.2f} s" for c in s["cases"])
         ops = (
-            f"; MLX ops only (no `dfn4lab.kernels`, as on Metal): Mamba/GRU "
+            f"; MLX ops only (no `dfn4lab.kernels`, the code a GPU runs): Mamba/GRU "
             f"{s['mamba_vs_gru_step_mlx_ops']:.2f}, attention/GRU "
             f"{s['attention_vs_gru_step_mlx_ops']:.2f}, MLX/PyTorch "
             f"{s['mlx_ops_vs_torch_infer']:.2f} / {s['mlx_ops_vs_torch_step']:.2f}"

@@ -22,6 +22,21 @@ def test_peak_memory_is_the_case_own_not_the_other_live_cases():
     assert alone > resident() / 2**20 and beside == pytest.approx(alone, abs=4.0)
 
 
+def test_pytorch_is_timed_in_its_own_process_with_its_own_settings():
+    """In one process dfn4lab's passive OpenMP waiting and MLX's threads slowed PyTorch's step 2x."""
+    import os
+
+    from dfn4lab import blas
+
+    cfg = preset("dfn3").replace(conv_ch=16, emb_hidden_dim=64, df_hidden_dim=64)
+    r = bench._mlx_vs_torch(cfg, 2, 20, 1)
+    assert r["torch_env"]["OMP_WAIT_POLICY"] == (
+        "" if "OMP_WAIT_POLICY" in blas.ENV_SET else os.environ.get("OMP_WAIT_POLICY", "")
+    )
+    assert {"mlx_vs_torch_infer_b1", "mlx_vs_torch_infer_b2"} <= set(r["ratios"])
+    assert all(row["torch_ms"] > 0 and row["mlx_ms"] > 0 for row in r["infer"])
+
+
 @pytest.mark.skipif(not data.speech_files(), reason="no real speech: alsa-utils (Debian) or the demo corpus")
 def test_enhance_does_not_time_the_official_runtime_start_up(monkeypatch):
     from dfn4lab import inference
