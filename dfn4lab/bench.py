@@ -8,6 +8,7 @@ Each benchmark's last printed line is one JSON object.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -344,12 +345,14 @@ def _length_sweep(cfgs: dict[str, ModelConfig], quick: bool, repeats: int) -> li
 
 def _mlx_vs_torch(base: ModelConfig, batch: int, frames: int, repeats: int) -> dict:
     """The same network (``torch_ref``) with the same weights: inference at batch 1, ``batch / 2`` and
-    ``batch`` (1/4/8 by default), and a training step at ``batch``; rounds of one call each, alternating
-    which framework goes first, ``repeats`` rounds after one of warm-up.
+    ``batch`` (1/4/8 by default), and a training step at ``batch``; rounds of one call each, in a new
+    order each round, ``repeats`` rounds after one of warm-up.
 
-    PyTorch runs in a process of its own, with its own defaults (:class:`_TorchWorker`): in one process
+    PyTorch runs in processes of its own with its own threading (:class:`_TorchWorker`): in one process
     the two share an OpenMP pool, and dfn4lab's passive OpenMP waiting (good for MLX) and MLX's threads
-    slowed PyTorch's step 1.1 -> 2.0 s. Ratios are MLX time over PyTorch time (below 1: MLX faster).
+    slowed PyTorch's step 1.1 -> 2.0 s. ``torch``: with dfn4lab's malloc tuning, as MLX has it (equal
+    footing); ``torch_glibc``: glibc's defaults, a plain PyTorch process. Ratios are MLX time over
+    PyTorch time (below 1: MLX faster).
     """
     import tempfile
 
@@ -366,27 +369,40 @@ def _mlx_vs_torch(base: ModelConfig, batch: int, frames: int, repeats: int) -> d
     def mlx_step() -> dict:
         return {"step": timeit(fns["step"], 1, 0)[0], "ops_step": timeit(ops_fns["step"], 1, 0)[0]}
 
-    times: dict[str, dict[str, list[float]]] = {"mlx": {}, "torch": {}}
-    with (
-        tempfile.TemporaryDirectory() as tmp,
-        _TorchWorker(model, Path(tmp), batches, batch, frames) as torch_,
-    ):
+    sides = ("mlx", "torch", "torch_glibc")
+    times: dict[str, dict[str, list[float]]] = {side: {} for side in sides}
+    order = np.random.default_rng(0)
+    with contextlib.ExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        workers = {
+            side: stack.enter_context(_TorchWorker(model, tmp / side, batches, batch, frames, malloc))
+            for side, malloc in (("torch", "dfn4lab"), ("torch_glibc", "glibc"))
+        }
         # all inference rounds, then all steps: a mode switch between them re-traced the compiled step
         # (median MLX step 2.1 s, quartiles 1.56-2.14)
         for mode, mlx_fn in (("infer", mlx_infer), ("step", mlx_step)):
             model.train(mode == "step")
-            for r in range(repeats + 1):  # round 0 warms both up
-                for side in ("mlx", "torch") if r % 2 else ("torch", "mlx"):
-                    got = mlx_fn() if side == "mlx" else torch_.run(mode)
+            for r in range(repeats + 1):  # round 0 warms everything up
+                for side in order.permutation(sides):
+                    got = mlx_fn() if side == "mlx" else workers[side].run(mode)
                     for k, v in got.items():
                         times[side].setdefault(k, []).extend([v] if r else [])
-    m, t = times["mlx"], times["torch"]
-    rows = [{"batch": b, **_ms("mlx", m[f"infer_{b}"]), **_ms("torch", t[f"infer_{b}"])} for b in batches]
+    m, t, g = (times[side] for side in sides)
+    rows = [
+        {
+            "batch": b,
+            **_ms("mlx", m[f"infer_{b}"]),
+            **_ms("torch", t[f"infer_{b}"]),
+            **_ms("torch_glibc", g[f"infer_{b}"]),
+        }
+        for b in batches
+    ]
     rows[-1] |= _ms("mlx_ops", m["ops_infer"])
     step = {
         "batch": batch,
         **_ms("mlx", m["step"]),
         **_ms("torch", t["step"]),
+        **_ms("torch_glibc", g["step"]),
         **_ms("mlx_ops", m["ops_step"]),
     }
     infer = rows[-1]
@@ -394,11 +410,13 @@ def _mlx_vs_torch(base: ModelConfig, batch: int, frames: int, repeats: int) -> d
         "frames": frames,
         "infer": rows,
         "step": step,
-        "torch_env": torch_.env,
+        "torch_env": {side: w.env for side, w in workers.items()},
         "ratios": {
             "mlx_vs_torch_infer": round(infer["mlx_ms"] / infer["torch_ms"], 3),
             "mlx_vs_torch_step": round(step["mlx_ms"] / step["torch_ms"], 3),
             **{f"mlx_vs_torch_infer_b{r['batch']}": round(r["mlx_ms"] / r["torch_ms"], 3) for r in rows},
+            "mlx_vs_torch_glibc_infer": round(infer["mlx_ms"] / infer["torch_glibc_ms"], 3),
+            "mlx_vs_torch_glibc_step": round(step["mlx_ms"] / step["torch_glibc_ms"], 3),
             "mlx_ops_vs_torch_infer": round(infer["mlx_ops_ms"] / infer["torch_ms"], 3),
             "mlx_ops_vs_torch_step": round(step["mlx_ops_ms"] / step["torch_ms"], 3),
         },
@@ -406,17 +424,23 @@ def _mlx_vs_torch(base: ModelConfig, batch: int, frames: int, repeats: int) -> d
 
 
 class _TorchWorker:
-    """``torch_ref``'s copy of an MLX model timed in a child process that runs no MLX and keeps its own
-    BLAS and OpenMP settings (``DFN4LAB_BLAS=none``; none of the variables ``blas.bind`` set here):
-    PyTorch as a PyTorch user runs it. :meth:`run` times one call of each case of a kind there."""
+    """``torch_ref``'s copy of an MLX model timed in a child process with PyTorch's own BLAS and OpenMP
+    settings (``DFN4LAB_BLAS=none``; none of the variables ``blas.bind`` set here). The child imports
+    dfn4lab (for ``torch_ref``, which loads MLX but runs nothing in it while timing), so it shares
+    dfn4lab's malloc tuning (``blas.keep_freed_memory``) unless ``malloc="glibc"``: a plain PyTorch
+    process. :meth:`run` times one call of each case of a kind there."""
 
-    def __init__(self, model, folder: Path, batches: list[int], batch: int, frames: int):
+    def __init__(
+        self, model, folder: Path, batches: list[int], batch: int, frames: int, malloc: str = "dfn4lab"
+    ):
         import subprocess
 
         from dfn4lab import blas, convert
 
         convert.save(folder, model, model.cfg)
         env = {k: v for k, v in os.environ.items() if k not in blas.ENV_SET} | {"DFN4LAB_BLAS": "none"}
+        if malloc == "glibc":
+            env["DFN4LAB_MALLOC"] = "glibc"
         spec = json.dumps({"folder": str(folder), "batches": batches, "batch": batch, "frames": frames})
         code = "import sys; from dfn4lab.bench import torch_worker; torch_worker(sys.argv[1])"
         self.proc = subprocess.Popen(
@@ -426,7 +450,11 @@ class _TorchWorker:
             text=True,
             env=env,
         )
-        self.env = self._read()  # its threads and OpenMP settings, once it is ready
+        try:
+            self.env = self._read() | {"malloc": malloc}  # its threads and OpenMP settings, once ready
+        except BaseException:
+            self._stop(kill=True)
+            raise
 
     def _read(self) -> dict:
         line = self.proc.stdout.readline()
@@ -440,12 +468,25 @@ class _TorchWorker:
         self.proc.stdin.flush()
         return self._read()
 
+    def _stop(self, kill: bool) -> None:
+        """End the child: at the end of its input, or at once (an error or Ctrl-C here: it may be busy)."""
+        import subprocess
+
+        with contextlib.suppress(OSError):
+            self.proc.stdin.close()
+        if not kill:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=60)
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc.stdout.close()
+
     def __enter__(self) -> _TorchWorker:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.proc.stdin.close()
-        self.proc.wait(timeout=60)
+    def __exit__(self, exc_type, *_) -> None:
+        self._stop(kill=exc_type is not None)
 
 
 def torch_worker(spec: str) -> None:
@@ -475,7 +516,13 @@ def torch_worker(spec: str) -> None:
         fn()
         return time.perf_counter() - t
 
-    env = {"torch_threads": torch.get_num_threads(), "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "")}
+    from dfn4lab import blas
+
+    env = {
+        "torch_threads": torch.get_num_threads(),
+        "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", ""),
+        "malloc_tuned": blas.keep_freed_memory(),  # applied at import unless DFN4LAB_MALLOC=glibc
+    }
     print(json.dumps(env), flush=True)
     for line in sys.stdin:
         if line.strip() == "infer":
@@ -499,10 +546,11 @@ def _ms(name: str, times: list[float]) -> dict[str, float]:
 def torch_table(torch_cmp: dict) -> str:
     """``backbones``' MLX-vs-PyTorch block (``result["torch"]``) as a Markdown table, a ratio per row."""
     lines = [
-        f"{torch_cmp['frames']} frames; ms: median (quartiles); ratio = MLX / PyTorch (below 1: MLX faster)",
+        f"{torch_cmp['frames']} frames; ms: median (quartiles); ratio = MLX / PyTorch (below 1: MLX faster). "
+        "PyTorch with dfn4lab's malloc tuning, as MLX has it; 'glibc': a plain PyTorch process.",
         "",
-        "| case | MLX | PyTorch | ratio | MLX ops only | ratio |",
-        "|---|---|---|---|---|---|",
+        "| case | MLX | PyTorch | ratio | PyTorch, glibc malloc | ratio | MLX ops only | ratio |",
+        "|---|---|---|---|---|---|---|---|",
     ]
 
     def cell(r: dict, name: str) -> str:
@@ -512,8 +560,13 @@ def torch_table(torch_cmp: dict) -> str:
     rows.append((f"training step, batch {torch_cmp['step']['batch']}", torch_cmp["step"]))
     for what, r in rows:
         ratio = f"{r['mlx_ms'] / r['torch_ms']:.2f}"
+        glibc = (
+            f"{cell(r, 'torch_glibc')} | {r['mlx_ms'] / r['torch_glibc_ms']:.2f}"
+            if "torch_glibc_ms" in r
+            else " | "
+        )
         ops = f"{cell(r, 'mlx_ops')} | {r['mlx_ops_ms'] / r['torch_ms']:.2f}" if "mlx_ops_ms" in r else " | "
-        lines.append(f"| {what} | {cell(r, 'mlx')} | {cell(r, 'torch')} | {ratio} | {ops} |")
+        lines.append(f"| {what} | {cell(r, 'mlx')} | {cell(r, 'torch')} | {ratio} | {glibc} | {ops} |")
     return "\n".join(lines)
 
 

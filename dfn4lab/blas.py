@@ -49,9 +49,10 @@ def keep_freed_memory() -> bool:
     fresh ``mmap`` and unmaps them on free, so every such array's first write page-faults through
     all of its memory. Measured here: copying a 99 MB array 47 -> 5 ms; DFN3's forward at batch 8 x
     500 frames 1260 -> 745 ms (PyTorch's, in the same process, 1080 -> 450 ms: it allocates the same
-    way). The cost: the process keeps its peak heap. Returns whether it was applied (glibc).
+    way). The cost: the process keeps its peak heap. Returns whether it was applied (glibc;
+    ``DFN4LAB_MALLOC=glibc`` keeps glibc's defaults).
     """
-    if platform.system() != "Linux":
+    if platform.system() != "Linux" or os.environ.get("DFN4LAB_MALLOC") == "glibc":  # glibc's defaults
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")

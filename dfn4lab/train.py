@@ -581,7 +581,7 @@ class Trainer:
         else:
             self.data_cfg, (self.train_src, self.valid_src) = DataConfig().replace(**run.data), data
         mx.random.seed(run.seed)
-        for folder in recover_saves(self.out):
+        for folder in recover_saves(self.out) if self.lead else []:  # one process renames
             self.log(f"put back {folder}: a save was killed while replacing it")
         resuming = bool(checkpoints(self.out))  # its weights come from the checkpoint, not init_from
         self.model = build(run, self.log, initialise=not resuming)
@@ -600,7 +600,8 @@ class Trainer:
         self.bad = 0  # non-finite steps in a row
         self._records: int | None = None  # records in metrics.jsonl (None: a checkpoint that did not say)
         # what the training data were (lists, file sizes and times): a resume on other data is said
-        self._data_digest = self.train_src.files_digest() if hasattr(self.train_src, "files_digest") else None
+        digest = self.lead and hasattr(self.train_src, "files_digest")  # rank 0 saves the checkpoints
+        self._data_digest = self.train_src.files_digest() if digest else None
         self._epoch_loss = (0.0, 0)  # sum and count of the losses of this epoch's good steps
         self.history: dict[str, Any] = {"steps": [], "epochs": [], "stopped": "done", "step": 0}
         self._resume()
@@ -657,6 +658,12 @@ class Trainer:
             self.step, (self.epoch, self.batch), self.best = meta["step"], meta["position"], meta.get("best")
             self.bad, self._epoch_loss = meta.get("bad", 0), tuple(meta.get("epoch_loss", (0.0, 0)))
             self._records = meta.get("records")
+            if "records" not in meta:
+                warnings.warn(
+                    f"{folder} was saved by an older dfn4lab: data order, random streams and validation "
+                    "mixtures have changed since, so the resumed run is not the one it started",
+                    stacklevel=2,
+                )
             if (
                 None not in (meta.get("data_digest"), self._data_digest)
                 and meta["data_digest"] != self._data_digest
@@ -1057,7 +1064,9 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     run = RunConfig.from_dict(d)
     if run.max_steps is not None and not epochs_given:  # the lr schedule spans max_steps, not 10 epochs
         saved = Path(run.out) / "run_config.json"  # resuming: its epochs (the lr schedule spans them)
-        resuming = saved.is_file() and checkpoints(Path(run.out))  # not a run killed before its first
+        # not a run killed before its first checkpoint; one set aside by a killed save counts (recover_saves)
+        aside = any((Path(run.out) / "checkpoints").glob(".step-*.old.*"))
+        resuming = saved.is_file() and (checkpoints(Path(run.out)) or aside)
         epochs = RunConfig.load(saved).epochs if resuming else epochs_for(run, run.max_steps)
         run = dataclasses.replace(run, epochs=epochs)
     return run

@@ -30,11 +30,13 @@ def test_pytorch_is_timed_in_its_own_process_with_its_own_settings():
 
     cfg = preset("dfn3").replace(conv_ch=16, emb_hidden_dim=64, df_hidden_dim=64)
     r = bench._mlx_vs_torch(cfg, 2, 20, 1)
-    assert r["torch_env"]["OMP_WAIT_POLICY"] == (
-        "" if "OMP_WAIT_POLICY" in blas.ENV_SET else os.environ.get("OMP_WAIT_POLICY", "")
-    )
-    assert {"mlx_vs_torch_infer_b1", "mlx_vs_torch_infer_b2"} <= set(r["ratios"])
-    assert all(row["torch_ms"] > 0 and row["mlx_ms"] > 0 for row in r["infer"])
+    own = "" if "OMP_WAIT_POLICY" in blas.ENV_SET else os.environ.get("OMP_WAIT_POLICY", "")
+    tuned, plain = r["torch_env"]["torch"], r["torch_env"]["torch_glibc"]
+    assert tuned["OMP_WAIT_POLICY"] == plain["OMP_WAIT_POLICY"] == own
+    assert tuned["malloc_tuned"] == blas.keep_freed_memory() and plain["malloc_tuned"] is False
+    assert {"mlx_vs_torch_infer_b1", "mlx_vs_torch_infer_b2", "mlx_vs_torch_glibc_step"} <= set(r["ratios"])
+    assert all(row["torch_ms"] > 0 and row["torch_glibc_ms"] > 0 and row["mlx_ms"] > 0 for row in r["infer"])
+    assert "glibc malloc" in bench.torch_table(r)
 
 
 @pytest.mark.skipif(not data.speech_files(), reason="no real speech: alsa-utils (Debian) or the demo corpus")
@@ -77,4 +79,4 @@ def test_torch_table_has_a_ratio_per_row():
     lines = table.splitlines()
     assert lines[0].startswith("500 frames") and "| inference, batch 1 | 8.0 (8.0-8.0) | 10.0" in lines[4]
     assert lines[4].split("|")[4].strip() == "0.80" and lines[5].split("|")[4].strip() == "3.00"
-    assert lines[5].split("|")[6].strip() == "4.50"  # MLX ops only over PyTorch
+    assert lines[5].split("|")[8].strip() == "4.50"  # MLX ops only over PyTorch (no glibc column here)

@@ -31,3 +31,18 @@ def test_bench_result_reaches_the_readme_block(tmp_path, monkeypatch):
 
     readme.write_text("no markers\n")
     assert not report.update(readme, block) and readme.read_text() == "no markers\n"
+
+
+def test_the_official_comparison_names_only_the_metrics_evaluated():
+    from dfn4lab import evaluate
+
+    rows = [
+        {"model": m, "file": f, "snr": 5.0, "flags": "", "dropouts": 0, "stoi": v + i / 10}
+        for i, f in enumerate("ab")
+        for m, v in (("noisy", 0.5), ("official", 0.8), ("dfn3", 0.8))
+    ]
+    s = evaluate.summarize(rows, ["stoi"])  # --metrics stoi: no PESQ, no SI-SDR (a KeyError before)
+    assert report._official_vs_dfn3(s) == []
+    s = evaluate.summarize([{**r, "pesq": 2.0} for r in rows], ["stoi", "pesq"])
+    (line,) = report._official_vs_dfn3(s)
+    assert "PESQ 0.000" in line and "SI-SDR" not in line

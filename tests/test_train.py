@@ -281,9 +281,24 @@ def test_a_save_killed_between_its_renames_resumes_from_the_folder_it_set_aside(
         shutil.copytree(
             folder.with_name(f".{folder.name}.old.{dead}"), folder.with_name(f".tmp-{folder.name}-{dead}")
         )
+    # a longer --max-steps without --epochs keeps the run's epochs: the checkpoint set aside counts
+    flags = {k: v for k, v in json.loads(run.to_json()).items() if k not in ("epochs", "max_steps")}
+    assert train.parse_args(["--config", json.dumps(flags), "--max-steps", "20"]).epochs == run.epochs
     t = train.Trainer(run)
     assert t.step == 4 and (out / "best" / "trainer.safetensors").is_file()  # not a fresh start
-    assert (out / "metrics.jsonl").read_text() == log  # nor an emptied log
+    assert t.fit()["step"] == 4 and (out / "metrics.jsonl").read_text() == log  # nor an emptied log
+
+
+def test_a_checkpoint_of_an_older_dfn4lab_resumes_with_a_warning(corpus, tmp_path):
+    out = tmp_path / "old"
+    run = _run(corpus, out, max_steps=2, compile=False)
+    train.Trainer(run).fit()
+    folder = out / "checkpoints" / "step-00000002"
+    arrays, md = mx.load(str(folder / "trainer.safetensors"), return_metadata=True)
+    meta = {k: v for k, v in json.loads(md["meta"]).items() if k not in ("records", "data_digest")}
+    mx.save_safetensors(str(folder / "trainer.safetensors"), arrays, metadata={"meta": json.dumps(meta)})
+    with pytest.warns(UserWarning, match="saved by an older dfn4lab"):
+        assert train.Trainer(run).step == 2
 
 
 def test_resume_needs_the_same_settings_and_survives_a_cut_log_line(corpus, tmp_path):
