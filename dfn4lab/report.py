@@ -63,13 +63,16 @@ def bench_table(figures: Path) -> list[str]:
             f"{s['attention_vs_gru_step_mlx_ops']:.2f}, MLX/PyTorch "
             f"{s['mlx_ops_vs_torch_infer']:.2f} / {s['mlx_ops_vs_torch_step']:.2f}"
         )
+        plain = (s.get("mlx_vs_torch_glibc_infer"), s.get("mlx_vs_torch_glibc_step"))
+        glibc = f" (against a plain PyTorch process, glibc's malloc: {plain[0]:.2f} / {plain[1]:.2f})"
+        glibc = glibc if None not in plain else ""
         w64 = s.get("attention_w64_vs_gru_step")
         w64 = f" (over its last 64 frames only: {w64:.2f})" if w64 else ""
         rows.append(
             f"| `backbones` (dfn3 topology, batch {bb['batch']}, {bb['frames']} frames, matched params) | "
             f"step: {steps}; Mamba/GRU {s['mamba_vs_gru_step']:.2f}, attention/GRU "
             f"{s['attention_vs_gru_step']:.2f}{w64}; MLX/PyTorch inference {s['mlx_vs_torch_infer']:.2f}, "
-            f"training step {s['mlx_vs_torch_step']:.2f}{ops} |"
+            f"training step {s['mlx_vs_torch_step']:.2f}{glibc}{ops} |"
         )
     if not rows:
         return ["No benchmark results in `figures/` yet."]
