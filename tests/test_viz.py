@@ -130,3 +130,13 @@ def test_spectrogram_axes_and_players_levels():
     fig = viz.training_curves(steps, [], smooth=10)
     mean = next(line for line in fig.axes[0].lines if line.get_label() == "train")
     assert mean.get_xdata()[0] == 10 and np.allclose(mean.get_ydata(), 2.5)  # alternating 2, 3
+
+
+def test_stream_bench_reads_its_medians_on_a_linear_axis():
+    case = {"model": "dfn3", "backbone": "gru", "engine": "native", "median_ms": 0.21, "p99_ms": 0.6}
+    slow = case | {"engine": "compiled", "median_ms": 2.4, "p99_ms": 5.3}
+    fig = viz.stream_bench({"cases": [case, slow], "official": {"median_ms": 0.41}})
+    ax = fig.axes[0]
+    assert ax.get_yscale() == "linear" and [t.get_text() for t in ax.texts] == ["0.21", "2.40"]
+    assert [t.xy[1] for t in ax.texts] == [0.6, 5.3]  # over the whiskers: not under a short bar's
+    assert ax.get_ylim()[1] > 5.3 * 1.1  # and inside the axes
