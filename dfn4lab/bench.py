@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import statistics
 import sys
@@ -24,6 +23,7 @@ from dfn4lab import kernels, paths
 from dfn4lab.cli import command
 from dfn4lab.config import BACKBONES, ModelConfig, preset
 from dfn4lab.data.bench import run as data_bench
+from dfn4lab.inference import matched_config
 from dfn4lab.paths import atomic_write
 
 import mlx.core as mx
@@ -113,27 +113,6 @@ def _env() -> dict[str, str]:
     from dfn4lab.evaluate import environment
 
     return environment()
-
-
-def matched_config(kind: str, target: int, base: ModelConfig) -> ModelConfig:
-    """``base`` with backbone ``kind``, its width (hidden size, and Mamba's expand or attention's FFN
-    multiple) chosen so the whole model's parameter count is closest to ``target``."""
-    from dfn4lab.backbones import param_count
-    from dfn4lab.inference import build
-
-    step = math.lcm(base.linear_groups, base.df_linear_groups, base.backbone.heads * 2)
-    knob = {"mamba": "expand", "attention": "ffn_mult"}.get(kind)
-    best = None
-    for mult in (1, 2, 3, 4) if knob else (None,):
-        bb = {"kind": kind, **({knob: mult} if knob else {})}
-        for hidden in range(step, 4 * base.emb_hidden_dim + 1, step):
-            cfg = base.replace(backbone=bb, emb_hidden_dim=hidden, df_hidden_dim=hidden)
-            n = param_count(build(cfg))
-            if best is None or abs(n - target) < abs(best[0] - target):
-                best = (n, cfg)
-            if n > target:
-                break
-    return best[1]
 
 
 def _batch(cfg: ModelConfig, batch: int, frames: int, seed: int = 0):
@@ -511,11 +490,6 @@ def torch_worker(spec: str) -> None:
         (tmodel(*xs[batch])[0] - target).abs().mean().backward()
         opt.step()
 
-    def call(fn: Callable[[], object]) -> float:
-        t = time.perf_counter()
-        fn()
-        return time.perf_counter() - t
-
     from dfn4lab import blas
 
     env = {
@@ -528,10 +502,10 @@ def torch_worker(spec: str) -> None:
         if line.strip() == "infer":
             tmodel.eval()
             with torch.inference_mode():
-                out = {f"infer_{b}": call(lambda b=b: tmodel(*xs[b])[0]) for b in batches}
+                out = {f"infer_{b}": timeit(lambda b=b: tmodel(*xs[b])[0], 1, 0)[0] for b in batches}
         else:
             tmodel.train()
-            out = {"step": call(step)}
+            out = {"step": timeit(step, 1, 0)[0]}
         print(json.dumps(out), flush=True)
 
 

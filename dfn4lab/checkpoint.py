@@ -46,13 +46,22 @@ def save_step(out: Path, model: DfNet, opt: optim.Optimizer, meta: dict[str, Any
     return folder
 
 
+def _set_aside(out: Path) -> list[Path]:
+    """Checkpoints of ``out`` that a save killed while replacing them left as ``.step-N.old.PID``."""
+    return list((out / "checkpoints").glob(".step-*.old.*"))
+
+
+def started(out: Path) -> bool:
+    """Whether run folder ``out`` has checkpoints to resume from (set-aside ones count: see below)."""
+    return bool(checkpoints(out) or _set_aside(out))
+
+
 def recover_saves(out: Path) -> list[Path]:
     """Put back the checkpoints (and ``best/``) of run folder ``out`` that a save killed while replacing
     them left aside (:func:`dfn4lab.paths.recover`); returns them. Without this, a run whose only
     checkpoint was being replaced would start over."""
-    ckpts = out / "checkpoints"
-    names = {p.name[1:].rsplit(".old.", 1)[0] for p in ckpts.glob(".step-*.old.*")}
-    return [d for d in [*(ckpts / n for n in sorted(names)), out / "best"] if recover(d)]
+    names = {p.name[1:].rsplit(".old.", 1)[0] for p in _set_aside(out)}
+    return [d for d in [*(out / "checkpoints" / n for n in sorted(names)), out / "best"] if recover(d)]
 
 
 def checkpoints(out: Path) -> list[Path]:

@@ -8,6 +8,7 @@ result exactly with memory bounded by the chunk.
 
 from __future__ import annotations
 
+import math
 import re
 import tempfile
 import warnings
@@ -29,6 +30,26 @@ PRETRAINED = ("dfn3",)
 def build(cfg: ModelConfig) -> DfNet:
     """A randomly initialised model for ``cfg``."""
     return DfNet(cfg, np.array(dsp.erb_fb(cfg.dsp, inverse=True)))
+
+
+def matched_config(kind: str, target: int, base: ModelConfig) -> ModelConfig:
+    """``base`` with backbone ``kind``, its width (hidden size, and Mamba's expand or attention's FFN
+    multiple) chosen so the whole model's parameter count is closest to ``target``."""
+    from dfn4lab.backbones import param_count
+
+    step = math.lcm(base.linear_groups, base.df_linear_groups, base.backbone.heads * 2)
+    knob = {"mamba": "expand", "attention": "ffn_mult"}.get(kind)
+    best = None
+    for mult in (1, 2, 3, 4) if knob else (None,):
+        bb = {"kind": kind, **({knob: mult} if knob else {})}
+        for hidden in range(step, 4 * base.emb_hidden_dim + 1, step):
+            cfg = base.replace(backbone=bb, emb_hidden_dim=hidden, df_hidden_dim=hidden)
+            n = param_count(build(cfg))
+            if best is None or abs(n - target) < abs(best[0] - target):
+                best = (n, cfg)
+            if n > target:
+                break
+    return best[1]
 
 
 def load(path: str | Path) -> DfNet:

@@ -50,6 +50,7 @@ from dfn4lab.checkpoint import (
     restore,
     save_checkpoint,
     save_step,
+    started,
 )
 from dfn4lab.cli import command
 from dfn4lab.config import BACKBONES, JsonConfig, ModelConfig, from_dict, preset, read_json
@@ -384,14 +385,13 @@ def demo_run(
     data_config: str | None = None,
 ) -> RunConfig:
     """Notebook 04's recipe on the demo corpus: the ``dfn4-lite`` preset with ``backbone`` at the GRU
-    model's parameter count (``bench.matched_config``: runs compare backbones, not sizes), 1 s mixtures,
+    model's parameter count (``inference.matched_config``: runs compare backbones, not sizes), 1 s mixtures,
     batch 8, validation on 32 mixtures, a checkpoint every third of the run; the lr warms up over a tenth
     of ``schedule_steps`` and its schedule spans the epochs that hold them, so the same run may be
     resumed up to there. ``quick``: batch 2, 4 validation mixtures, not compiled (a smoke test).
     ``data_config``: another corpus than the demo one."""
     from dfn4lab.backbones import param_count
-    from dfn4lab.bench import matched_config
-    from dfn4lab.inference import build
+    from dfn4lab.inference import build, matched_config
 
     gru = preset("dfn4-lite", backbone="gru")
     m = matched_config(backbone, param_count(build(gru)), gru) if backbone != "gru" else gru
@@ -1064,9 +1064,7 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     run = RunConfig.from_dict(d)
     if run.max_steps is not None and not epochs_given:  # the lr schedule spans max_steps, not 10 epochs
         saved = Path(run.out) / "run_config.json"  # resuming: its epochs (the lr schedule spans them)
-        # not a run killed before its first checkpoint; one set aside by a killed save counts (recover_saves)
-        aside = any((Path(run.out) / "checkpoints").glob(".step-*.old.*"))
-        resuming = saved.is_file() and (checkpoints(Path(run.out)) or aside)
+        resuming = saved.is_file() and started(Path(run.out))  # not a run killed before its first checkpoint
         epochs = RunConfig.load(saved).epochs if resuming else epochs_for(run, run.max_steps)
         run = dataclasses.replace(run, epochs=epochs)
     return run
