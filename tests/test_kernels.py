@@ -1,5 +1,5 @@
-"""dfn4lab.kernels: the fused C++ GRU, selective-scan and attention primitives against the MLX-op
-code and torch.nn.GRU."""
+"""dfn4lab.kernels: the fused C++ GRU, selective-scan, attention, depthwise-conv and batch-norm
+primitives against the MLX-op code, float64 and torch.nn.GRU."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 import torch
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_unflatten
 
 needs_kernels = pytest.mark.skipif(not kernels.BUILT, reason="dfn4lab.kernels not built (make kernels)")
 
@@ -260,3 +260,130 @@ def test_attention_core_same_with_and_without_kernels(window):
     np.testing.assert_allclose(np.array(y1), np.array(y2), rtol=1e-5)
     for (name, a), (_, b) in zip(tree_flatten(g1), tree_flatten(g2), strict=True):
         np.testing.assert_allclose(np.array(a), np.array(b), atol=1e-6, err_msg=name)
+
+
+def _batch_norm_f64(x: np.ndarray, w: np.ndarray, b: np.ndarray, dy: np.ndarray, act: str | None):
+    """Training-mode batch norm + act in float64 over the rows of x (N, C): y, dx, the terms of dw and
+    db (summed over rows), z."""
+    x, dy = x.astype(np.float64), dy.astype(np.float64)
+    n, mean, var = x.shape[0], x.mean(0), x.var(0)
+    inv = 1 / np.sqrt(var + 1e-5)
+    xh = (x - mean) * inv
+    z = xh * w + b
+    y = {None: z, "relu": np.maximum(z, 0), "sigmoid": 1 / (1 + np.exp(-z))}[act]
+    g = dy * {None: 1.0, "relu": z > 0, "sigmoid": y * (1 - y)}[act]
+    dx = w * inv / n * (n * g - g.sum(0) - xh * (g * xh).sum(0))
+    return y, dx, g * xh, g, z
+
+
+@needs_kernels
+@pytest.mark.parametrize("act", [None, "relu", "sigmoid"])
+@pytest.mark.parametrize("rows,channels,offset", [(2, 3, 0.0), (105, 1, 0.0), (40_000, 16, 10.0)])
+def test_batch_norm_kernel_against_float64(act, rows, channels, offset):
+    """Forward, statistics and the three gradients against float64, with a mean far from zero (10 x
+    the spread: the kernel's shifted sums keep float32 accuracy there) and threads (the last size)."""
+    rng = np.random.default_rng(rows)
+    x = (rng.standard_normal((rows, channels)) * 3 + offset * 3).astype(np.float32)
+    w, b = (
+        rng.uniform(0.5, 1.5, channels).astype(np.float32),
+        rng.standard_normal(channels).astype(np.float32),
+    )
+    dy = rng.standard_normal((rows, channels)).astype(np.float32)
+    y_ref, dx_ref, dw_ref, db_ref, z = _batch_norm_f64(x, w, b, dy, act)
+    y, mean, var = kernels.batch_norm_forward(*map(mx.array, (x, w, b)), 1e-5, act)
+    np.testing.assert_allclose(np.array(y), y_ref, atol=1e-5 * np.abs(y_ref).max())
+    np.testing.assert_allclose(np.array(mean), x.astype(np.float64).mean(0), rtol=1e-6)
+    np.testing.assert_allclose(np.array(var), x.astype(np.float64).var(0), rtol=1e-5)
+    dx, dw, db = kernels.batch_norm_backward(*map(mx.array, (x, w)), mean, var, y, mx.array(dy), 1e-5, act)
+    away = np.abs(z) > 1e-4  # at ReLU's kink either side is right
+    scale = np.abs(dy * w / np.sqrt(x.var(0) + 1e-5)).max()  # dx's terms (two rows: they cancel to ~0)
+    np.testing.assert_allclose(np.array(dx)[away], dx_ref[away], atol=1e-5 * scale)
+    for got, terms in ((dw, dw_ref), (db, db_ref)):  # sums that cancel: error bound by the terms' sizes
+        np.testing.assert_allclose(np.array(got), terms.sum(0), atol=1e-6 * np.abs(terms).sum(0).max())
+
+
+@needs_kernels
+def test_batch_norm_kernel_rejects_bad_input_in_one_line():
+    x, c = mx.random.normal((4, 3)), mx.ones((3,))
+    with pytest.raises(ValueError, match="float32"):
+        kernels.batch_norm_forward(x.astype(mx.float16), c, c, 1e-5, "relu")
+    with pytest.raises(ValueError, match="more than one row"):
+        kernels.batch_norm_forward(x[:1], c, c, 1e-5, "relu")
+    with pytest.raises(ValueError, match="per-channel"):
+        kernels.batch_norm_forward(x, c[:2], c, 1e-5, None)
+
+
+@needs_kernels
+@pytest.mark.parametrize("f,taps,stride,pad", [(9, 3, 2, 1), (8, 3, 1, 1), (17, 5, 3, 2), (5, 2, 2, 0)])
+def test_depthwise_kernels_are_a_conv_its_transpose_and_its_tap_gradient(f, taps, stride, pad):
+    """``correlate`` against a direct numpy loop; ``scatter`` is its adjoint (<Ax, y> = <x, A^T y>);
+    ``tap_grad`` is the gradient of <Ax, y> for the taps."""
+    rng = np.random.default_rng(f)
+    n = (f + 2 * pad - taps) // stride + 1
+    x, w = (
+        rng.standard_normal((6, f, 4)).astype(np.float32),
+        rng.standard_normal((taps, 4)).astype(np.float32),
+    )
+    y = rng.standard_normal((6, n, 4)).astype(np.float32)
+    want = np.zeros((6, n, 4))
+    for q in range(n):
+        for j in range(taps):
+            if 0 <= stride * q + j - pad < f:
+                want[:, q] += w[j] * x[:, stride * q + j - pad]
+    ax = kernels.depthwise_correlate(mx.array(x), mx.array(w), stride, pad, n)
+    np.testing.assert_allclose(np.array(ax), want, atol=1e-5)
+    aty = np.array(kernels.depthwise_scatter(mx.array(y), mx.array(w), stride, pad, f))
+    np.testing.assert_allclose((want * y).sum(), (x * aty).sum(), rtol=1e-5)
+    dw = np.array(kernels.depthwise_tap_grad(mx.array(x), mx.array(y), taps, stride, pad))
+    num = np.zeros_like(dw)
+    for j in range(taps):
+        for c in range(4):
+            e = np.zeros_like(w)
+            e[j, c] = 1.0
+            num[j, c] = (
+                np.array(kernels.depthwise_correlate(mx.array(x), mx.array(e), stride, pad, n)) * y
+            ).sum()
+    np.testing.assert_allclose(dw, num, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "in_ch,out_ch,kernel,stride,transposed,act,freq",
+    [
+        (8, 8, (1, 3), 2, False, "relu", 32),
+        (8, 8, (1, 3), 1, False, "relu", 8),
+        (8, 8, (1, 3), 2, True, "relu", 8),
+        (8, 8, (1, 3), 1, True, None, 8),
+        (8, 8, (1, 5), 3, False, "sigmoid", 17),
+        (8, 8, (2, 3), 2, False, "relu", 9),  # time taps: the MLX-op path either way
+        (2, 8, (3, 3), 1, False, "relu", 12),  # grouped dense, the pointwise conv merged in
+    ],
+)
+def test_conv_block_training_same_with_and_without_kernels(
+    in_ch, out_ch, kernel, stride, transposed, act, freq
+):
+    """A conv block's training forward, BatchNorm statistics, input and parameter gradients, and eval
+    forward: kernels (depthwise conv, batch norm) against MLX ops."""
+    from dfn4lab.layers import ConvBlock
+
+    mx.random.seed(freq)
+    block = ConvBlock(in_ch, out_ch, kernel, fstride=stride, transposed=transposed, act=act)
+    x = mx.random.normal((2, 5, freq, in_ch)) + 1.0
+    proj = mx.random.normal(block(x)[0].shape)
+    start = {k: v for k, v in tree_flatten(block.parameters())}
+
+    def run() -> list[mx.array]:
+        block.update(tree_unflatten(list(start.items())))
+        block.train()
+        loss = nn.value_and_grad(block, lambda x: (block(x)[0] * proj).sum())
+        (value, grads), dx = loss(x), mx.grad(lambda x: (block(x)[0] * proj).sum())(x)
+        stats = [block.bn.running_mean, block.bn.running_var]
+        block.eval()
+        return [value, dx, *stats, block(x)[0], *(g for _, g in tree_flatten(grads))]
+
+    with_kernels = run()
+    with kernels.disabled():
+        reference = run()
+    for got, want in zip(with_kernels, reference, strict=True):
+        np.testing.assert_allclose(
+            np.array(got), np.array(want), atol=2e-5 * float(mx.abs(want).max()) + 1e-7
+        )

@@ -252,3 +252,66 @@ def test_gradients_match_torch(backbone):
         want = np.zeros(p.shape, np.float32) if p.grad is None else p.grad.numpy()  # unused: no grad
         scale = float(np.abs(want).max()) + 1e-6
         np.testing.assert_allclose(got[name].numpy() / scale, want / scale, atol=2e-4, err_msg=name)
+
+
+@pytest.mark.parametrize(
+    "in_ch,out_ch,kernel,stride,transposed,act",
+    [
+        (2, 8, (3, 3), 1, False, "relu"),  # DFN3's df_conv0: grouped, then pointwise (merged in MLX)
+        (1, 8, (3, 3), 1, False, "relu"),  # erb_conv0: dense
+        (8, 8, (1, 3), 2, False, "relu"),  # erb_conv1: depthwise, strided, then pointwise
+        (8, 8, (1, 3), 1, False, "relu"),
+        (8, 8, (1, 3), 2, True, "relu"),  # convt1: transposed
+        (8, 4, (5, 1), 1, False, None),  # df_convp: time taps, grouped, then pointwise
+        (8, 1, (1, 3), 1, False, "sigmoid"),  # conv0_out
+    ],
+)
+def test_conv_block_training_step_matches_torch(in_ch, out_ch, kernel, stride, transposed, act):
+    """One conv block in training mode against upstream's ``Conv2dNormAct`` in PyTorch: output, the
+    gradients of the input and of every weight, and BatchNorm's running statistics after the step
+    (MLX runs dfn4lab.kernels' batch norm and depthwise conv here, and merges a grouped conv's
+    pointwise conv into it)."""
+    from dfn4lab.layers import ConvBlock
+
+    torch.manual_seed(in_ch + out_ch)
+    ref = torch_ref.conv_norm_act(in_ch, out_ch, kernel, stride, transposed, act).train()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    block = ConvBlock(in_ch, out_ch, kernel, fstride=stride, transposed=transposed, act=act)
+    convs = [m for m in ref if isinstance(m, torch.nn.Conv2d | torch.nn.ConvTranspose2d)]
+    bn = next(m for m in ref if isinstance(m, torch.nn.BatchNorm2d))
+    block.weight = mx.array(convs[0].weight.detach().numpy())
+    if block.has_pointwise:
+        block.pointwise = mx.array(convs[1].weight.detach().numpy())
+    block.bn.weight, block.bn.bias = mx.array(bn.weight.detach().numpy()), mx.array(bn.bias.detach().numpy())
+    block.train()
+
+    x = torch.randn(2, in_ch, 6, 16) + 0.5  # (batch, ch, time, freq)
+    x.requires_grad_(True)
+    y = ref(x)
+    proj = torch.randn_like(y)
+    (y * proj).sum().backward()
+    xm, pm = mx.array(x.detach().permute(0, 2, 3, 1).numpy()), mx.array(proj.permute(0, 2, 3, 1).numpy())
+    ym = block(xm)[0]
+    stats = (block.bn.running_mean, block.bn.running_var)
+
+    def loss(x: mx.array, params: dict) -> mx.array:
+        block.update(params)
+        return (block(x)[0] * pm).sum()
+
+    dx, grads = mx.grad(loss, argnums=(0, 1))(xm, block.trainable_parameters())
+
+    def near(got: mx.array, want: torch.Tensor, name: str) -> None:
+        want = want.detach().numpy()
+        np.testing.assert_allclose(np.array(got), want, atol=2e-5 * np.abs(want).max() + 1e-6, err_msg=name)
+
+    near(ym, y.permute(0, 2, 3, 1), "output")
+    near(dx, x.grad.permute(0, 2, 3, 1), "input gradient")
+    near(stats[0], bn.running_mean, "running mean")
+    near(stats[1], bn.running_var, "running var")
+    near(grads["weight"], convs[0].weight.grad, "conv weight")
+    if block.has_pointwise:
+        near(grads["pointwise"], convs[1].weight.grad, "pointwise weight")
+    near(grads["bn"]["weight"], bn.weight.grad, "bn weight")
+    near(grads["bn"]["bias"], bn.bias.grad, "bn bias")

@@ -1,6 +1,8 @@
 """dfn4lab's CPU kernels: C++ MLX primitives for work MLX would run op by op (``recurrences.cpp``:
 the GRU layer's and Mamba's selective scan's time loops; ``attention.cpp``: causal softmax
-attention; each forward and backward; ``stream.cpp``: DeepFilterNet3's whole streaming hop).
+attention; ``depthwise.cpp``: depthwise convolution over frequency and its transpose; ``norm.cpp``:
+training-mode batch norm with its activation; each forward and backward;
+``stream.cpp``: DeepFilterNet3's whole streaming hop).
 
 ``python -m dfn4lab.kernels`` (``make kernels``, part of ``make setup``) builds them into this
 package as ``_kernels`` with CMake and nanobind; nothing is downloaded. They are optional: where
@@ -119,6 +121,51 @@ def attention_backward(
     """``(dq, dk, dv)`` of :func:`attention_forward` from its output's cotangent ``do``."""
     dq, dk, dv = _kernels.attention_backward(q, k, v, o, lse, do, scale, window)
     return dq, dk, dv
+
+
+def depthwise_correlate(x: mx.array, w: mx.array, stride: int, pad: int, n: int) -> mx.array:
+    """Depthwise conv over frequency: ``y[r, q] = sum_j w[j] x[r, stride q + j - pad]`` (zero outside
+    ``x``), ``x`` (rows, freq, ch), taps ``w`` (K, ch) -> ``y`` (rows, n, ch)."""
+    return _kernels.depthwise_correlate(x, w, stride, pad, n)
+
+
+def depthwise_scatter(y: mx.array, w: mx.array, stride: int, pad: int, size: int) -> mx.array:
+    """The transpose of :func:`depthwise_correlate`: ``y`` (rows, n, ch) -> (rows, size, ch), position
+    ``stride q + j - pad`` getting ``w[j] y[r, q]``; a transposed depthwise conv."""
+    return _kernels.depthwise_scatter(y, w, stride, pad, size)
+
+
+def depthwise_tap_grad(x: mx.array, y: mx.array, taps: int, stride: int, pad: int) -> mx.array:
+    """``dw`` (taps, ch) of :func:`depthwise_correlate` (input ``x``, output cotangent ``y``):
+    ``sum over rows and q of x[r, stride q + j - pad] y[r, q]``."""
+    return _kernels.depthwise_tap_grad(x, y, taps, stride, pad)
+
+
+ACTIVATIONS = {None: 0, "relu": 1, "sigmoid": 2}  # the activations batch_norm_* fuse, by code
+
+
+def batch_norm_forward(
+    x: mx.array, weight: mx.array, bias: mx.array, eps: float, act: str | None
+) -> tuple[mx.array, mx.array, mx.array]:
+    """Training-mode batch norm over the rows of ``x`` (N, C), then ``act`` (a key of ACTIVATIONS):
+    ``(y (N, C), mean (C), biased variance (C))``."""
+    y, mean, var = _kernels.batch_norm_forward(x, weight, bias, eps, ACTIVATIONS[act])
+    return y, mean, var
+
+
+def batch_norm_backward(
+    x: mx.array,
+    weight: mx.array,
+    mean: mx.array,
+    var: mx.array,
+    y: mx.array,
+    dy: mx.array,
+    eps: float,
+    act: str | None,
+) -> tuple[mx.array, mx.array, mx.array]:
+    """``(dx, dweight, dbias)`` of :func:`batch_norm_forward` from its output ``y`` and cotangent ``dy``."""
+    dx, dw, db = _kernels.batch_norm_backward(x, weight, mean, var, y, dy, eps, ACTIVATIONS[act])
+    return dx, dw, db
 
 
 def dfn3_stream(cfg: dict, net: dict, channels: int):

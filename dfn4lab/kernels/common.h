@@ -148,6 +148,17 @@ void for_row_blocks(int rows, F&& fn) {
   for (auto& t : pool) t.join();
 }
 
+// Rows [0, N) of `width` elements each, split over the cores with at least kMinWork elements per
+// thread: small inputs (a streaming hop) run on the calling thread, with no thread started.
+constexpr size_t kMinWork = 1 << 15;
+
+template <class F>
+void for_rows(size_t N, size_t width, F&& fn) {
+  const int blocks = int(std::min<size_t>(N, std::max<size_t>(1, N * width / kMinWork)));
+  if (blocks <= 1) return fn(size_t(0), N);
+  for_row_blocks(blocks, [&](int b0, int b1) { fn(N * b0 / blocks, N * b1 / blocks); });
+}
+
 // A primitive whose work is one CPU task: the outputs are allocated here, and `task` returns the
 // work as a closure over data pointers and sizes only (it runs on MLX's CPU stream after eval_cpu
 // has returned; MLX keeps the buffers alive until then).

@@ -1,0 +1,169 @@
+// Depthwise convolution along frequency (the conv blocks' (1, K) kernels, stride s, zero padding p)
+// on channels-last rows, and its transpose, each the other's input gradient, plus the taps' gradient.
+//
+//   correlate: y[r, q] = sum_j w[j] x[r, s q + j - p]            x (R, F, C) -> y (R, n, C)
+//   scatter:   x[r, f] = sum_{q, j: s q + j - p = f} w[j] y[r, q]  y (R, n, C) -> x (R, F, C)
+//   tap_grad:  dw[j] = sum_{r, q} x[r, s q + j - p] y[r, q]          -> dw (K, C)
+//
+// A depthwise conv is `correlate` (backward: `scatter`, `tap_grad`), a transposed one `scatter`
+// (backward: `correlate`, `tap_grad` with the roles swapped). In MLX ops the conv is a sum of strided
+// slices over a zero-padded copy, and its backward scatters each tap into a zero copy of the input;
+// here each is one pass, the padding implicit, the rows split over the cores.
+
+#include <mutex>
+
+#include "common.h"
+
+namespace dfn4lab_kernels {
+namespace {
+
+struct Geometry {
+  int F, n, C, K, s, p;  // input and output positions, channels, taps, stride, padding
+};
+
+// o[c] += w[c] a[c]
+inline void madd(const float* __restrict w, const float* __restrict a, float* __restrict o, int C) {
+  for (int c = 0; c < C; ++c) o[c] += w[c] * a[c];
+}
+
+void correlate_rows(const float* x, const float* w, float* y, const Geometry& g, size_t r0, size_t r1) {
+  for (size_t r = r0; r < r1; ++r) {
+    const float* xr = x + r * g.F * g.C;
+    float* yr = y + r * g.n * g.C;
+    std::fill(yr, yr + size_t(g.n) * g.C, 0.0f);
+    for (int q = 0; q < g.n; ++q)
+      for (int j = 0; j < g.K; ++j) {
+        const int f = g.s * q + j - g.p;
+        if (f >= 0 && f < g.F) madd(w + j * g.C, xr + f * g.C, yr + q * g.C, g.C);
+      }
+  }
+}
+
+void scatter_rows(const float* y, const float* w, float* x, const Geometry& g, size_t r0, size_t r1) {
+  for (size_t r = r0; r < r1; ++r) {
+    const float* yr = y + r * g.n * g.C;
+    float* xr = x + r * g.F * g.C;
+    std::fill(xr, xr + size_t(g.F) * g.C, 0.0f);
+    for (int q = 0; q < g.n; ++q)
+      for (int j = 0; j < g.K; ++j) {
+        const int f = g.s * q + j - g.p;
+        if (f >= 0 && f < g.F) madd(w + j * g.C, yr + q * g.C, xr + f * g.C, g.C);
+      }
+  }
+}
+
+// dw (K, C): per row a float partial sum, added in double (rows x n terms in all).
+void tap_grad(const float* x, const float* y, float* dw, const Geometry& g, size_t R) {
+  const size_t KC = size_t(g.K) * g.C;
+  std::vector<double> total(KC, 0.0);
+  std::mutex lock;
+  for_rows(R, size_t(g.F) * g.C, [&](size_t r0, size_t r1) {
+    std::vector<double> acc(KC, 0.0);
+    std::vector<float> part(KC);
+    for (size_t r = r0; r < r1; ++r) {
+      const float* xr = x + r * g.F * g.C;
+      const float* yr = y + r * g.n * g.C;
+      std::fill(part.begin(), part.end(), 0.0f);
+      for (int q = 0; q < g.n; ++q)
+        for (int j = 0; j < g.K; ++j) {
+          const int f = g.s * q + j - g.p;
+          if (f >= 0 && f < g.F) madd(xr + f * g.C, yr + q * g.C, part.data() + j * g.C, g.C);
+        }
+      for (size_t k = 0; k < KC; ++k) acc[k] += part[k];
+    }
+    std::lock_guard<std::mutex> guard(lock);
+    for (size_t k = 0; k < KC; ++k) total[k] += acc[k];
+  });
+  for (size_t k = 0; k < KC; ++k) dw[k] = float(total[k]);
+}
+
+enum Kind { kCorrelate, kScatter, kTapGrad };
+
+class Depthwise : public CpuLoop {
+ public:
+  Depthwise(mx::Stream st, Kind kind, Geometry g) : CpuLoop(st), kind_(kind), g_(g) {}
+  const char* name() const override {
+    if (kind_ == kCorrelate) return "DepthwiseCorrelate";
+    return kind_ == kScatter ? "DepthwiseScatter" : "DepthwiseTapGrad";
+  }
+
+ protected:
+  Task task(const std::vector<mx::array>& in, std::vector<mx::array>& out) override {
+    const size_t R = in[0].shape(0);
+    return [a = in[0].data<float>(), b = in[1].data<float>(), o = out[0].data<float>(), R, g = g_,
+            kind = kind_]() {
+      if (kind == kTapGrad) return tap_grad(a, b, o, g, R);
+      const size_t width = size_t(std::max(g.F, g.n)) * g.C;
+      for_rows(R, width, [&](size_t r0, size_t r1) {
+        if (kind == kCorrelate)
+          correlate_rows(a, b, o, g, r0, r1);
+        else
+          scatter_rows(a, b, o, g, r0, r1);
+      });
+    };
+  }
+
+ private:
+  Kind kind_;
+  Geometry g_;
+};
+
+void check_geometry(const mx::array& x, const mx::array& y, const Geometry& g) {
+  if (g.s < 1 || g.p < 0 || g.K < 1 || g.F < 1 || g.n < 1 || x.shape(0) != y.shape(0) ||
+      x.shape(1) != g.F || y.shape(1) != g.n || x.shape(2) != g.C || y.shape(2) != g.C)
+    throw std::invalid_argument("depthwise: x (R, F, C) and y (R, n, C) do not match");
+}
+
+// y (R, n, C) from x (R, F, C) and taps w (K, C).
+mx::array depthwise_correlate(const mx::array& x, const mx::array& w, int stride, int pad, int n,
+                              mx::StreamOrDevice s) {
+  check(x, 3, "x");
+  check(w, 2, "w");
+  const Geometry g{x.shape(1), n, x.shape(2), w.shape(0), stride, pad};
+  if (w.shape(1) != g.C || g.n < 1 || g.s < 1 || g.p < 0)
+    throw std::invalid_argument("depthwise: taps must be (K, C) for x (R, F, C), n >= 1");
+  auto st = mx::to_stream(s);
+  return mx::array({x.shape(0), n, g.C}, mx::float32, std::make_shared<Depthwise>(st, kCorrelate, g),
+                   {prepared(x, st), prepared(w, st)});
+}
+
+// x (R, F, C) from y (R, n, C) and taps w (K, C).
+mx::array depthwise_scatter(const mx::array& y, const mx::array& w, int stride, int pad, int F,
+                            mx::StreamOrDevice s) {
+  check(y, 3, "y");
+  check(w, 2, "w");
+  const Geometry g{F, y.shape(1), y.shape(2), w.shape(0), stride, pad};
+  if (w.shape(1) != g.C || g.F < 1 || g.s < 1 || g.p < 0)
+    throw std::invalid_argument("depthwise: taps must be (K, C) for y (R, n, C), F >= 1");
+  auto st = mx::to_stream(s);
+  return mx::array({y.shape(0), F, g.C}, mx::float32, std::make_shared<Depthwise>(st, kScatter, g),
+                   {prepared(y, st), prepared(w, st)});
+}
+
+// dw (K, C) from x (R, F, C) and y (R, n, C).
+mx::array depthwise_tap_grad(const mx::array& x, const mx::array& y, int taps, int stride, int pad,
+                             mx::StreamOrDevice s) {
+  check(x, 3, "x");
+  check(y, 3, "y");
+  const Geometry g{x.shape(1), y.shape(1), x.shape(2), taps, stride, pad};
+  check_geometry(x, y, g);
+  auto st = mx::to_stream(s);
+  return mx::array({taps, g.C}, mx::float32, std::make_shared<Depthwise>(st, kTapGrad, g),
+                   {prepared(x, st), prepared(y, st)});
+}
+
+}  // namespace
+
+void register_depthwise(nb::module_& m) {
+  m.def("depthwise_correlate", &depthwise_correlate, nb::arg("x"), nb::arg("w"), nb::arg("stride"),
+        nb::arg("pad"), nb::arg("n"), nb::kw_only(), nb::arg("stream") = nb::none(),
+        "y (R, n, C): y[r, q] = sum_j w[j] x[r, stride q + j - pad] (zero outside x).");
+  m.def("depthwise_scatter", &depthwise_scatter, nb::arg("y"), nb::arg("w"), nb::arg("stride"),
+        nb::arg("pad"), nb::arg("F"), nb::kw_only(), nb::arg("stream") = nb::none(),
+        "x (R, F, C): the transpose of depthwise_correlate applied to y.");
+  m.def("depthwise_tap_grad", &depthwise_tap_grad, nb::arg("x"), nb::arg("y"), nb::arg("taps"),
+        nb::arg("stride"), nb::arg("pad"), nb::kw_only(), nb::arg("stream") = nb::none(),
+        "dw (taps, C): sum over rows and q of x[r, stride q + j - pad] y[r, q].");
+}
+
+}  // namespace dfn4lab_kernels
