@@ -354,7 +354,8 @@ def test_depthwise_kernels_are_a_conv_its_transpose_and_its_tap_gradient(f, taps
         (8, 8, (1, 3), 2, True, "relu", 8),
         (8, 8, (1, 3), 1, True, None, 8),
         (8, 8, (1, 5), 3, False, "sigmoid", 17),
-        (8, 8, (2, 3), 2, False, "relu", 9),  # time taps: the MLX-op path either way
+        (8, 8, (2, 3), 2, False, "relu", 9),  # depthwise with time taps: the MLX-op path either way
+        (8, 4, (5, 1), 1, False, None, 6),  # grouped time taps (df_convp): time_taps
         (2, 8, (3, 3), 1, False, "relu", 12),  # grouped dense, the pointwise conv merged in
     ],
 )
@@ -367,7 +368,7 @@ def test_conv_block_training_same_with_and_without_kernels(
 
     mx.random.seed(freq)
     block = ConvBlock(in_ch, out_ch, kernel, fstride=stride, transposed=transposed, act=act)
-    x = mx.random.normal((2, 5, freq, in_ch)) + 1.0
+    x = mx.random.normal((2, 3, freq, in_ch)) + 1.0  # fewer frames than a (5, 1) kernel's history
     proj = mx.random.normal(block(x)[0].shape)
     start = {k: v for k, v in tree_flatten(block.parameters())}
 
@@ -387,3 +388,47 @@ def test_conv_block_training_same_with_and_without_kernels(
         np.testing.assert_allclose(
             np.array(got), np.array(want), atol=2e-5 * float(mx.abs(want).max()) + 1e-7
         )
+
+
+@needs_kernels
+@pytest.mark.parametrize("frames", [1, 3, 9])
+def test_time_taps_kernel_against_numpy(frames):
+    """``y[t] = sum_i z[t + i - (K - 1), tap i]`` with zero history, and its gradient as the adjoint."""
+    rng = np.random.default_rng(frames)
+    taps, out = 4, 3
+    z = rng.standard_normal((2, frames, 5, taps * out)).astype(np.float32)
+    want = np.zeros((2, frames, 5, out))
+    for t in range(frames):
+        for i in range(taps):
+            if t + i - (taps - 1) >= 0:
+                want[:, t] += z[:, t + i - (taps - 1), :, i * out : (i + 1) * out]
+    np.testing.assert_allclose(np.array(kernels.time_taps(mx.array(z), taps)), want, atol=1e-6)
+    dy = rng.standard_normal(want.shape).astype(np.float32)
+    dz = np.array(kernels.time_taps_grad(mx.array(dy), taps))
+    np.testing.assert_allclose((want * dy).sum(), (z * dz).sum(), rtol=1e-5)  # <Az, y> = <z, A^T y>
+    assert dz.shape == z.shape
+
+
+@needs_kernels
+@pytest.mark.parametrize("act", [None, "relu", "sigmoid"])
+def test_bias_act_kernel_matches_mlx_ops(act):
+    """Eval mode's ``act(x + bias)``: value and both gradients, kernel (threads: 2^16 elements) against
+    MLX ops."""
+    from dfn4lab.layers import _bias_act
+
+    x, bias, proj = (
+        mx.random.normal((2, 64, 16, 32)),
+        mx.random.normal((32,)),
+        mx.random.normal((2, 64, 16, 32)),
+    )
+
+    def run():
+        return mx.value_and_grad(lambda x, b: (_bias_act(x, b, act) * proj).sum(), argnums=(0, 1))(x, bias)
+
+    got = run()
+    with kernels.disabled():
+        want = run()
+    for g, w in zip(tree_flatten(got), tree_flatten(want), strict=True):
+        np.testing.assert_allclose(np.array(g[1]), np.array(w[1]), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="bias"):
+        kernels.bias_act(x.reshape(-1, 32), bias[:3], act)

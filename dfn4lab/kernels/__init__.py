@@ -1,7 +1,8 @@
 """dfn4lab's CPU kernels: C++ MLX primitives for work MLX would run op by op (``recurrences.cpp``:
 the GRU layer's and Mamba's selective scan's time loops; ``attention.cpp``: causal softmax
-attention; ``depthwise.cpp``: depthwise convolution over frequency and its transpose; ``norm.cpp``:
-training-mode batch norm with its activation; each forward and backward;
+attention; ``conv.cpp``: depthwise convolution over frequency and its transpose, and the time taps
+of a (K, 1) conv; ``norm.cpp``: batch norm with its activation (training; eval's folded bias); each forward
+and backward;
 ``stream.cpp``: DeepFilterNet3's whole streaming hop).
 
 ``python -m dfn4lab.kernels`` (``make kernels``, part of ``make setup``) builds them into this
@@ -141,6 +142,18 @@ def depthwise_tap_grad(x: mx.array, y: mx.array, taps: int, stride: int, pad: in
     return _kernels.depthwise_tap_grad(x, y, taps, stride, pad)
 
 
+def time_taps(z: mx.array, taps: int) -> mx.array:
+    """The time taps of a causal (taps, 1) conv after one matmul of all taps side by side, with zero
+    history: ``z`` (batch, time, freq, taps * out) -> ``y`` (batch, time, freq, out),
+    ``y[:, t] = sum_i z[:, t + i - (taps - 1), :, i * out : (i + 1) * out]``."""
+    return _kernels.time_taps(z, taps)
+
+
+def time_taps_grad(dy: mx.array, taps: int) -> mx.array:
+    """``dz`` (batch, time, freq, taps * out) of :func:`time_taps` from ``dy`` (batch, time, freq, out)."""
+    return _kernels.time_taps_grad(dy, taps)
+
+
 ACTIVATIONS = {None: 0, "relu": 1, "sigmoid": 2}  # the activations batch_norm_* fuse, by code
 
 
@@ -166,6 +179,11 @@ def batch_norm_backward(
     """``(dx, dweight, dbias)`` of :func:`batch_norm_forward` from its output ``y`` and cotangent ``dy``."""
     dx, dw, db = _kernels.batch_norm_backward(x, weight, mean, var, y, dy, eps, ACTIVATIONS[act])
     return dx, dw, db
+
+
+def bias_act(x: mx.array, bias: mx.array, act: str | None) -> mx.array:
+    """``act(x + bias)`` over ``x`` (N, C), ``act`` a key of ACTIVATIONS."""
+    return _kernels.bias_act(x, bias, ACTIVATIONS[act])
 
 
 def dfn3_stream(cfg: dict, net: dict, channels: int):

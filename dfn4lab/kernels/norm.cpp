@@ -1,5 +1,5 @@
 // Training-mode batch normalisation fused with the activation after it (the conv blocks' BatchNorm
-// + ReLU), forward and backward, on channels-last rows x (N, C).
+// + ReLU), forward and backward, on channels-last rows x (N, C); and eval mode's act(x + bias).
 //
 // MLX runs the ops of a batch norm one pass each (mean, variance, normalise; the backward's
 // reductions and broadcasts) on one core per stream. Here the forward is two passes over x and the
@@ -148,6 +148,32 @@ class BatchNormBackward : public NormPrimitive {
   }
 };
 
+// y = act(x + bias) over x (N, C): eval mode's folded BatchNorm, one pass on every core.
+class BiasAct : public CpuLoop {
+ public:
+  BiasAct(mx::Stream s, int act) : CpuLoop(s), act_(act) {}
+  const char* name() const override { return "BiasAct"; }
+
+ protected:
+  Task task(const std::vector<mx::array>& in, std::vector<mx::array>& out) override {
+    const size_t N = in[0].shape(0);
+    const int C = in[0].shape(1);
+    return [x = in[0].data<float>(), b = in[1].data<float>(), y = out[0].data<float>(), N, C,
+            act = act_]() {
+      for_rows(N, C, [=](size_t r0, size_t r1) {
+        for (size_t i = r0; i < r1; ++i) {
+          const float* __restrict xr = x + i * C;
+          float* __restrict yr = y + i * C;
+          for (int c = 0; c < C; ++c) yr[c] = act_forward(xr[c] + b[c], act);
+        }
+      });
+    };
+  }
+
+ private:
+  int act_;
+};
+
 void check_norm(const mx::array& x, int act, std::initializer_list<const mx::array*> channels) {
   check(x, 2, "x");
   if (act < 0 || act > 2) throw std::invalid_argument("batch_norm: act is 0 (none), 1 (relu) or 2 (sigmoid)");
@@ -186,9 +212,21 @@ std::vector<mx::array> batch_norm_backward(const mx::array& x, const mx::array& 
                                 std::make_shared<BatchNormBackward>(st, eps, act), in);
 }
 
+mx::array bias_act(const mx::array& x, const mx::array& bias, int act, mx::StreamOrDevice s) {
+  check(x, 2, "x");
+  check(bias, 1, "bias");
+  if (act < 0 || act > 2) throw std::invalid_argument("bias_act: act is 0 (none), 1 (relu) or 2 (sigmoid)");
+  if (bias.shape(0) != x.shape(1)) throw std::invalid_argument("bias_act: bias must have x's C values");
+  auto st = mx::to_stream(s);
+  return mx::array(x.shape(), mx::float32, std::make_shared<BiasAct>(st, act),
+                   {prepared(x, st), prepared(bias, st)});
+}
+
 }  // namespace
 
 void register_norm(nb::module_& m) {
+  m.def("bias_act", &bias_act, nb::arg("x"), nb::arg("bias"), nb::arg("act"), nb::kw_only(),
+        nb::arg("stream") = nb::none(), "act(x + bias) over x (N, C).");
   m.def("batch_norm_forward", &batch_norm_forward, nb::arg("x"), nb::arg("weight"), nb::arg("bias"),
         nb::arg("eps"), nb::arg("act"), nb::kw_only(), nb::arg("stream") = nb::none(),
         "(y, mean, biased var) of training-mode batch norm and activation over x (N, C).");

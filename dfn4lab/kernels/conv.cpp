@@ -1,14 +1,19 @@
-// Depthwise convolution along frequency (the conv blocks' (1, K) kernels, stride s, zero padding p)
-// on channels-last rows, and its transpose, each the other's input gradient, plus the taps' gradient.
+// The conv blocks' convolutions that MLX runs as strided copies and slice sums, on channels-last
+// arrays, each with its backward; rows split over the cores.
 //
+// Depthwise along frequency ((1, K) kernels, stride s, zero padding p), and its transpose, each the
+// other's input gradient, plus the taps' gradient:
 //   correlate: y[r, q] = sum_j w[j] x[r, s q + j - p]            x (R, F, C) -> y (R, n, C)
 //   scatter:   x[r, f] = sum_{q, j: s q + j - p = f} w[j] y[r, q]  y (R, n, C) -> x (R, F, C)
 //   tap_grad:  dw[j] = sum_{r, q} x[r, s q + j - p] y[r, q]          -> dw (K, C)
-//
 // A depthwise conv is `correlate` (backward: `scatter`, `tap_grad`), a transposed one `scatter`
 // (backward: `correlate`, `tap_grad` with the roles swapped). In MLX ops the conv is a sum of strided
-// slices over a zero-padded copy, and its backward scatters each tap into a zero copy of the input;
-// here each is one pass, the padding implicit, the rows split over the cores.
+// slices over a zero-padded copy, and its backward scatters each tap into a zero copy of the input.
+//
+// Time taps of a dense (K, 1) kernel (DFN3's df_convp), after one matmul z = x W of all K taps side
+// by side, causal with zero history:
+//   time_taps: y[b, t, f, o] = sum_i z[b, t + i - (K - 1), f, i O + o]   z (B, T, F, K O) -> (B, T, F, O)
+// In MLX ops: a zero-padded copy of x, then K strided slices of z summed.
 
 #include <mutex>
 
@@ -152,9 +157,77 @@ mx::array depthwise_tap_grad(const mx::array& x, const mx::array& y, int taps, i
                    {prepared(x, st), prepared(y, st)});
 }
 
+
+// y (B, T, F, O) from z (B, T, F, K O); rows (b, t) split over the cores.
+class TimeTaps : public CpuLoop {
+ public:
+  TimeTaps(mx::Stream st, int taps, bool grad) : CpuLoop(st), K_(taps), grad_(grad) {}
+  const char* name() const override { return grad_ ? "TimeTapsGrad" : "TimeTaps"; }
+
+ protected:
+  Task task(const std::vector<mx::array>& in, std::vector<mx::array>& out) override {
+    const int T = in[0].shape(1), F = in[0].shape(2);
+    const int O = grad_ ? in[0].shape(3) : in[0].shape(3) / K_;
+    const size_t rows = size_t(in[0].shape(0)) * T;
+    return [a = in[0].data<float>(), o = out[0].data<float>(), rows, T, F, O, K = K_, grad = grad_]() {
+      const size_t frame = size_t(F) * O;  // one frame of y; K of them make one of z
+      for_rows(rows, frame * K, [&](size_t r0, size_t r1) {
+        for (size_t r = r0; r < r1; ++r) {
+          const int t = int(r % T);
+          if (!grad) {  // y[t] = sum_i z[t + i - (K - 1)][tap i]
+            float* y = o + r * frame;
+            std::fill(y, y + frame, 0.0f);
+            for (int i = std::max(0, K - 1 - t); i < K; ++i) {
+              const float* z = a + (r + i - (K - 1)) * frame * K + size_t(i) * O;
+              for (int f = 0; f < F; ++f)
+                for (int c = 0; c < O; ++c) y[size_t(f) * O + c] += z[size_t(f) * K * O + c];
+            }
+          } else {  // dz[t][tap i] = dy[t - i + K - 1] where that frame exists
+            float* dz = o + r * frame * K;
+            for (int i = 0; i < K; ++i) {
+              const int src = t - i + K - 1;
+              const float* dy = src < T ? a + (r - t + src) * frame : nullptr;
+              for (int f = 0; f < F; ++f) {
+                float* d = dz + (size_t(f) * K + i) * O;
+                if (dy)
+                  std::copy(dy + size_t(f) * O, dy + size_t(f + 1) * O, d);
+                else
+                  std::fill(d, d + O, 0.0f);
+              }
+            }
+          }
+        }
+      });
+    };
+  }
+
+ private:
+  int K_;
+  bool grad_;
+};
+
+// y (B, T, F, O) from z (B, T, F, taps O).
+mx::array time_taps(const mx::array& z, int taps, mx::StreamOrDevice s) {
+  check(z, 4, "z");
+  if (taps < 1 || z.shape(3) % taps)
+    throw std::invalid_argument("time_taps: z's last axis must hold the taps side by side");
+  auto st = mx::to_stream(s);
+  return mx::array({z.shape(0), z.shape(1), z.shape(2), z.shape(3) / taps}, mx::float32,
+                   std::make_shared<TimeTaps>(st, taps, false), {prepared(z, st)});
+}
+
+// dz (B, T, F, taps O) from dy (B, T, F, O).
+mx::array time_taps_grad(const mx::array& dy, int taps, mx::StreamOrDevice s) {
+  check(dy, 4, "dy");
+  if (taps < 1) throw std::invalid_argument("time_taps: taps must be >= 1");
+  auto st = mx::to_stream(s);
+  return mx::array({dy.shape(0), dy.shape(1), dy.shape(2), dy.shape(3) * taps}, mx::float32,
+                   std::make_shared<TimeTaps>(st, taps, true), {prepared(dy, st)});
+}
+
 }  // namespace
 
-void register_depthwise(nb::module_& m) {
+void register_conv(nb::module_& m) {
   m.def("depthwise_correlate", &depthwise_correlate, nb::arg("x"), nb::arg("w"), nb::arg("stride"),
         nb::arg("pad"), nb::arg("n"), nb::kw_only(), nb::arg("stream") = nb::none(),
         "y (R, n, C): y[r, q] = sum_j w[j] x[r, stride q + j - pad] (zero outside x).");
@@ -164,6 +237,11 @@ void register_depthwise(nb::module_& m) {
   m.def("depthwise_tap_grad", &depthwise_tap_grad, nb::arg("x"), nb::arg("y"), nb::arg("taps"),
         nb::arg("stride"), nb::arg("pad"), nb::kw_only(), nb::arg("stream") = nb::none(),
         "dw (taps, C): sum over rows and q of x[r, stride q + j - pad] y[r, q].");
+  m.def("time_taps", &time_taps, nb::arg("z"), nb::arg("taps"), nb::kw_only(),
+        nb::arg("stream") = nb::none(),
+        "y (B, T, F, O): sum over taps i of z[:, t + i - (taps - 1), :, i O : (i + 1) O], zero history.");
+  m.def("time_taps_grad", &time_taps_grad, nb::arg("dy"), nb::arg("taps"), nb::kw_only(),
+        nb::arg("stream") = nb::none(), "dz (B, T, F, taps O) of time_taps.");
 }
 
 }  // namespace dfn4lab_kernels
