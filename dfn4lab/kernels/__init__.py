@@ -1,15 +1,18 @@
-"""dfn4lab's CPU kernels: C++ MLX primitives for work MLX would run op by op (``recurrences.cpp``:
-the GRU layer's and Mamba's selective scan's time loops; ``attention.cpp``: causal softmax
-attention; ``conv.cpp``: depthwise convolution over frequency and its transpose, and the time taps
-of a (K, 1) conv; ``norm.cpp``: batch norm with its activation (training; eval's folded bias); each forward
-and backward;
-``stream.cpp``: DeepFilterNet3's whole streaming hop).
+"""dfn4lab's CPU kernels: C++ MLX primitives for work MLX would run op by op, or in one pass on
+one core, each forward and backward:
+
+- ``recurrences.cpp``: the time loops of the GRU layer and of Mamba's selective scan;
+- ``attention.cpp``: causal softmax attention;
+- ``conv.cpp``: depthwise convolution over frequency and its transpose, the time taps of a (K, 1) conv;
+- ``linear.cpp``: the grouped linear map;
+- ``norm.cpp``: batch norm with its activation (training), and eval's folded ``act(x + bias)``;
+- ``stream.cpp``: DeepFilterNet3's whole streaming hop.
 
 ``python -m dfn4lab.kernels`` (``make kernels``, part of ``make setup``) builds them into this
 package as ``_kernels`` with CMake and nanobind; nothing is downloaded. They are optional: where
-they are not built, on the GPU, or for dtypes other than float32, :mod:`dfn4lab.backbones` and
-:mod:`dfn4lab.stream` run the same work in MLX ops, which are also the tests' reference.
-``DFN4LAB_KERNELS=0`` turns them off, to compare.
+they are not built, on the GPU, or for dtypes other than float32, :mod:`dfn4lab.backbones`,
+:mod:`dfn4lab.layers` and :mod:`dfn4lab.stream` run the same work in MLX ops, which are also the
+tests' reference. ``DFN4LAB_KERNELS=0`` turns them off, to compare.
 """
 
 from __future__ import annotations
@@ -152,6 +155,21 @@ def time_taps(z: mx.array, taps: int) -> mx.array:
 def time_taps_grad(dy: mx.array, taps: int) -> mx.array:
     """``dz`` (batch, time, freq, taps * out) of :func:`time_taps` from ``dy`` (batch, time, freq, out)."""
     return _kernels.time_taps_grad(dy, taps)
+
+
+def grouped_linear(x: mx.array, w: mx.array) -> mx.array:
+    """``x`` (rows, groups * in) times ``w`` (groups, in, out) group by group -> (rows, groups * out)."""
+    return _kernels.grouped_linear(x, w)
+
+
+def grouped_linear_input_grad(dy: mx.array, w: mx.array) -> mx.array:
+    """``dx`` (rows, groups * in) of :func:`grouped_linear` from ``dy`` (rows, groups * out)."""
+    return _kernels.grouped_linear_input_grad(dy, w)
+
+
+def grouped_linear_weight_grad(x: mx.array, dy: mx.array, groups: int) -> mx.array:
+    """``dw`` (groups, in, out) of :func:`grouped_linear` from ``x`` and ``dy``."""
+    return _kernels.grouped_linear_weight_grad(x, dy, groups)
 
 
 ACTIVATIONS = {None: 0, "relu": 1, "sigmoid": 2}  # the activations batch_norm_* fuse, by code

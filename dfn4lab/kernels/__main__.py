@@ -1,8 +1,8 @@
 """Build dfn4lab's CPU kernels into this package: ``python -m dfn4lab.kernels`` (``make kernels``).
 
-CMake compiles ``module.cpp``, ``recurrences.cpp``, ``attention.cpp`` and ``stream.cpp`` against the
-MLX installed in this environment (its headers and ``libmlx``) with nanobind (the ``kernels`` extra);
-~15 s. Exits 1 with one line naming the log when it cannot build: the pure-MLX code then runs instead.
+CMake compiles the ``.cpp`` files here against the MLX installed in this environment (its headers
+and ``libmlx``) with nanobind (the ``kernels`` extra); ~20 s. Exits 1 with one line naming the log
+when it cannot build: the pure-MLX code then runs instead.
 """
 
 from __future__ import annotations
