@@ -24,6 +24,7 @@ from dfn4lab.cli import command
 from dfn4lab.config import BACKBONES, ModelConfig, preset
 from dfn4lab.data.bench import run as data_bench
 from dfn4lab.inference import matched_config
+from dfn4lab.macs import model_macs
 from dfn4lab.paths import atomic_write
 
 import mlx.core as mx
@@ -169,6 +170,14 @@ def _mlx_case(cfg: ModelConfig, batch: int, frames: int):
     return model, {"fwd": fwd, "fwdbwd": fwdbwd, "step": step}, resident
 
 
+def batch_macs(cfg: ModelConfig, batch: int, frames: int) -> int:
+    """Forward multiply-accumulates of one ``batch`` x ``frames`` batch (counted on a fresh model: the
+    count runs a forward, which in training mode would move a timed model's BatchNorm statistics)."""
+    from dfn4lab.inference import build
+
+    return model_macs(build(cfg), frames * cfg.dsp.hop_size / cfg.dsp.sr) * batch
+
+
 MLX_OPS = "mlx-ops"  # the variant run without dfn4lab.kernels
 WINDOWED = "window-64"  # matched attention over the last 64 frames only
 
@@ -249,6 +258,7 @@ def backbones(
                 "backbone": kind,
                 "variant": variant,
                 "params": param_count(case["model"]),
+                "macs": batch_macs(case["cfg"], batch, frames),
                 "hidden": case["cfg"].emb_hidden_dim,
                 "cfg": case["cfg"],
                 **{f"{k}_ms": round(v["median"] * 1e3, 2) for k, v in s.items()},
@@ -267,12 +277,14 @@ def backbones(
         r.pop("cfg")
     result = {
         "cases": [
-            {k: r[k] for k in ("backbone", "params", "fwd_ms", "fwdbwd_ms", "step_ms", "peak_mb")}
+            {k: r[k] for k in ("backbone", "params", "macs", "fwd_ms", "fwdbwd_ms", "step_ms", "peak_mb")}
             for r in matched.values()
         ],
         "mamba_vs_gru_step": round(matched["mamba"]["step_ms"] / matched["gru"]["step_ms"], 3),
         "attention_vs_gru_step": round(matched["attention"]["step_ms"] / matched["gru"]["step_ms"], 3),
         "attention_w64_vs_gru_step": round(windowed["step_ms"] / matched["gru"]["step_ms"], 3),
+        # the work behind those times: at matched parameters attention adds the time x time term
+        "attention_vs_gru_macs": round(matched["attention"]["macs"] / matched["gru"]["macs"], 3),
         **torch_cmp["ratios"],
         # every backbone in MLX ops (as on Metal): the architectures' cost at equal footing
         "mamba_vs_gru_step_mlx_ops": round(ops["mamba"]["step_ms"] / ops["gru"]["step_ms"], 3),
@@ -296,7 +308,8 @@ def backbones(
     )
     for r in rows:
         print(
-            f"{r['backbone']:>9} {r['variant']:<10} {r['params']:>9,} params  fwd {r['fwd_ms']:8.1f}  "
+            f"{r['backbone']:>9} {r['variant']:<10} {r['params']:>9,} params  {r['macs'] / 1e9:7.3f} GMAC  "
+            f"fwd {r['fwd_ms']:8.1f}  "
             f"fwd+bwd {r['fwdbwd_ms']:8.1f}  step {r['step_ms']:8.1f} ms  peak {r['peak_mb']:.0f} MB"
         )
     return result

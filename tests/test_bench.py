@@ -22,6 +22,22 @@ def test_peak_memory_is_the_case_own_not_the_other_live_cases():
     assert alone > resident() / 2**20 and beside == pytest.approx(alone, abs=4.0)
 
 
+def test_batch_macs_count_attention_time_by_time_term():
+    """Per batch item and frame the GRU's work is constant; causal attention's grows with the frames
+    (what makes it costlier than the GRU at matched parameters), a 64-frame window's stops growing."""
+    base = preset("dfn3").replace(conv_ch=16, emb_hidden_dim=64, df_hidden_dim=64)
+    gru, att = base, base.replace(backbone="attention")
+    w64 = att.replace(backbone={"window": 64})
+    per_frame = {
+        n: [bench.batch_macs(c, 2, t) / (2 * t) for t in (100, 400)]
+        for n, c in (("gru", gru), ("attention", att), ("w64", w64))
+    }
+    assert bench.batch_macs(gru, 4, 100) == 2 * bench.batch_macs(gru, 2, 100)
+    assert per_frame["gru"][1] == pytest.approx(per_frame["gru"][0], rel=0.02)  # + 2 look-ahead frames
+    assert per_frame["attention"][1] > per_frame["attention"][0] * 1.05
+    assert per_frame["w64"][1] < per_frame["attention"][1]
+
+
 def test_pytorch_is_timed_in_its_own_process_with_its_own_settings():
     """In one process dfn4lab's passive OpenMP waiting and MLX's threads slowed PyTorch's step 2x."""
     import os
