@@ -60,7 +60,7 @@ $(STAMP): pyproject.toml $(CONSTRAINTS) | $(PY)
 
 install: $(STAMP)
 
-# dfn4lab's C++ CPU kernels (python -m dfn4lab.kernels, ~10 s): optional at run time, so a failed build
+# dfn4lab's C++ CPU kernels (python -m dfn4lab.kernels, ~20 s): optional at run time, so a failed build
 # says so and the pure-MLX loops run instead; the unit tests require them on Linux, where CI runs.
 KERNELS := $(VENV)/.kernels
 kernels: $(KERNELS)
