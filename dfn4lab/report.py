@@ -69,7 +69,7 @@ def bench_table(figures: Path) -> list[str]:
         w64 = s.get("attention_w64_vs_gru_step")
         w64 = f" (over its last 64 frames only: {w64:.2f})" if w64 else ""
         macs = s.get("attention_vs_gru_macs")
-        w64 = f" for {macs:.2f}x the GRU's multiply-accumulates{w64}" if macs else w64
+        w64 += f", doing {macs:.2f}x the GRU's multiply-accumulates" if macs else ""
         rows.append(
             f"| `backbones` (dfn3 topology, batch {bb['batch']}, {bb['frames']} frames, matched params) | "
             f"step: {steps}; Mamba/GRU {s['mamba_vs_gru_step']:.2f}, attention/GRU "

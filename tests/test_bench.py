@@ -32,7 +32,6 @@ def test_batch_macs_count_attention_time_by_time_term():
         n: [bench.batch_macs(c, 2, t) / (2 * t) for t in (100, 400)]
         for n, c in (("gru", gru), ("attention", att), ("w64", w64))
     }
-    assert bench.batch_macs(gru, 4, 100) == 2 * bench.batch_macs(gru, 2, 100)
     assert per_frame["gru"][1] == pytest.approx(per_frame["gru"][0], rel=0.02)  # + 2 look-ahead frames
     assert per_frame["attention"][1] > per_frame["attention"][0] * 1.05
     assert per_frame["w64"][1] < per_frame["attention"][1]

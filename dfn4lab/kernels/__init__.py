@@ -1,5 +1,5 @@
-"""dfn4lab's CPU kernels: C++ MLX primitives for work MLX would run op by op, or in one pass on
-one core, each forward and backward:
+"""dfn4lab's CPU kernels: C++ MLX primitives for work MLX would run op by op, or pass by pass on
+one core; each forward and (but eval's bias + activation) backward:
 
 - ``recurrences.cpp``: the time loops of the GRU layer and of Mamba's selective scan;
 - ``attention.cpp``: causal softmax attention;
@@ -61,12 +61,20 @@ def status() -> str:
     return "on" if ENABLED else ("off (DFN4LAB_KERNELS=0)" if BUILT else "not built")
 
 
-def usable(*arrays: mx.array) -> bool:
-    """Whether the kernels run these arrays: enabled, float32, default device the CPU."""
+# Below this many elements the element-wise kernels (conv, bias, grouped linear) leave the work to MLX
+# ops: a streaming hop's arrays, where a primitive's dispatch costs more than it saves (the compiled
+# dfn3 hop measured 1.1-1.2 ms with the kernels, 1.0-1.1 without).
+SMALL = 2**15
+
+
+def usable(*arrays: mx.array, min_size: int = 0) -> bool:
+    """Whether the kernels run these arrays: enabled, float32, default device the CPU, and the first
+    array at least ``min_size`` elements."""
     return (
         ENABLED
         and mx.default_device().type == mx.DeviceType.cpu
         and all(a.dtype == mx.float32 for a in arrays)
+        and arrays[0].size >= min_size
     )
 
 

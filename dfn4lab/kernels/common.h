@@ -131,16 +131,21 @@ inline void check(const mx::array& a, int ndim, const char* what) {
 
 inline mx::array prepared(const mx::array& a, const mx::Stream& s) { return mx::contiguous(a, false, s); }
 
+// The cores this process may use.
+inline int cores() {
+  int n = std::thread::hardware_concurrency();
+#ifdef __linux__
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof set, &set) == 0) n = CPU_COUNT(&set);
+#endif
+  return std::max(1, n);
+}
+
 // Rows of the batch are independent sequences: each worker thread runs all frames of its block of
 // rows (one thread per core, at most one per row), so both cores work on every frame.
 template <class F>
 void for_row_blocks(int rows, F&& fn) {
-  int n = std::thread::hardware_concurrency();
-#ifdef __linux__
-  cpu_set_t set;
-  if (sched_getaffinity(0, sizeof set, &set) == 0) n = CPU_COUNT(&set);  // cores this process may use
-#endif
-  n = std::max(1, std::min(n, rows));
+  const int n = std::max(1, std::min(cores(), rows));
   std::vector<std::thread> pool;
   for (int k = 1; k < n; ++k)
     pool.emplace_back([&fn, rows, n, k] { fn(rows * k / n, rows * (k + 1) / n); });
@@ -148,15 +153,16 @@ void for_row_blocks(int rows, F&& fn) {
   for (auto& t : pool) t.join();
 }
 
-// Rows [0, N) of `width` elements each, split over the cores with at least kMinWork elements per
-// thread: small inputs (a streaming hop) run on the calling thread, with no thread started.
+// Rows [0, N) of `width` elements each, split evenly over the cores with at least kMinWork elements
+// per thread: small inputs (a streaming hop) run on the calling thread, with no thread started.
 constexpr size_t kMinWork = 1 << 15;
 
 template <class F>
 void for_rows(size_t N, size_t width, F&& fn) {
-  const int blocks = int(std::min<size_t>(N, std::max<size_t>(1, N * width / kMinWork)));
-  if (blocks <= 1) return fn(size_t(0), N);
-  for_row_blocks(blocks, [&](int b0, int b1) { fn(N * b0 / blocks, N * b1 / blocks); });
+  const size_t most = std::min<size_t>(N, std::max<size_t>(1, N * width / kMinWork));
+  const int threads = int(std::min<size_t>(cores(), most));
+  if (threads <= 1) return fn(size_t(0), N);
+  for_row_blocks(threads, [&](int b0, int b1) { fn(N * b0 / threads, N * b1 / threads); });
 }
 
 // A primitive whose work is one CPU task: the outputs are allocated here, and `task` returns the

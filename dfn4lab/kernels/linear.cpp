@@ -16,11 +16,15 @@ namespace {
 
 enum Kind { kForward, kInputGrad, kWeightGrad };
 
-// fn(g) for every group: groups split over the cores, one BLAS thread each; one group keeps the
-// BLAS's own threads.
+// fn(g) for every group: groups split over the cores, one BLAS thread each. One group keeps the
+// BLAS's own threads, and little work (a streaming hop's row) runs on the calling thread: starting
+// threads there cost more than the GEMMs.
 template <class F>
-void for_groups(int G, F&& fn) {
-  if (G == 1) return fn(0);
+void for_groups(int G, size_t work, F&& fn) {
+  if (G == 1 || work < kMinWork * 8) {
+    for (int g = 0; g < G; ++g) fn(g);
+    return;
+  }
   for_row_blocks(G, [&](int g0, int g1) {
     OneBlasThread one;
     for (int g = g0; g < g1; ++g) fn(g);
@@ -43,7 +47,7 @@ class GroupedLinear : public CpuLoop {
     const int G = w.shape(0), I = w.shape(1), H = w.shape(2);
     return [a = in[0].data<float>(), b = in[1].data<float>(), o = out[0].data<float>(), R, G, I, H,
             kind = kind_]() {
-      for_groups(G, [=](int g) {
+      for_groups(G, size_t(R) * G * I * H, [=](int g) {
         const size_t wg = size_t(g) * I * H;
         if (kind == kForward)  // y_g = x_g w_g
           cblas_sgemm(kRowMajor, kNoTrans, kNoTrans, R, H, I, 1.0f, a + size_t(g) * I, G * I, b + wg, H,

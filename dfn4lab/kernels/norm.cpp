@@ -3,9 +3,9 @@
 //
 // MLX runs the ops of a batch norm one pass each (mean, variance, normalise; the backward's
 // reductions and broadcasts) on one core per stream. Here the forward is two passes over x and the
-// backward two over (x, y, dy), with the rows split over the cores. Per-channel sums are taken
-// shifted by the channel's first value and accumulated in double over blocks of float partial sums,
-// so the variance keeps float32 accuracy when the mean is large against the spread.
+// backward two over (x, y, dy), with the rows split over the cores. Per-channel sums are accumulated
+// in double over blocks of float partial sums; the forward's are shifted by the channel's first
+// value, so the variance keeps float32 accuracy when the mean is large against the spread.
 //
 // act: 0 none, 1 ReLU, 2 sigmoid (common.h's rational form, as dfn4lab.activations); the backward
 // reads the activation's derivative from its output y.
