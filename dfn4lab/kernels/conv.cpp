@@ -119,30 +119,19 @@ void check_geometry(const mx::array& x, const mx::array& y, const Geometry& g) {
     throw std::invalid_argument("depthwise: x (R, F, C) and y (R, n, C) do not match");
 }
 
-// y (R, n, C) from x (R, F, C) and taps w (K, C).
-mx::array depthwise_correlate(const mx::array& x, const mx::array& w, int stride, int pad, int n,
-                              mx::StreamOrDevice s) {
-  check(x, 3, "x");
+// correlate: a = x (R, F, C) -> y (R, size = n, C); scatter: a = y (R, n, C) -> x (R, size = F, C).
+mx::array depthwise(const mx::array& a, const mx::array& w, int stride, int pad, int size, Kind kind,
+                    mx::StreamOrDevice s) {
+  check(a, 3, kind == kCorrelate ? "x" : "y");
   check(w, 2, "w");
-  const Geometry g{x.shape(1), n, x.shape(2), w.shape(0), stride, pad};
-  if (w.shape(1) != g.C || g.n < 1 || g.s < 1 || g.p < 0)
-    throw std::invalid_argument("depthwise: taps must be (K, C) for x (R, F, C), n >= 1");
+  const int in = a.shape(1), C = a.shape(2), K = w.shape(0);
+  const Geometry g = kind == kCorrelate ? Geometry{in, size, C, K, stride, pad}
+                                        : Geometry{size, in, C, K, stride, pad};
+  if (w.shape(1) != C || size < 1 || stride < 1 || pad < 0)
+    throw std::invalid_argument("depthwise: taps must be (K, C) for an input (R, positions, C); size >= 1");
   auto st = mx::to_stream(s);
-  return mx::array({x.shape(0), n, g.C}, mx::float32, std::make_shared<Depthwise>(st, kCorrelate, g),
-                   {prepared(x, st), prepared(w, st)});
-}
-
-// x (R, F, C) from y (R, n, C) and taps w (K, C).
-mx::array depthwise_scatter(const mx::array& y, const mx::array& w, int stride, int pad, int F,
-                            mx::StreamOrDevice s) {
-  check(y, 3, "y");
-  check(w, 2, "w");
-  const Geometry g{F, y.shape(1), y.shape(2), w.shape(0), stride, pad};
-  if (w.shape(1) != g.C || g.F < 1 || g.s < 1 || g.p < 0)
-    throw std::invalid_argument("depthwise: taps must be (K, C) for y (R, n, C), F >= 1");
-  auto st = mx::to_stream(s);
-  return mx::array({y.shape(0), F, g.C}, mx::float32, std::make_shared<Depthwise>(st, kScatter, g),
-                   {prepared(y, st), prepared(w, st)});
+  return mx::array({a.shape(0), size, C}, mx::float32, std::make_shared<Depthwise>(st, kind, g),
+                   {prepared(a, st), prepared(w, st)});
 }
 
 // dw (K, C) from x (R, F, C) and y (R, n, C).
@@ -228,12 +217,22 @@ mx::array time_taps_grad(const mx::array& dy, int taps, mx::StreamOrDevice s) {
 }  // namespace
 
 void register_conv(nb::module_& m) {
-  m.def("depthwise_correlate", &depthwise_correlate, nb::arg("x"), nb::arg("w"), nb::arg("stride"),
-        nb::arg("pad"), nb::arg("n"), nb::kw_only(), nb::arg("stream") = nb::none(),
-        "y (R, n, C): y[r, q] = sum_j w[j] x[r, stride q + j - pad] (zero outside x).");
-  m.def("depthwise_scatter", &depthwise_scatter, nb::arg("y"), nb::arg("w"), nb::arg("stride"),
-        nb::arg("pad"), nb::arg("F"), nb::kw_only(), nb::arg("stream") = nb::none(),
-        "x (R, F, C): the transpose of depthwise_correlate applied to y.");
+  m.def(
+      "depthwise_correlate",
+      [](const mx::array& x, const mx::array& w, int stride, int pad, int n, mx::StreamOrDevice s) {
+        return depthwise(x, w, stride, pad, n, kCorrelate, s);
+      },
+      nb::arg("x"), nb::arg("w"), nb::arg("stride"), nb::arg("pad"), nb::arg("n"), nb::kw_only(),
+      nb::arg("stream") = nb::none(),
+      "y (R, n, C): y[r, q] = sum_j w[j] x[r, stride q + j - pad] (zero outside x).");
+  m.def(
+      "depthwise_scatter",
+      [](const mx::array& y, const mx::array& w, int stride, int pad, int F, mx::StreamOrDevice s) {
+        return depthwise(y, w, stride, pad, F, kScatter, s);
+      },
+      nb::arg("y"), nb::arg("w"), nb::arg("stride"), nb::arg("pad"), nb::arg("F"), nb::kw_only(),
+      nb::arg("stream") = nb::none(),
+      "x (R, F, C): the transpose of depthwise_correlate applied to y.");
   m.def("depthwise_tap_grad", &depthwise_tap_grad, nb::arg("x"), nb::arg("y"), nb::arg("taps"),
         nb::arg("stride"), nb::arg("pad"), nb::kw_only(), nb::arg("stream") = nb::none(),
         "dw (taps, C): sum over rows and q of x[r, stride q + j - pad] y[r, q].");
