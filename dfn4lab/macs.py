@@ -4,8 +4,9 @@ While ``fn`` builds its lazy graph, the matmul, einsum, convolution and attentio
 ``mlx.core`` are wrapped to add up ``output size x contracted size`` from their operand shapes;
 nothing is evaluated. A ``ConvBlock`` counts as the grouped convolution it computes, not as its
 implementation (a dense block-diagonal conv or element-wise taps). Element-wise work (activations,
-normalisation, the deep filter, scans) is not counted, as in ptflops and thop. The GRU time loops run
-as MLX ops meanwhile (not :mod:`dfn4lab.kernels`), so their matmuls are seen.
+normalisation, the deep filter, scans) is not counted, as in ptflops and thop. Attention counts the
+(query, key) pairs its boolean mask keeps: a causal kernel computes those, not the masked rest. The
+GRU time loops run as MLX ops meanwhile (not :mod:`dfn4lab.kernels`), so their matmuls are seen.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import contextlib
 import math
 from collections.abc import Callable, Iterator, Sequence
 
-from dfn4lab import kernels
+from dfn4lab import backbones, kernels
 from dfn4lab.layers import ConvBlock
 from dfn4lab.model import DfNet
 
@@ -78,10 +79,30 @@ def _counting(total: list[int]) -> Iterator[None]:
 
         return f
 
+    def attention_macs(q: mx.array, k: mx.array, v: mx.array, mask: object) -> int:
+        """q (batch, heads, tq, d), k/v (batch, heads, tk, d): d_q + d_v per (query, key) pair the mask
+        keeps; a causal mask keeps about half, which a causal kernel computes (not the masked rest)."""
+        pairs = q.shape[1] * q.shape[2] * k.shape[2]
+        if isinstance(mask, mx.array) and mask.dtype == mx.bool_:
+            pairs = int(mx.broadcast_to(mask, (q.shape[1], q.shape[2], k.shape[2])).sum())
+        return q.shape[0] * pairs * (q.shape[3] + v.shape[3])
+
     def sdpa(orig):
-        def f(q, k, v, *args, **kw):  # q (batch, heads, tq, d), k/v (batch, kv_heads, tk, d)
+        def f(q, k, v, *args, **kw):
             out = orig(q, k, v, *args, **kw)
-            add(q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] * (q.shape[3] + v.shape[3]))
+            add(attention_macs(q, k, v, kw.get("mask", args[1] if len(args) > 1 else None)))
+            return out
+
+        return f
+
+    def softmax_attention(orig):  # backbones.attention: its matmuls run over masked pairs too
+        def f(q, k, v, scale, mask):
+            depth[0] += 1
+            try:
+                out = orig(q, k, v, scale, mask)
+            finally:
+                depth[0] -= 1
+            add(attention_macs(q, k, v, mask))
             return out
 
         return f
@@ -110,6 +131,7 @@ def _counting(total: list[int]) -> Iterator[None]:
     patches += [(mx, n, conv) for n in ("conv1d", "conv2d", "conv3d", "conv_general")]
     patches += [(mx, n, conv_transpose) for n in ("conv_transpose1d", "conv_transpose2d")]
     patches += [(mx, "einsum", einsum), (mx.fast, "scaled_dot_product_attention", sdpa)]
+    patches += [(backbones, "attention", softmax_attention)]
     saved = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]
     mx.disable_compile()
     try:

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import dfn4lab  # noqa: F401
-from dfn4lab import audio, checkpoint, convert, data, evaluate, inference, macs, report
+from dfn4lab import audio, backbones, checkpoint, convert, data, evaluate, inference, macs, report
 from dfn4lab.backbones import GroupedLinear
 from dfn4lab.config import preset
 from dfn4lab.layers import ConvBlock
@@ -122,6 +122,10 @@ def test_count_macs_of_known_ops():
     q, k = mx.zeros((1, 2, 10, 16)), mx.zeros((1, 2, 12, 16))
     attn = macs.count_macs(lambda: mx.fast.scaled_dot_product_attention(q, k, k, scale=1.0))
     assert attn == 2 * 10 * 12 * (16 + 16)  # q k^T, then weights @ v
+    # causal: the pairs the mask keeps (10 queries at keys 2..11 see 3..12 keys), as a causal kernel
+    keep = (2 + mx.arange(10))[:, None] >= mx.arange(12)[None]
+    causal = macs.count_macs(lambda: backbones.attention(q, k, k, 1.0, keep))
+    assert causal == 2 * sum(range(3, 13)) * (16 + 16)
     a, b = mx.zeros((4, 6)), mx.zeros((6, 5))
     assert macs.count_macs(lambda: mx.einsum("ij,jk", a, b)) == 4 * 6 * 5  # implicit output "ik"
     assert macs.count_macs(lambda: mx.einsum("ij,jk->ik", a, b)) == 4 * 6 * 5

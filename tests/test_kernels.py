@@ -356,11 +356,14 @@ def test_depthwise_kernels_are_a_conv_its_transpose_and_its_tap_gradient(rows, f
     ],
 )
 def test_conv_block_training_same_with_and_without_kernels(
-    in_ch, out_ch, kernel, stride, transposed, act, freq
+    in_ch, out_ch, kernel, stride, transposed, act, freq, monkeypatch
 ):
-    """A conv block's training forward, BatchNorm statistics, input and parameter gradients, and eval
-    forward: kernels (depthwise conv, batch norm) against MLX ops."""
+    """A conv block's training forward and returned history, BatchNorm statistics, input and parameter
+    gradients, and eval forward: kernels (depthwise conv, time taps, batch norm, bias + activation)
+    against MLX ops. ``SMALL`` lowered: arrays this size would stay on MLX ops."""
     from dfn4lab.layers import ConvBlock
+
+    monkeypatch.setattr(kernels, "SMALL", 0)
 
     mx.random.seed(freq)
     block = ConvBlock(in_ch, out_ch, kernel, fstride=stride, transposed=transposed, act=act)
@@ -374,8 +377,10 @@ def test_conv_block_training_same_with_and_without_kernels(
         loss = nn.value_and_grad(block, lambda x: (block(x)[0] * proj).sum())
         (value, grads), dx = loss(x), mx.grad(lambda x: (block(x)[0] * proj).sum())(x)
         stats = [block.bn.running_mean, block.bn.running_var]
+        history = block(x)[1]
         block.eval()
-        return [value, dx, *stats, block(x)[0], *(g for _, g in tree_flatten(grads))]
+        out = [value, dx, *stats, block(x)[0], *(g for _, g in tree_flatten(grads))]
+        return out + ([history] if history is not None else [])
 
     with_kernels = run()
     with kernels.disabled():
@@ -433,9 +438,10 @@ def test_bias_act_kernel_matches_mlx_ops(act):
 
 @needs_kernels
 @pytest.mark.parametrize("rows,groups,inp,out", [(7, 4, 3, 5), (50, 1, 8, 6), (300, 32, 12, 4)])
-def test_grouped_linear_kernel_against_numpy(rows, groups, inp, out):
-    """Forward and both gradients of the grouped linear map (strided SGEMMs per group) against an
-    einsum in float64."""
+def test_grouped_linear_kernel_against_numpy(rows, groups, inp, out, monkeypatch):
+    """Forward and both gradients of the grouped linear map (strided SGEMMs per group; one group: the
+    BLAS's threads) against an einsum in float64. ``SMALL`` lowered: these sizes would stay on MLX ops."""
+    monkeypatch.setattr(kernels, "SMALL", 0)
     rng = np.random.default_rng(rows)
     x = rng.standard_normal((rows, groups, inp)).astype(np.float32)
     w = rng.standard_normal((groups, inp, out)).astype(np.float32)

@@ -266,12 +266,15 @@ def test_gradients_match_torch(backbone):
         (8, 1, (1, 3), 1, False, "sigmoid"),  # conv0_out
     ],
 )
-def test_conv_block_training_step_matches_torch(in_ch, out_ch, kernel, stride, transposed, act):
+def test_conv_block_training_step_matches_torch(in_ch, out_ch, kernel, stride, transposed, act, monkeypatch):
     """One conv block in training mode against upstream's ``Conv2dNormAct`` in PyTorch: output, the
     gradients of the input and of every weight, and BatchNorm's running statistics after the step
-    (MLX runs dfn4lab.kernels' batch norm and depthwise conv here, and merges a grouped conv's
-    pointwise conv into it)."""
+    (MLX runs dfn4lab.kernels' batch norm, depthwise conv or time taps here, ``SMALL`` lowered so
+    arrays this size do, and merges a grouped conv's pointwise conv into it)."""
+    from dfn4lab import kernels
     from dfn4lab.layers import ConvBlock
+
+    monkeypatch.setattr(kernels, "SMALL", 0)
 
     torch.manual_seed(in_ch + out_ch)
     ref = torch_ref.conv_norm_act(in_ch, out_ch, kernel, stride, transposed, act).train()

@@ -10,9 +10,9 @@ one core; each forward and (but eval's bias + activation) backward:
 
 ``python -m dfn4lab.kernels`` (``make kernels``, part of ``make setup``) builds them into this
 package as ``_kernels`` with CMake and nanobind; nothing is downloaded. They are optional: where
-they are not built, on the GPU, or for dtypes other than float32, :mod:`dfn4lab.backbones`,
-:mod:`dfn4lab.layers` and :mod:`dfn4lab.stream` run the same work in MLX ops, which are also the
-tests' reference. ``DFN4LAB_KERNELS=0`` turns them off, to compare.
+they are not built, on the GPU, for dtypes other than float32, or for small arrays (``SMALL``),
+:mod:`dfn4lab.backbones`, :mod:`dfn4lab.layers` and :mod:`dfn4lab.stream` run the same work in MLX
+ops, which are also the tests' reference. ``DFN4LAB_KERNELS=0`` turns them off, to compare.
 """
 
 from __future__ import annotations
@@ -61,9 +61,10 @@ def status() -> str:
     return "on" if ENABLED else ("off (DFN4LAB_KERNELS=0)" if BUILT else "not built")
 
 
-# Below this many elements the element-wise kernels (conv, bias, grouped linear) leave the work to MLX
-# ops: a streaming hop's arrays, where a primitive's dispatch costs more than it saves (the compiled
-# dfn3 hop measured 1.1-1.2 ms with the kernels, 1.0-1.1 without).
+# Below this many elements (of the input) the depthwise conv, the bias + activation and the grouped
+# linear leave the work to MLX ops: a streaming hop's arrays, where a primitive's dispatch costs more
+# than it saves (the compiled dfn3 hop: 1.1-1.2 ms with them, 1.0-1.1 without; 1.48 while the grouped
+# linear also started threads). Batch norm (training only) and the time taps are not gated.
 SMALL = 2**15
 
 

@@ -141,8 +141,8 @@ inline int cores() {
   return std::max(1, n);
 }
 
-// Rows of the batch are independent sequences: each worker thread runs all frames of its block of
-// rows (one thread per core, at most one per row), so both cores work on every frame.
+// Independent rows (a recurrence's batch rows, blocks of rows, groups) split over the cores: fn(r0, r1)
+// on one thread per core, at most one per row; the calling thread takes the first block.
 template <class F>
 void for_row_blocks(int rows, F&& fn) {
   const int n = std::max(1, std::min(cores(), rows));

@@ -10,8 +10,8 @@
 // (backward: `correlate`, `tap_grad` with the roles swapped). In MLX ops the conv is a sum of strided
 // slices over a zero-padded copy, and its backward scatters each tap into a zero copy of the input.
 //
-// Time taps of a dense (K, 1) kernel (DFN3's df_convp), after one matmul z = x W of all K taps side
-// by side, causal with zero history:
+// Time taps of a (K, 1) kernel (DFN3's df_convp: grouped, run as a block-diagonal weight with the
+// pointwise conv merged in), after one matmul z = x W of all K taps side by side, causal, zero history:
 //   time_taps: y[b, t, f, o] = sum_i z[b, t + i - (K - 1), f, i O + o]   z (B, T, F, K O) -> (B, T, F, O)
 // In MLX ops: a zero-padded copy of x, then K strided slices of z summed.
 

@@ -16,9 +16,9 @@ namespace {
 
 enum Kind { kForward, kInputGrad, kWeightGrad };
 
-// fn(g) for every group: groups split over the cores, one BLAS thread each. One group keeps the
-// BLAS's own threads, and little work (a streaming hop's row) runs on the calling thread: starting
-// threads there cost more than the GEMMs.
+// fn(g) for every group: groups split over the cores, one BLAS thread each (MKL; other BLAS keep their
+// setting). One group keeps the BLAS's own threads, and little work (`work` in multiply-adds, under
+// 8 kMinWork: a few rows) runs on the calling thread: starting threads there costs more than it saves.
 template <class F>
 void for_groups(int G, size_t work, F&& fn) {
   if (G == 1 || work < kMinWork * 8) {
