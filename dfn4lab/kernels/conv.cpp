@@ -31,29 +31,30 @@ inline void madd(const float* __restrict w, const float* __restrict a, float* __
   for (int c = 0; c < C; ++c) o[c] += w[c] * a[c];
 }
 
-void correlate_rows(const float* x, const float* w, float* y, const Geometry& g, size_t r0, size_t r1) {
-  for (size_t r = r0; r < r1; ++r) {
-    const float* xr = x + r * g.F * g.C;
-    float* yr = y + r * g.n * g.C;
-    std::fill(yr, yr + size_t(g.n) * g.C, 0.0f);
-    for (int q = 0; q < g.n; ++q)
-      for (int j = 0; j < g.K; ++j) {
-        const int f = g.s * q + j - g.p;
-        if (f >= 0 && f < g.F) madd(w + j * g.C, xr + f * g.C, yr + q * g.C, g.C);
-      }
-  }
+// fn(q, j, f) for every output position q and tap j that reads input position f inside the input.
+template <class Fn>
+inline void for_taps(const Geometry& g, Fn&& fn) {
+  for (int q = 0; q < g.n; ++q)
+    for (int j = 0; j < g.K; ++j) {
+      const int f = g.s * q + j - g.p;
+      if (f >= 0 && f < g.F) fn(q, j, f);
+    }
 }
 
-void scatter_rows(const float* y, const float* w, float* x, const Geometry& g, size_t r0, size_t r1) {
+// Rows [r0, r1): correlate x (F positions) -> y (n), or scatter y (n) -> x (F).
+void conv_rows(const float* in, const float* w, float* out, const Geometry& g, bool scatter, size_t r0,
+               size_t r1) {
+  const size_t in_len = size_t(scatter ? g.n : g.F) * g.C, out_len = size_t(scatter ? g.F : g.n) * g.C;
   for (size_t r = r0; r < r1; ++r) {
-    const float* yr = y + r * g.n * g.C;
-    float* xr = x + r * g.F * g.C;
-    std::fill(xr, xr + size_t(g.F) * g.C, 0.0f);
-    for (int q = 0; q < g.n; ++q)
-      for (int j = 0; j < g.K; ++j) {
-        const int f = g.s * q + j - g.p;
-        if (f >= 0 && f < g.F) madd(w + j * g.C, yr + q * g.C, xr + f * g.C, g.C);
-      }
+    const float* a = in + r * in_len;
+    float* o = out + r * out_len;
+    std::fill(o, o + out_len, 0.0f);
+    for_taps(g, [&](int q, int j, int f) {
+      if (scatter)
+        madd(w + j * g.C, a + q * g.C, o + f * g.C, g.C);
+      else
+        madd(w + j * g.C, a + f * g.C, o + q * g.C, g.C);
+    });
   }
 }
 
@@ -69,11 +70,9 @@ void tap_grad(const float* x, const float* y, float* dw, const Geometry& g, size
       const float* xr = x + r * g.F * g.C;
       const float* yr = y + r * g.n * g.C;
       std::fill(part.begin(), part.end(), 0.0f);
-      for (int q = 0; q < g.n; ++q)
-        for (int j = 0; j < g.K; ++j) {
-          const int f = g.s * q + j - g.p;
-          if (f >= 0 && f < g.F) madd(xr + f * g.C, yr + q * g.C, part.data() + j * g.C, g.C);
-        }
+      for_taps(g, [&](int q, int j, int f) {
+        madd(xr + f * g.C, yr + q * g.C, part.data() + j * g.C, g.C);
+      });
       for (size_t k = 0; k < KC; ++k) acc[k] += part[k];
     }
     std::lock_guard<std::mutex> guard(lock);
@@ -100,10 +99,7 @@ class Depthwise : public CpuLoop {
       if (kind == kTapGrad) return tap_grad(a, b, o, g, R);
       const size_t width = size_t(std::max(g.F, g.n)) * g.C;
       for_rows(R, width, [&](size_t r0, size_t r1) {
-        if (kind == kCorrelate)
-          correlate_rows(a, b, o, g, r0, r1);
-        else
-          scatter_rows(a, b, o, g, r0, r1);
+        conv_rows(a, b, o, g, kind == kScatter, r0, r1);
       });
     };
   }
