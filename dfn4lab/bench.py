@@ -205,10 +205,12 @@ def backbones(
     repeats: int = 5,
     quick: bool = False,
     out_dir: str | Path | None = None,
+    torch_device: str = "auto",
 ) -> dict:
     """Each backbone in the whole DfNet (dfn3 topology) at matched parameter count (and the plain
     same-width variant): forward, forward+backward, training step, peak memory; interleaved repeats;
-    a sequence-length sweep; MLX vs PyTorch on the same network and weights. Writes JSON and CSV."""
+    a sequence-length sweep; MLX vs PyTorch (on ``torch_device``, :func:`torch_device`) on the same
+    network and weights. Writes JSON and CSV."""
     from dfn4lab.backbones import param_count
 
     base = preset("dfn3")
@@ -221,7 +223,7 @@ def backbones(
 
     # First, before the cases below exist: with them run and alive, the same eager MLX forward once
     # measured 1071 instead of 684 ms (cause not found). Compare the frameworks, not that residue.
-    torch_cmp = _mlx_vs_torch(base, batch, frames, repeats)
+    torch_cmp = _mlx_vs_torch(base, batch, frames, repeats, torch_device)
     target = param_count(build(base))
     variants = [("gru", "matched", base)]
     for kind in (k for k in BACKBONES if k != "gru"):
@@ -230,7 +232,7 @@ def backbones(
     # the matched attention with a 64-frame window: its step without the time x time term
     att = next(cfg for k, v, cfg in variants if (k, v) == ("attention", "matched"))
     variants.append(("attention", WINDOWED, att.replace(backbone={"window": 64})))
-    if kernels.ENABLED:  # the fused CPU kernels (GRU, Mamba's scan, attention) against MLX ops, as on a GPU
+    if kernels.active():  # the fused CPU kernels (GRU, Mamba's scan, attention) against MLX ops, as on a GPU
         variants += [(k, MLX_OPS, cfg) for k, v, cfg in variants if v == "matched"]
     cases = {}
     for kind, variant, cfg in variants:
@@ -335,16 +337,20 @@ def _length_sweep(cfgs: dict[str, ModelConfig], quick: bool, repeats: int) -> li
     return out
 
 
-def _mlx_vs_torch(base: ModelConfig, batch: int, frames: int, repeats: int) -> dict:
+def _mlx_vs_torch(
+    base: ModelConfig, batch: int, frames: int, repeats: int, torch_device: str = "auto"
+) -> dict:
     """The same network (``torch_ref``) with the same weights: inference at batch 1, ``batch / 2`` and
     ``batch`` (1/4/8 by default), and a training step at ``batch``; rounds of one call each, in a new
-    order each round, ``repeats`` rounds after one of warm-up.
+    order each round, ``repeats`` rounds after one of warm-up. PyTorch runs on ``torch_device``
+    (:func:`torch_device`: by default beside MLX's device, MPS or CUDA when MLX runs on a GPU).
 
     PyTorch runs in processes of its own with its own threading (:class:`_TorchWorker`): in one process
     the two share an OpenMP pool, and dfn4lab's passive OpenMP waiting (good for MLX) and MLX's threads
     slowed PyTorch's step 1.1 -> 2.0 s. ``torch``: with dfn4lab's malloc tuning, as MLX has it (equal
-    footing); ``torch_glibc``: glibc's defaults, a plain PyTorch process. Ratios are MLX time over
-    PyTorch time (below 1: MLX faster).
+    footing); ``torch_glibc`` (on Linux's CPU only, where the tuning applies): glibc's defaults, a plain
+    PyTorch process. Ratios are MLX time over PyTorch time (below 1: MLX faster). ``mlx_ops`` runs MLX
+    without :mod:`dfn4lab.kernels`; where they do not run (a GPU) it is MLX's own time, not measured twice.
     """
     import tempfile
 
@@ -356,20 +362,29 @@ def _mlx_vs_torch(base: ModelConfig, batch: int, frames: int, repeats: int) -> d
 
     def mlx_infer() -> dict:  # eager, as `enhance` runs (compiling the 500-frame graph measured slower)
         out = {f"infer_{b}": timeit(lambda b=b: mx.eval(model(*xs[b])[0]), 1, 0)[0] for b in batches}
-        return out | {"ops_infer": timeit(_without_kernels(lambda: mx.eval(model(*xs[batch])[0])), 1, 0)[0]}
+        if kernels.active():
+            out["ops_infer"] = timeit(_without_kernels(lambda: mx.eval(model(*xs[batch])[0])), 1, 0)[0]
+        return out
 
     def mlx_step() -> dict:
-        return {"step": timeit(fns["step"], 1, 0)[0], "ops_step": timeit(ops_fns["step"], 1, 0)[0]}
+        out = {"step": timeit(fns["step"], 1, 0)[0]}
+        return out | ({"ops_step": timeit(ops_fns["step"], 1, 0)[0]} if kernels.active() else {})
 
-    sides = ("mlx", "torch", "torch_glibc")
-    times: dict[str, dict[str, list[float]]] = {side: {} for side in sides}
+    times: dict[str, dict[str, list[float]]] = {}
     order = np.random.default_rng(0)
     with contextlib.ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
-        workers = {
-            side: stack.enter_context(_TorchWorker(model, tmp / side, batches, batch, frames, malloc))
-            for side, malloc in (("torch", "dfn4lab"), ("torch_glibc", "glibc"))
-        }
+
+        def worker(side: str, malloc: str) -> _TorchWorker:
+            return stack.enter_context(
+                _TorchWorker(model, tmp / side, batches, batch, frames, malloc, torch_device)
+            )
+
+        workers = {"torch": worker("torch", "dfn4lab")}
+        if workers["torch"].env["device"] == "cpu" and workers["torch"].env["malloc_tuned"]:
+            workers["torch_glibc"] = worker("torch_glibc", "glibc")
+        sides = ("mlx", *workers)
+        times = {side: {} for side in sides}
         # all inference rounds, then all steps: a mode switch between them re-traced the compiled step
         # (median MLX step 2.1 s, quartiles 1.56-2.14)
         for mode, mlx_fn in (("infer", mlx_infer), ("step", mlx_step)):
@@ -379,39 +394,40 @@ def _mlx_vs_torch(base: ModelConfig, batch: int, frames: int, repeats: int) -> d
                     got = mlx_fn() if side == "mlx" else workers[side].run(mode)
                     for k, v in got.items():
                         times[side].setdefault(k, []).extend([v] if r else [])
-    m, t, g = (times[side] for side in sides)
+    m = times["mlx"]
+    m.setdefault("ops_infer", m[f"infer_{batch}"])
+    m.setdefault("ops_step", m["step"])
     rows = [
-        {
-            "batch": b,
-            **_ms("mlx", m[f"infer_{b}"]),
-            **_ms("torch", t[f"infer_{b}"]),
-            **_ms("torch_glibc", g[f"infer_{b}"]),
-        }
+        {"batch": b, **{k: v for s in sides for k, v in _ms(s, times[s][f"infer_{b}"]).items()}}
         for b in batches
     ]
     rows[-1] |= _ms("mlx_ops", m["ops_infer"])
     step = {
         "batch": batch,
-        **_ms("mlx", m["step"]),
-        **_ms("torch", t["step"]),
-        **_ms("torch_glibc", g["step"]),
+        **{k: v for s in sides for k, v in _ms(s, times[s]["step"]).items()},
         **_ms("mlx_ops", m["ops_step"]),
     }
     infer = rows[-1]
+
+    def ratio(r: dict, a: str, b: str) -> float | None:
+        return round(r[f"{a}_ms"] / r[f"{b}_ms"], 3) if f"{b}_ms" in r else None  # no such side
+
+    ratios = {
+        "mlx_vs_torch_infer": ratio(infer, "mlx", "torch"),
+        "mlx_vs_torch_step": ratio(step, "mlx", "torch"),
+        **{f"mlx_vs_torch_infer_b{r['batch']}": ratio(r, "mlx", "torch") for r in rows},
+        "mlx_vs_torch_glibc_infer": ratio(infer, "mlx", "torch_glibc"),
+        "mlx_vs_torch_glibc_step": ratio(step, "mlx", "torch_glibc"),
+        "mlx_ops_vs_torch_infer": ratio(infer, "mlx_ops", "torch"),
+        "mlx_ops_vs_torch_step": ratio(step, "mlx_ops", "torch"),
+    }
     return {
         "frames": frames,
+        "devices": {"mlx": str(mx.default_device()), "torch": workers["torch"].env["device"]},
         "infer": rows,
         "step": step,
         "torch_env": {side: w.env for side, w in workers.items()},
-        "ratios": {
-            "mlx_vs_torch_infer": round(infer["mlx_ms"] / infer["torch_ms"], 3),
-            "mlx_vs_torch_step": round(step["mlx_ms"] / step["torch_ms"], 3),
-            **{f"mlx_vs_torch_infer_b{r['batch']}": round(r["mlx_ms"] / r["torch_ms"], 3) for r in rows},
-            "mlx_vs_torch_glibc_infer": round(infer["mlx_ms"] / infer["torch_glibc_ms"], 3),
-            "mlx_vs_torch_glibc_step": round(step["mlx_ms"] / step["torch_glibc_ms"], 3),
-            "mlx_ops_vs_torch_infer": round(infer["mlx_ops_ms"] / infer["torch_ms"], 3),
-            "mlx_ops_vs_torch_step": round(step["mlx_ops_ms"] / step["torch_ms"], 3),
-        },
+        "ratios": {k: v for k, v in ratios.items() if v is not None},
     }
 
 
@@ -420,10 +436,17 @@ class _TorchWorker:
     settings (``DFN4LAB_BLAS=none``; none of the variables ``blas.bind`` set here). The child imports
     dfn4lab (for ``torch_ref``, which loads MLX but runs nothing in it while timing), so it shares
     dfn4lab's malloc tuning (``blas.keep_freed_memory``) unless ``malloc="glibc"``: a plain PyTorch
-    process. :meth:`run` times one call of each case of a kind there."""
+    process. :meth:`run` times one call of each case of a kind there, on ``device`` (:func:`torch_device`)."""
 
     def __init__(
-        self, model, folder: Path, batches: list[int], batch: int, frames: int, malloc: str = "dfn4lab"
+        self,
+        model,
+        folder: Path,
+        batches: list[int],
+        batch: int,
+        frames: int,
+        malloc: str = "dfn4lab",
+        device: str = "auto",
     ):
         import subprocess
 
@@ -433,7 +456,8 @@ class _TorchWorker:
         env = {k: v for k, v in os.environ.items() if k not in blas.ENV_SET} | {"DFN4LAB_BLAS": "none"}
         if malloc == "glibc":
             env["DFN4LAB_MALLOC"] = "glibc"
-        spec = json.dumps({"folder": str(folder), "batches": batches, "batch": batch, "frames": frames})
+        spec = {"folder": str(folder), "batches": batches, "batch": batch, "frames": frames, "device": device}
+        spec = json.dumps(spec | {"mlx_gpu": mx.default_device().type == mx.DeviceType.gpu})
         code = "import sys; from dfn4lab.bench import torch_worker; torch_worker(sys.argv[1])"
         self.proc = subprocess.Popen(
             [sys.executable, "-c", code, spec],
@@ -452,7 +476,10 @@ class _TorchWorker:
         line = self.proc.stdout.readline()
         if not line:
             raise RuntimeError(f"the PyTorch benchmark process ended (exit {self.proc.wait()})")
-        return json.loads(line)
+        got = json.loads(line)
+        if "error" in got:
+            raise RuntimeError(f"PyTorch side of the benchmark: {got['error']}")
+        return got
 
     def run(self, kind: str) -> dict:
         """``"infer"``: one inference call at every batch size; ``"step"``: one training step."""
@@ -481,31 +508,62 @@ class _TorchWorker:
         self._stop(kill=exc_type is not None)
 
 
+def torch_device(requested: str = "auto", mlx_gpu: bool = False) -> str:
+    """PyTorch's device for the comparison: ``requested``, checked, or for ``auto`` the one beside MLX's:
+    MPS (Apple) or else CUDA when MLX runs on a GPU, the CPU when MLX does."""
+    import torch
+
+    available = {"cpu": True, "mps": torch.backends.mps.is_available(), "cuda": torch.cuda.is_available()}
+    if requested == "auto":
+        return next((d for d in ("mps", "cuda") if available[d]), "cpu") if mlx_gpu else "cpu"
+    if requested not in available:
+        raise ValueError(f"unknown PyTorch device {requested!r}; choose from auto, {', '.join(available)}")
+    if not available[requested]:
+        have = ", ".join(d for d, ok in available.items() if ok)
+        raise ValueError(f"PyTorch has no {requested} device here (it has: {have})")
+    return requested
+
+
 def torch_worker(spec: str) -> None:
     """The child of :class:`_TorchWorker`: builds ``torch_ref``'s network from the saved MLX model and
-    the bench's seeded inputs, prints its environment, then one JSON line of times per line read
-    (``infer`` or ``step``, as :meth:`_TorchWorker.run`)."""
-    from dfn4lab import inference, torch_ref
+    the bench's seeded inputs on its device, prints its environment, then one JSON line of times per
+    line read (``infer`` or ``step``, as :meth:`_TorchWorker.run`); an error as ``{"error": ...}``."""
+    try:
+        _torch_worker(json.loads(spec))
+    except Exception as e:  # to the parent, which raises it as a one-line error
+        print(json.dumps({"error": f"{type(e).__name__}: {e}"}), flush=True)
+        sys.exit(1)
+
+
+def _torch_worker(s: dict) -> None:
+    from dfn4lab import blas, inference, torch_ref
 
     import torch
 
-    s = json.loads(spec)
+    device = torch_device(s["device"], s["mlx_gpu"])
+    # a GPU runs asynchronously: each timed call waits for its work, as mx.eval does
+    sync = {"mps": lambda: torch.mps.synchronize(), "cuda": lambda: torch.cuda.synchronize()}
+    sync = sync.get(device, lambda: None)
     mlx_model = inference.load(s["folder"])
-    tmodel = torch_ref.from_mlx(mlx_model)
+    tmodel = torch_ref.from_mlx(mlx_model).to(device)
     cfg, batches, batch, frames = mlx_model.cfg, s["batches"], s["batch"], s["frames"]
     del mlx_model
-    xs = {b: [torch.from_numpy(np.array(a)) for a in _batch(cfg, b, frames)] for b in batches}
+    xs = {b: [torch.from_numpy(np.array(a)).to(device) for a in _batch(cfg, b, frames)] for b in batches}
     target = xs[batch][0] * 0.5
     opt = torch.optim.AdamW(tmodel.parameters(), 1e-4)
+
+    def infer(b: int) -> None:
+        tmodel(*xs[b])
+        sync()
 
     def step() -> None:
         opt.zero_grad()
         (tmodel(*xs[batch])[0] - target).abs().mean().backward()
         opt.step()
-
-    from dfn4lab import blas
+        sync()
 
     env = {
+        "device": device,
         "torch_threads": torch.get_num_threads(),
         "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", ""),
         "malloc_tuned": blas.keep_freed_memory(),  # applied at import unless DFN4LAB_MALLOC=glibc
@@ -515,7 +573,7 @@ def torch_worker(spec: str) -> None:
         if line.strip() == "infer":
             tmodel.eval()
             with torch.inference_mode():
-                out = {f"infer_{b}": timeit(lambda b=b: tmodel(*xs[b])[0], 1, 0)[0] for b in batches}
+                out = {f"infer_{b}": timeit(lambda b=b: infer(b), 1, 0)[0] for b in batches}
         else:
             tmodel.train()
             out = {"step": timeit(step, 1, 0)[0]}
@@ -532,9 +590,11 @@ def _ms(name: str, times: list[float]) -> dict[str, float]:
 
 def torch_table(torch_cmp: dict) -> str:
     """``backbones``' MLX-vs-PyTorch block (``result["torch"]``) as a Markdown table, a ratio per row."""
+    dev = torch_cmp.get("devices")  # results saved before devices were recorded have none
+    where = f"MLX on {dev['mlx']}, PyTorch on {dev['torch']}. " if dev else ""
     lines = [
         f"{torch_cmp['frames']} frames; ms: median (quartiles); ratio = MLX / PyTorch (below 1: MLX faster). "
-        "PyTorch with dfn4lab's malloc tuning, as MLX has it; 'glibc': a plain PyTorch process.",
+        f"{where}PyTorch with dfn4lab's malloc tuning, as MLX has it; 'glibc': a plain PyTorch process.",
         "",
         "| case | MLX | PyTorch | ratio | PyTorch, glibc malloc | ratio | MLX ops only | ratio |",
         "|---|---|---|---|---|---|---|---|",
@@ -580,7 +640,7 @@ def _stream_bench(args: argparse.Namespace) -> dict:
 
 BENCHES: dict[str, Callable[[argparse.Namespace], dict]] = {
     "matmul": lambda a: matmul(repeats=a.repeats),
-    "backbones": lambda a: backbones(a.batch, a.frames, a.repeats, a.quick),
+    "backbones": lambda a: backbones(a.batch, a.frames, a.repeats, a.quick, torch_device=a.torch_device),
     "enhance": lambda a: enhance(seconds=3.0 if a.quick else 10.0, repeats=min(a.repeats, 5)),
     "stream": _stream_bench,
     "data": data_bench,
@@ -609,6 +669,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=_positive, default=8)
     parser.add_argument("--frames", type=_positive, default=500)
     parser.add_argument("--quick", action="store_true", help="small sizes, few repeats (CI)")
+    parser.add_argument(
+        "--torch-device",
+        choices=("auto", "cpu", "mps", "cuda"),
+        default="auto",
+        help="PyTorch's device in `backbones` (auto: beside MLX's; MPS or CUDA when MLX runs on a GPU)",
+    )
     args = parser.parse_args(argv)
     result = BENCHES[args.name](args)
     if args.name != "backbones":  # which writes its own, fuller file

@@ -39,7 +39,8 @@ def test_batch_macs_count_attention_time_by_time_term():
 
 
 def test_pytorch_is_timed_in_its_own_process_with_its_own_settings():
-    """In one process dfn4lab's passive OpenMP waiting and MLX's threads slowed PyTorch's step 2x."""
+    """In one process dfn4lab's passive OpenMP waiting and MLX's threads slowed PyTorch's step 2x.
+    PyTorch runs beside MLX's device; a plain-malloc process joins where dfn4lab tunes malloc (Linux)."""
     import os
 
     from dfn4lab import blas
@@ -47,12 +48,50 @@ def test_pytorch_is_timed_in_its_own_process_with_its_own_settings():
     cfg = preset("dfn3").replace(conv_ch=16, emb_hidden_dim=64, df_hidden_dim=64)
     r = bench._mlx_vs_torch(cfg, 2, 20, 1)
     own = "" if "OMP_WAIT_POLICY" in blas.ENV_SET else os.environ.get("OMP_WAIT_POLICY", "")
-    tuned, plain = r["torch_env"]["torch"], r["torch_env"]["torch_glibc"]
-    assert tuned["OMP_WAIT_POLICY"] == plain["OMP_WAIT_POLICY"] == own
-    assert tuned["malloc_tuned"] == blas.keep_freed_memory() and plain["malloc_tuned"] is False
-    assert {"mlx_vs_torch_infer_b1", "mlx_vs_torch_infer_b2", "mlx_vs_torch_glibc_step"} <= set(r["ratios"])
-    assert all(row["torch_ms"] > 0 and row["torch_glibc_ms"] > 0 and row["mlx_ms"] > 0 for row in r["infer"])
-    assert "glibc malloc" in bench.torch_table(r)
+    tuned = r["torch_env"]["torch"]
+    gpu = mx.default_device().type == mx.DeviceType.gpu
+    assert r["devices"] == {"mlx": str(mx.default_device()), "torch": bench.torch_device("auto", gpu)}
+    assert tuned["device"] == r["devices"]["torch"] and tuned["OMP_WAIT_POLICY"] == own
+    assert tuned["malloc_tuned"] == blas.keep_freed_memory()
+    assert {"mlx_vs_torch_infer_b1", "mlx_vs_torch_infer_b2", "mlx_vs_torch_step"} <= set(r["ratios"])
+    assert all(row["torch_ms"] > 0 and row["mlx_ms"] > 0 for row in r["infer"])
+    table = bench.torch_table(r)
+    assert f"MLX on {r['devices']['mlx']}, PyTorch on {r['devices']['torch']}." in table
+    if not (tuned["malloc_tuned"] and tuned["device"] == "cpu"):
+        assert "torch_glibc" not in r["torch_env"] and "mlx_vs_torch_glibc_step" not in r["ratios"]
+        return
+    plain = r["torch_env"]["torch_glibc"]
+    assert plain["OMP_WAIT_POLICY"] == own and plain["malloc_tuned"] is False
+    assert "mlx_vs_torch_glibc_step" in r["ratios"] and all(row["torch_glibc_ms"] > 0 for row in r["infer"])
+    assert all(line.split("|")[5].strip() for line in table.splitlines()[4:])  # the glibc column is filled
+
+
+def test_pytorch_device_is_the_one_beside_mlx(monkeypatch):
+    """MLX on a GPU meets PyTorch on MPS (Apple) or CUDA: timing PyTorch on the CPU there would
+    compare a GPU with a CPU; MLX on the CPU meets PyTorch on the CPU, whatever GPU is present."""
+    import torch
+
+    for mps, cuda, want in ((True, False, "mps"), (False, True, "cuda"), (False, False, "cpu")):
+        monkeypatch.setattr(torch.backends.mps, "is_available", lambda mps=mps: mps)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda cuda=cuda: cuda)
+        assert bench.torch_device("auto", mlx_gpu=True) == want
+        assert bench.torch_device("auto", mlx_gpu=False) == "cpu"
+    with pytest.raises(ValueError, match="PyTorch has no mps device here"):
+        bench.torch_device("mps")
+
+
+def test_an_unusable_pytorch_device_is_one_line_error(capsys):
+    """The child's error reaches the user as one line (it had ended in "process ended (exit 1)")."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    argv = ["backbones", "--quick", "--repeats", "1", "--torch-device", "cuda"]
+    assert bench.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (
+        "error: PyTorch side of the benchmark: ValueError: PyTorch has no cuda device here (it has: cpu)"
+    )
 
 
 @pytest.mark.skipif(not data.speech_files(), reason="no real speech: alsa-utils (Debian) or the demo corpus")

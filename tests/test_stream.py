@@ -58,7 +58,7 @@ def dfn3():
 
 
 # the native hop is the CPU's (on a Mac the default device is the GPU: the compiled MLX hop runs there)
-NATIVE = kernels.ENABLED and mx.default_device().type == mx.DeviceType.cpu
+NATIVE = kernels.active()
 needs_native = pytest.mark.skipif(not NATIVE, reason="dfn4lab.kernels not built or disabled, or not the CPU")
 
 

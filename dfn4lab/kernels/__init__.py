@@ -57,8 +57,16 @@ def disabled() -> Iterator[None]:
 
 
 def status() -> str:
-    """The kernels' state for environment reports: on, off (DFN4LAB_KERNELS=0) or not built."""
-    return "on" if ENABLED else ("off (DFN4LAB_KERNELS=0)" if BUILT else "not built")
+    """The kernels' state for environment reports: on, idle (MLX computes on a GPU), off
+    (DFN4LAB_KERNELS=0) or not built."""
+    if not ENABLED:
+        return "off (DFN4LAB_KERNELS=0)" if BUILT else "not built"
+    return "on" if active() else "idle (MLX on the GPU)"
+
+
+def active() -> bool:
+    """Whether the kernels run at all: enabled, and MLX's default device the CPU."""
+    return ENABLED and mx.default_device().type == mx.DeviceType.cpu
 
 
 # Below this many elements (of the input) the depthwise conv, the bias + activation and the grouped
@@ -71,12 +79,7 @@ SMALL = 2**15
 def usable(*arrays: mx.array, min_size: int = 0) -> bool:
     """Whether the kernels run these arrays: enabled, float32, default device the CPU, and the first
     array at least ``min_size`` elements."""
-    return (
-        ENABLED
-        and mx.default_device().type == mx.DeviceType.cpu
-        and all(a.dtype == mx.float32 for a in arrays)
-        and arrays[0].size >= min_size
-    )
+    return active() and all(a.dtype == mx.float32 for a in arrays) and arrays[0].size >= min_size
 
 
 def gru_forward(xi: mx.array, h0: mx.array, w_hh: mx.array, b_hh: mx.array) -> mx.array:
