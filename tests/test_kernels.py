@@ -47,7 +47,12 @@ def _gru_inputs(batch: int, frames: int, hidden: int, seed: int):
 
 
 @needs_kernels
-@pytest.mark.parametrize("batch,frames,hidden", [(1, 1, 4), (1, 40, 20), (3, 7, 16), (8, 60, 64)])
+@pytest.mark.parametrize(
+    "batch,frames,hidden",
+    # short sequences read w_hh as it is (a GEMV per row), longer ones pack it: rows per core 1 to 7
+    # (the 4-, 2- and 1-row products), 3H and H not multiples of the 64-column panels
+    [(1, 1, 4), (5, 2, 24), (1, 40, 20), (3, 7, 16), (8, 60, 64), (14, 9, 40)],
+)
 def test_gru_forward_and_backward_match_mlx_loops(batch, frames, hidden):
     xi, h0, w, b = _gru_inputs(batch, frames, hidden, seed=frames)
     ys = kernels.gru_forward(xi, h0, w, b)
