@@ -355,8 +355,8 @@ def _mlx_vs_torch(
     import tempfile
 
     model, fns, _ = _mlx_case(base, batch, frames)
-    # the same in MLX ops only, where dfn4lab.kernels would run (as on a GPU)
-    ops_fns = {k: _without_kernels(f) for k, f in _mlx_case(base, batch, frames)[1].items()}
+    if kernels.active():  # the same in MLX ops only, where dfn4lab.kernels would run (as on a GPU)
+        ops_fns = {k: _without_kernels(f) for k, f in _mlx_case(base, batch, frames)[1].items()}
     batches = sorted({1, max(batch // 2, 1), batch})
     xs = {b: _batch(base, b, frames) for b in batches}
 
@@ -370,7 +370,6 @@ def _mlx_vs_torch(
         out = {"step": timeit(fns["step"], 1, 0)[0]}
         return out | ({"ops_step": timeit(ops_fns["step"], 1, 0)[0]} if kernels.active() else {})
 
-    times: dict[str, dict[str, list[float]]] = {}
     order = np.random.default_rng(0)
     with contextlib.ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
@@ -384,7 +383,7 @@ def _mlx_vs_torch(
         if workers["torch"].env["device"] == "cpu" and workers["torch"].env["malloc_tuned"]:
             workers["torch_glibc"] = worker("torch_glibc", "glibc")
         sides = ("mlx", *workers)
-        times = {side: {} for side in sides}
+        times: dict[str, dict[str, list[float]]] = {side: {} for side in sides}
         # all inference rounds, then all steps: a mode switch between them re-traced the compiled step
         # (median MLX step 2.1 s, quartiles 1.56-2.14)
         for mode, mlx_fn in (("infer", mlx_infer), ("step", mlx_step)):
