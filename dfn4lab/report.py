@@ -70,10 +70,16 @@ def bench_table(figures: Path) -> list[str]:
         w64 = f" (over its last 64 frames only: {w64:.2f})" if w64 else ""
         macs = s.get("attention_vs_gru_macs")
         w64 += f", doing {macs:.2f}x the GRU's multiply-accumulates" if macs else ""
+        per_batch = sorted((int(k.rsplit("_b", 1)[1]), v) for k, v in s.items() if "_infer_b" in k)
+        infer = (
+            f"{' / '.join(f'{v:.2f}' for _, v in per_batch)} (batch {'/'.join(str(n) for n, _ in per_batch)})"
+            if per_batch
+            else f"{s['mlx_vs_torch_infer']:.2f}"
+        )
         rows.append(
             f"| `backbones` (dfn3 topology, batch {bb['batch']}, {bb['frames']} frames, matched params) | "
             f"step: {steps}; Mamba/GRU {s['mamba_vs_gru_step']:.2f}, attention/GRU "
-            f"{s['attention_vs_gru_step']:.2f}{w64}; MLX/PyTorch inference {s['mlx_vs_torch_infer']:.2f}, "
+            f"{s['attention_vs_gru_step']:.2f}{w64}; MLX/PyTorch inference {infer}, "
             f"training step {s['mlx_vs_torch_step']:.2f}{glibc}{ops} |"
         )
     if not rows:

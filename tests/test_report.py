@@ -46,3 +46,13 @@ def test_the_official_comparison_names_only_the_metrics_evaluated():
     s = evaluate.summarize([{**r, "pesq": 2.0} for r in rows], ["stoi", "pesq"])
     (line,) = report._official_vs_dfn3(s)
     assert "PESQ 0.000" in line and "SI-SDR" not in line
+
+
+def test_backbone_bench_row_names_each_batch_ratio(tmp_path):
+    """The README row gives MLX/PyTorch per inference batch (they differ: 0.64-0.83 in one run), not
+    only the largest batch's."""
+    s = bench.backbones(quick=True, repeats=1, out_dir=tmp_path)
+    (row,) = [r for r in report.bench_table(tmp_path) if "`backbones`" in r]
+    b1, b2 = s["mlx_vs_torch_infer_b1"], s["mlx_vs_torch_infer_b2"]
+    assert f"MLX/PyTorch inference {b1:.2f} / {b2:.2f} (batch 1/2)" in row
+    assert f"training step {s['mlx_vs_torch_step']:.2f}" in row
