@@ -14,6 +14,7 @@ import os
 import statistics
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -270,7 +271,7 @@ def backbones(
             }
         )
     matched = {r["backbone"]: r for r in rows if r["variant"] == "matched"}
-    ops = {**matched, **{r["backbone"]: r for r in rows if r["variant"] == MLX_OPS}}
+    ops = {r["backbone"]: r for r in rows if r["variant"] == MLX_OPS}  # where the kernels run
     windowed = next(r for r in rows if r["variant"] == WINDOWED)
     sweep = _length_sweep(
         {**{k: r["cfg"] for k, r in matched.items()}, "attention-w64": windowed["cfg"]}, quick, repeats
@@ -288,11 +289,13 @@ def backbones(
         # the work behind those times: at matched parameters attention adds the time x time term
         "attention_vs_gru_macs": round(matched["attention"]["macs"] / matched["gru"]["macs"], 3),
         **torch_cmp["ratios"],
-        # every backbone in MLX ops (as on Metal): the architectures' cost at equal footing
-        "mamba_vs_gru_step_mlx_ops": round(ops["mamba"]["step_ms"] / ops["gru"]["step_ms"], 3),
-        "attention_vs_gru_step_mlx_ops": round(ops["attention"]["step_ms"] / ops["gru"]["step_ms"], 3),
         "kernels": kernels.status(),
     }
+    if ops:  # every backbone in MLX ops (as on Metal): the architectures' cost at equal footing
+        result["mamba_vs_gru_step_mlx_ops"] = round(ops["mamba"]["step_ms"] / ops["gru"]["step_ms"], 3)
+        result["attention_vs_gru_step_mlx_ops"] = round(
+            ops["attention"]["step_ms"] / ops["gru"]["step_ms"], 3
+        )
     _write(
         Path(out_dir) if out_dir is not None else _out_dir(quick),
         "bench_backbones",
@@ -350,25 +353,27 @@ def _mlx_vs_torch(
     slowed PyTorch's step 1.1 -> 2.0 s. ``torch``: with dfn4lab's malloc tuning, as MLX has it (equal
     footing); ``torch_glibc`` (on Linux's CPU only, where the tuning applies): glibc's defaults, a plain
     PyTorch process. Ratios are MLX time over PyTorch time (below 1: MLX faster). ``mlx_ops`` runs MLX
-    without :mod:`dfn4lab.kernels`; where they do not run (a GPU) it is MLX's own time, not measured twice.
+    without :mod:`dfn4lab.kernels`, only where they run (the CPU): elsewhere MLX's time is already that.
     """
     import tempfile
 
     model, fns, _ = _mlx_case(base, batch, frames)
-    if kernels.active():  # the same in MLX ops only, where dfn4lab.kernels would run (as on a GPU)
-        ops_fns = {k: _without_kernels(f) for k, f in _mlx_case(base, batch, frames)[1].items()}
+    with_ops = kernels.active()  # then also MLX ops only, where dfn4lab.kernels would run (as on a GPU)
+    ops_fns = (
+        {k: _without_kernels(f) for k, f in _mlx_case(base, batch, frames)[1].items()} if with_ops else {}
+    )
     batches = sorted({1, max(batch // 2, 1), batch})
     xs = {b: _batch(base, b, frames) for b in batches}
 
     def mlx_infer() -> dict:  # eager, as `enhance` runs (compiling the 500-frame graph measured slower)
         out = {f"infer_{b}": timeit(lambda b=b: mx.eval(model(*xs[b])[0]), 1, 0)[0] for b in batches}
-        if kernels.active():
+        if with_ops:
             out["ops_infer"] = timeit(_without_kernels(lambda: mx.eval(model(*xs[batch])[0])), 1, 0)[0]
         return out
 
     def mlx_step() -> dict:
         out = {"step": timeit(fns["step"], 1, 0)[0]}
-        return out | ({"ops_step": timeit(ops_fns["step"], 1, 0)[0]} if kernels.active() else {})
+        return out | ({"ops_step": timeit(ops_fns["step"], 1, 0)[0]} if with_ops else {})
 
     order = np.random.default_rng(0)
     with contextlib.ExitStack() as stack:
@@ -380,6 +385,11 @@ def _mlx_vs_torch(
             )
 
         workers = {"torch": worker("torch", "dfn4lab")}
+        devices = {"mlx": mx.default_device().type.name, "torch": workers["torch"].env["device"]}
+        if devices["mlx"] == "gpu" and devices["torch"] == "cpu":
+            warnings.warn(
+                "PyTorch has no GPU here: it is timed on the CPU against MLX on the GPU", stacklevel=2
+            )
         if workers["torch"].env["device"] == "cpu" and workers["torch"].env["malloc_tuned"]:
             workers["torch_glibc"] = worker("torch_glibc", "glibc")
         sides = ("mlx", *workers)
@@ -394,18 +404,14 @@ def _mlx_vs_torch(
                     for k, v in got.items():
                         times[side].setdefault(k, []).extend([v] if r else [])
     m = times["mlx"]
-    m.setdefault("ops_infer", m[f"infer_{batch}"])
-    m.setdefault("ops_step", m["step"])
     rows = [
         {"batch": b, **{k: v for s in sides for k, v in _ms(s, times[s][f"infer_{b}"]).items()}}
         for b in batches
     ]
-    rows[-1] |= _ms("mlx_ops", m["ops_infer"])
-    step = {
-        "batch": batch,
-        **{k: v for s in sides for k, v in _ms(s, times[s]["step"]).items()},
-        **_ms("mlx_ops", m["ops_step"]),
-    }
+    step = {"batch": batch, **{k: v for s in sides for k, v in _ms(s, times[s]["step"]).items()}}
+    if with_ops:  # measured only where the kernels run: elsewhere it is MLX's own time
+        rows[-1] |= _ms("mlx_ops", m["ops_infer"])
+        step |= _ms("mlx_ops", m["ops_step"])
     infer = rows[-1]
 
     def ratio(r: dict, a: str, b: str) -> float | None:
@@ -422,7 +428,7 @@ def _mlx_vs_torch(
     }
     return {
         "frames": frames,
-        "devices": {"mlx": str(mx.default_device()), "torch": workers["torch"].env["device"]},
+        "devices": devices,
         "infer": rows,
         "step": step,
         "torch_env": {side: w.env for side, w in workers.items()},
@@ -529,8 +535,13 @@ def torch_worker(spec: str) -> None:
     line read (``infer`` or ``step``, as :meth:`_TorchWorker.run`); an error as ``{"error": ...}``."""
     try:
         _torch_worker(json.loads(spec))
-    except Exception as e:  # to the parent, which raises it as a one-line error
-        print(json.dumps({"error": f"{type(e).__name__}: {e}"}), flush=True)
+    except Exception as e:  # to the parent, which raises it as a one-line error; the traceback to stderr
+        if os.environ.get("DFN4LAB_DEBUG"):
+            import traceback
+
+            traceback.print_exc()
+        first = (str(e).strip().splitlines() or [""])[0]
+        print(json.dumps({"error": f"{type(e).__name__}: {first}"}), flush=True)
         sys.exit(1)
 
 

@@ -565,7 +565,8 @@ def mean_ci_text(s: dict, digits: int = 2) -> str:
     """``mean ± ci`` of a :func:`mean_ci` result (the mean alone for one value, – for none)."""
     if s["mean"] is None:
         return "–"
-    return f"{s['mean']:.{digits}f}" + (f" ± {s['ci']:.{digits}f}" if s["ci"] is not None else "")
+    mean = round(s["mean"], digits) + 0.0  # + 0.0: a mean that rounds to zero prints 0, not -0
+    return f"{mean:.{digits}f}" + (f" ± {s['ci']:.{digits}f}" if s["ci"] is not None else "")
 
 
 def markdown(result: dict) -> str:

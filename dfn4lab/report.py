@@ -57,20 +57,27 @@ def bench_table(figures: Path) -> list[str]:
     if bb:
         s = bb["summary"]
         steps = ", ".join(f"{c['backbone']} {c['step_ms'] / 1e3:.2f} s" for c in s["cases"])
-        ops = (
+        ops = ("mamba_vs_gru_step_mlx_ops", "attention_vs_gru_step_mlx_ops", "mlx_ops_vs_torch_infer")
+        ops = (  # measured only where dfn4lab.kernels run
             f"; MLX ops only (no `dfn4lab.kernels`, the code a GPU runs): Mamba/GRU "
             f"{s['mamba_vs_gru_step_mlx_ops']:.2f}, attention/GRU "
             f"{s['attention_vs_gru_step_mlx_ops']:.2f}, MLX/PyTorch "
             f"{s['mlx_ops_vs_torch_infer']:.2f} / {s['mlx_ops_vs_torch_step']:.2f}"
+            if all(k in s for k in ops)
+            else ""
         )
         plain = (s.get("mlx_vs_torch_glibc_infer"), s.get("mlx_vs_torch_glibc_step"))
-        glibc = f" (against a plain PyTorch process, glibc's malloc: {plain[0]:.2f} / {plain[1]:.2f})"
+        glibc = f" (a plain PyTorch process, glibc's malloc: {plain[0]:.2f} at batch {bb['batch']}, "
+        glibc += f"step {plain[1]:.2f})"
         glibc = glibc if None not in plain else ""
+        dev = bb.get("torch", {}).get("devices")
+        where = f" (MLX on {dev['mlx']}, PyTorch on {dev['torch']})" if dev else ""
         w64 = s.get("attention_w64_vs_gru_step")
         w64 = f" (over its last 64 frames only: {w64:.2f})" if w64 else ""
         macs = s.get("attention_vs_gru_macs")
         w64 += f", doing {macs:.2f}x the GRU's multiply-accumulates" if macs else ""
-        per_batch = sorted((int(k.rsplit("_b", 1)[1]), v) for k, v in s.items() if "_infer_b" in k)
+        prefix = "mlx_vs_torch_infer_b"
+        per_batch = sorted((int(k.removeprefix(prefix)), v) for k, v in s.items() if k.startswith(prefix))
         infer = (
             f"{' / '.join(f'{v:.2f}' for _, v in per_batch)} (batch {'/'.join(str(n) for n, _ in per_batch)})"
             if per_batch
@@ -79,7 +86,7 @@ def bench_table(figures: Path) -> list[str]:
         rows.append(
             f"| `backbones` (dfn3 topology, batch {bb['batch']}, {bb['frames']} frames, matched params) | "
             f"step: {steps}; Mamba/GRU {s['mamba_vs_gru_step']:.2f}, attention/GRU "
-            f"{s['attention_vs_gru_step']:.2f}{w64}; MLX/PyTorch inference {infer}, "
+            f"{s['attention_vs_gru_step']:.2f}{w64}; MLX/PyTorch{where} inference {infer}, "
             f"training step {s['mlx_vs_torch_step']:.2f}{glibc}{ops} |"
         )
     if not rows:

@@ -378,3 +378,9 @@ def test_quick_cli_end_to_end(tmp_path):
     before = table
     assert evaluate.main(["--quick", "--models", "", "--out", str(tmp_path)]) == 2  # nothing to evaluate
     assert (tmp_path / "results.md").read_text() == before  # not rewritten with the noisy row alone
+
+
+def test_mean_ci_text_prints_no_negative_zero():
+    """A paired difference of -0.0001 read "-0.000" in the README."""
+    assert evaluate.mean_ci_text({"mean": -1e-4, "ci": 2e-4}, 3) == "0.000 ± 0.000"
+    assert evaluate.mean_ci_text({"mean": -2e-3, "ci": None}, 3) == "-0.002"

@@ -3,6 +3,7 @@ grouped linear, batch norm) against the MLX-op code, float64 references and torc
 
 from __future__ import annotations
 
+import os
 import platform
 
 import dfn4lab  # noqa: F401  (binds BLAS before mlx.core)
@@ -16,6 +17,7 @@ import pytest
 import torch
 from mlx.utils import tree_flatten, tree_unflatten
 
+CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 needs_kernels = pytest.mark.skipif(not kernels.BUILT, reason="dfn4lab.kernels not built (make kernels)")
 
 
@@ -49,9 +51,9 @@ def _gru_inputs(batch: int, frames: int, hidden: int, seed: int):
 @needs_kernels
 @pytest.mark.parametrize(
     "batch,frames,hidden",
-    # short sequences read w_hh as it is (a GEMV per row), longer ones pack it: rows per core 1 to 7
-    # (the 4-, 2- and 1-row products), 3H and H not multiples of the 64-column panels
-    [(1, 1, 4), (5, 2, 24), (1, 40, 20), (3, 7, 16), (8, 60, 64), (14, 9, 40)],
+    # below kPackFrames (4) frames w_hh is read as it is, from 4 on it is packed: rows per core 1 to 7
+    # (the 4-, 2- and 1-row products on any core count), 3H and H not multiples of the 64-column panels
+    [(1, 1, 4), (5, 3, 24), (5, 4, 24), (1, 40, 20), (3, 7, 16), (8, 60, 64), (7 * CORES, 9, 40)],
 )
 def test_gru_forward_and_backward_match_mlx_loops(batch, frames, hidden):
     xi, h0, w, b = _gru_inputs(batch, frames, hidden, seed=frames)

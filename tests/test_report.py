@@ -6,6 +6,8 @@ import json
 
 from dfn4lab import bench, paths, report
 
+import mlx.core as mx
+
 
 def test_bench_result_reaches_the_readme_block(tmp_path, monkeypatch):
     monkeypatch.setattr(paths, "FIGURES", tmp_path)
@@ -54,5 +56,9 @@ def test_backbone_bench_row_names_each_batch_ratio(tmp_path):
     s = bench.backbones(quick=True, repeats=1, out_dir=tmp_path)
     (row,) = [r for r in report.bench_table(tmp_path) if "`backbones`" in r]
     b1, b2 = s["mlx_vs_torch_infer_b1"], s["mlx_vs_torch_infer_b2"]
-    assert f"MLX/PyTorch inference {b1:.2f} / {b2:.2f} (batch 1/2)" in row
+    dev = bench.torch_device("auto", mlx_gpu=mx.default_device().type == mx.DeviceType.gpu)
+    where = f"(MLX on {mx.default_device().type.name}, PyTorch on {dev})"
+    assert f"MLX/PyTorch {where} inference {b1:.2f} / {b2:.2f} (batch 1/2)" in row
+    ops = "MLX ops only" in row
+    assert ops == ("mamba_vs_gru_step_mlx_ops" in s) == (s["kernels"] == "on")  # only where measured
     assert f"training step {s['mlx_vs_torch_step']:.2f}" in row

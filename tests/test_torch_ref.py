@@ -318,3 +318,17 @@ def test_conv_block_training_step_matches_torch(in_ch, out_ch, kernel, stride, t
         near(grads["pointwise"], convs[1].weight.grad, "pointwise weight")
     near(grads["bn"]["weight"], bn.weight.grad, "bn weight")
     near(grads["bn"]["bias"], bn.bias.grad, "bn bias")
+
+
+@pytest.mark.skipif(not torch.backends.mps.is_available(), reason="no MPS (Apple GPU) here")
+@pytest.mark.parametrize("backbone", ["gru", "mamba", "attention"])
+def test_torch_ref_runs_on_mps(backbone):
+    """`bench backbones` times torch_ref on MPS beside MLX on Metal: it must run there and agree with
+    the CPU (complex deep filter, unfold, RoPE built on the input's device)."""
+    net = _torch_model(_cfg("dfn3", backbone))
+    x = [torch.from_numpy(a) for a in _inputs(net.cfg)]
+    with torch.no_grad():
+        cpu = net(*x)
+        mps = net.to("mps")(*(a.to("mps") for a in x))
+    for name, c, m in zip(("spec", "mask", "lsnr", "coefs"), cpu, mps, strict=True):
+        np.testing.assert_allclose(m.cpu().numpy(), c.numpy(), atol=TOL, rtol=0, err_msg=name)

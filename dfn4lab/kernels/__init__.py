@@ -57,8 +57,8 @@ def disabled() -> Iterator[None]:
 
 
 def status() -> str:
-    """The kernels' state for environment reports: on, idle (MLX computes on a GPU), off
-    (DFN4LAB_KERNELS=0) or not built."""
+    """The kernels' state for environment reports: on, idle (MLX on the GPU), off (DFN4LAB_KERNELS=0)
+    or not built."""
     if not ENABLED:
         return "off (DFN4LAB_KERNELS=0)" if BUILT else "not built"
     return "on" if active() else "idle (MLX on the GPU)"

@@ -1,6 +1,7 @@
 // Shared by dfn4lab's CPU kernels: the BLAS entry point, one-thread BLAS, fast 2^x, the rational
-// activations, vector loops (dot, axpy, a batch-1 GEMV), argument checks, the split of independent
-// rows over the cores, and the primitive that runs as one task.
+// activations, vector loops (dot, axpy, a batch-1 GEMV), products with a weight packed once (a
+// recurrence's), argument checks, the split of independent rows over the cores, and the primitive that
+// runs as one task.
 
 #pragma once
 
@@ -125,7 +126,7 @@ inline void gemv(const float* __restrict w, const float* __restrict x, const flo
 }
 
 // A weight B (K x N) packed once for many products with a few rows: column panels of kPanel, each
-// K x kPanel contiguous (the last zero-padded), so a product streams each panel from L1/L2 in order.
+// K x kPanel contiguous (the last zero-padded), so a product streams each panel from L2 in order.
 // B's element (k, n) is b[k * sk + n * sn]: W^T of a row-major W (N x K) is sk = 1, sn = K.
 //
 // Why not SGEMM: a recurrence multiplies the same weight by a few rows (a batch block) every frame,

@@ -54,7 +54,7 @@ inline void gates_backward(const float* __restrict x, const float* __restrict g,
 }
 
 // Packing w_hh costs about one frame's product: below this many frames (a streaming hop) the
-// products read w_hh as it is, a GEMV per row.
+// products read w_hh as it is (forward: a GEMV per row; backward: an axpy per row of w_hh).
 constexpr int kPackFrames = 4;
 
 // ys for rows [r0, r1): ys_t = GRU(xi_t, ys_{t-1}), ys_{-1} = h0; wt is w_hh^T packed, or null.
