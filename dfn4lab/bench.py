@@ -386,11 +386,11 @@ def _mlx_vs_torch(
 
         workers = {"torch": worker("torch", "dfn4lab")}
         devices = {"mlx": mx.default_device().type.name, "torch": workers["torch"].env["device"]}
-        if devices["mlx"] == "gpu" and devices["torch"] == "cpu":
+        if torch_device == "auto" and devices["mlx"] == "gpu" and devices["torch"] == "cpu":
             warnings.warn(
                 "PyTorch has no GPU here: it is timed on the CPU against MLX on the GPU", stacklevel=2
             )
-        if workers["torch"].env["device"] == "cpu" and workers["torch"].env["malloc_tuned"]:
+        if devices["torch"] == "cpu" and workers["torch"].env["malloc_tuned"]:
             workers["torch_glibc"] = worker("torch_glibc", "glibc")
         sides = ("mlx", *workers)
         times: dict[str, dict[str, list[float]]] = {side: {} for side in sides}
@@ -535,7 +535,7 @@ def torch_worker(spec: str) -> None:
     line read (``infer`` or ``step``, as :meth:`_TorchWorker.run`); an error as ``{"error": ...}``."""
     try:
         _torch_worker(json.loads(spec))
-    except Exception as e:  # to the parent, which raises it as a one-line error; the traceback to stderr
+    except Exception as e:  # to the parent, which raises it as a one-line error (DFN4LAB_DEBUG: traceback)
         if os.environ.get("DFN4LAB_DEBUG"):
             import traceback
 
