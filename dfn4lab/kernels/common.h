@@ -131,7 +131,7 @@ inline void gemv(const float* __restrict w, const float* __restrict x, const flo
 //
 // Why not SGEMM: a recurrence multiplies the same weight by a few rows (a batch block) every frame,
 // and MKL repacks the weight on each call: 20 % of DFN3's batch-8 forward was MKL's copy routines.
-constexpr int kPanel = 64;
+constexpr int kPanel = 64;  // of 16, 32, 64 and 128 the fastest GRU step here (batch 4-16, H 256)
 
 struct Packed {
   int K = 0, N = 0;
